@@ -1,0 +1,81 @@
+"""What an action is: a params model checked when a workflow is saved, and a ``run``.
+
+Two kinds, which decide the delivery guarantee:
+
+- ``database`` actions run inside the step's transaction, on the connection in
+  ``ctx.conn``; their effect commits together with the step's record, so it happens
+  exactly once however often the step is retried or the worker crashes.
+- ``external`` actions (email, HTTP) talk to the outside world. They run before the
+  step is recorded, so a crash in between runs them again: at-least-once, with
+  ``ctx.idempotency_key`` sent along (Message-ID, ``Idempotency-Key`` header) so the
+  receiver can drop the duplicate.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from engine.model import Issue, issues_from_pydantic
+
+if TYPE_CHECKING:
+    from engine.catalog import EntitySchema
+    from engine.conditions import ValueCheck
+    from engine.runtime import StepContext
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Skip(Exception):
+    """Raised by an action that decides not to run; the step is ``skipped`` with the reason."""
+
+
+class PermanentError(Exception):
+    """An error that retrying cannot fix (bad configuration, 4xx): no further attempts."""
+
+
+class Action:
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = Params
+    kind: ClassVar[Literal["database", "external"]] = "database"
+    # Actions that can undo their effect (on_failure: compensate).
+    compensable: ClassVar[bool] = False
+    # Entity types the action needs (None: any, including none).
+    needs_entity: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def parse(self, params: dict[str, Any]) -> BaseModel:
+        return self.Params.model_validate(params)
+
+    def check(self, params: dict[str, Any], entity: EntitySchema | None, path: str) -> list[Issue]:
+        """Issues with the step's parameters, found when the workflow is saved."""
+        try:
+            parsed = self.parse(params)
+        except ValidationError as exc:
+            return issues_from_pydantic(exc, path)
+        if self.needs_entity and entity is None:
+            return [Issue(f"{path}.type", f"{self.name} needs a trigger with an entity_type")]
+        return self.check_entity(parsed, entity, path)
+
+    def check_entity(self, params: Any, entity: EntitySchema | None, path: str) -> list[Issue]:
+        """Catalog-aware checks (fields exist, templates parse)."""
+        return []
+
+    def value_checks(self, params: Any, entity: EntitySchema | None, path: str) -> list[ValueCheck]:
+        """Values the database must accept as a column's type (checked at save time)."""
+        return []
+
+    async def run(self, ctx: StepContext, params: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def commit(self, ctx: StepContext, params: Any, result: dict[str, Any]) -> dict[str, Any]:
+        """External actions: runs in the transaction that records the step as succeeded
+        (``ctx.conn``), e.g. to write back what a remote call returned. Exactly once."""
+        return result
+
+    async def compensate(self, ctx: StepContext, params: Any, result: dict[str, Any]) -> None:
+        """Undo :meth:`run` (database actions: inside the compensation's transaction)."""
+        raise NotImplementedError

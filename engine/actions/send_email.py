@@ -1,0 +1,128 @@
+"""send_email: an email over SMTP (external action: at-least-once).
+
+The Message-ID is derived from the step's idempotency key, and the key is also sent
+as ``X-Crmflow-Idempotency-Key``, so a receiver can drop a duplicate sent again after
+a crash. Named templates live in ``crmflow.email_templates``; subjects and bodies
+render in the sandboxed Jinja2 environment.
+"""
+
+from __future__ import annotations
+
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Any
+
+import aiosmtplib
+from pydantic import Field, model_validator
+
+from engine.actions.base import Action, Params, PermanentError
+from engine.actions.crm import check_owner_field, check_templates, fetch_all, resolve_users
+from engine.model import Issue
+from engine.runtime import StepContext
+
+
+class SendEmailParams(Params):
+    to: str = Field(min_length=1, max_length=1000)  # address template, "owner" or "role:<role>"
+    cc: str | None = None
+    subject: str | None = Field(None, max_length=1000)
+    body: str | None = Field(None, max_length=100_000)
+    html: str | None = Field(None, max_length=200_000)
+    template: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    reply_to: str | None = None
+    owner_field: str = "owner_id"
+
+    @model_validator(mode="after")
+    def _content(self) -> SendEmailParams:
+        if self.template is None and (self.subject is None or self.body is None):
+            raise ValueError("give a 'template' name, or a 'subject' and a 'body'")
+        return self
+
+
+class SendEmail(Action):
+    name = "send_email"
+    Params = SendEmailParams
+    kind = "external"
+    description = "Send an email over SMTP (CRMFLOW_SMTP_* settings)."
+
+    def check_entity(self, params: Any, entity: Any, path: str) -> list[Issue]:
+        issues = check_templates(
+            {
+                "to": params.to,
+                "cc": params.cc,
+                "subject": params.subject,
+                "body": params.body,
+                "html": params.html,
+            },
+            path,
+        )
+        if params.to == "owner":
+            issues += check_owner_field(entity, params.owner_field, f"{path}.to", "to")
+        return issues
+
+    async def _recipients(self, ctx: StepContext, spec: str | None, owner_field: str) -> list[str]:
+        if not spec:
+            return []
+        if spec == "owner" or spec.startswith("role:"):
+            return [u["email"] for u in await resolve_users(ctx, spec, owner_field) if u["email"]]
+        rendered = ctx.render(spec) or ""
+        return [a.strip() for a in rendered.split(",") if a.strip()]
+
+    async def run(self, ctx: StepContext, params: Any) -> dict[str, Any]:
+        subject, body, html = params.subject, params.body, params.html
+        if params.template:
+            rows = await fetch_all(
+                ctx,
+                "SELECT subject, body_text, body_html FROM crmflow.email_templates"
+                " WHERE name = %(n)s",
+                {"n": params.template},
+            )
+            if not rows:
+                raise PermanentError(f"no email template named {params.template!r}")
+            subject = subject or rows[0]["subject"]
+            body = body or rows[0]["body_text"]
+            html = html or rows[0]["body_html"]
+        to = await self._recipients(ctx, params.to, params.owner_field)
+        if not to:
+            raise PermanentError(f"no recipient for {params.to!r}")
+        cc = await self._recipients(ctx, params.cc, params.owner_field)
+        settings = ctx.settings
+        message = EmailMessage()
+        message["From"] = settings.email_from
+        message["To"] = ", ".join(to)
+        if cc:
+            message["Cc"] = ", ".join(cc)
+        if params.reply_to:
+            message["Reply-To"] = ctx.render(params.reply_to) or ""
+        message["Subject"] = (ctx.render(subject) or "").replace("\n", " ")
+        message["Date"] = formatdate(localtime=False)
+        domain = settings.email_from.rpartition("@")[2] or "crmflow"
+        message_id = f"<{ctx.idempotency_key}@{domain}>"
+        message["Message-ID"] = message_id
+        message["X-Crmflow-Idempotency-Key"] = ctx.idempotency_key
+        message.set_content(ctx.render(body) or "")
+        if html:
+            message.add_alternative(ctx.render(html) or "", subtype="html")
+        password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
+        try:
+            await aiosmtplib.send(
+                message,
+                hostname=settings.smtp_host,
+                port=settings.smtp_port,
+                username=settings.smtp_username,
+                password=password,
+                use_tls=settings.smtp_use_tls,
+                start_tls=settings.smtp_start_tls or None,
+                timeout=settings.smtp_timeout,
+            )
+        except aiosmtplib.SMTPResponseException as exc:
+            if 500 <= exc.code < 600:
+                raise PermanentError(
+                    f"SMTP refused the message: {exc.code} {exc.message}"
+                ) from None
+            raise
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            raise PermanentError(f"SMTP refused the recipients: {exc}") from None
+        return {"message_id": message_id, "to": to, "cc": cc}
+
+
+ACTION = SendEmail()

@@ -1,0 +1,290 @@
+"""Attach and detach capture: ``crmflow watch TABLE`` / ``crmflow unwatch TABLE``.
+
+For each watched table there are three statement-level triggers (insert, update,
+delete), each calling a function generated from the templates in ``sql/capture.sql``
+with the table's primary key filled in. Any table with a primary key works, in any
+schema, with a single or composite key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from engine import catalog, db
+from engine.sqlexpr import UnsafeExpression, render_expression, validate_expression
+
+OPERATIONS = ("insert", "update", "delete")
+_DOLLAR_TAG = "$crmflow_capture$"
+TRIGGER_PREFIX = "tg_crmflow__"
+
+
+class CaptureError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Watched:
+    entity_type: str
+    table_schema: str
+    table_name: str
+    pk_columns: list[str]
+
+
+def singular(word: str) -> str:
+    """``leads`` → ``lead``, ``opportunities`` → ``opportunity``, ``addresses`` → ``address``."""
+    irregular = {"people": "person", "children": "child", "men": "man", "women": "woman"}
+    if word in irregular:
+        return irregular[word]
+    for suffix, replacement in (
+        ("ies", "y"),
+        ("sses", "ss"),
+        ("shes", "sh"),
+        ("ches", "ch"),
+        ("xes", "x"),
+        ("zzes", "zz"),
+    ):
+        if word.endswith(suffix) and len(word) > len(suffix):
+            return word[: -len(suffix)] + replacement
+    if word.endswith("s") and not word.endswith(("ss", "us", "is")) and len(word) > 1:
+        return word[:-1]
+    return word
+
+
+def default_entity_name(table_name: str) -> str:
+    name = re.sub(r"[^a-z0-9_]+", "_", singular(table_name.lower())).strip("_")
+    if not name or name[0].isdigit():
+        name = f"t_{name}"
+    return name[:40]
+
+
+def function_name(entity_type: str, op: str) -> sql.Identifier:
+    return sql.Identifier("crmflow", f"tg_{entity_type}__{op}")
+
+
+def _pk_object(pk_columns: list[str], alias: str) -> sql.Composable:
+    return sql.SQL("jsonb_build_object({})").format(
+        sql.SQL(", ").join(
+            sql.SQL("{}, {}").format(sql.Literal(c), sql.Identifier(alias, c)) for c in pk_columns
+        )
+    )
+
+
+def _pk_join(pk_columns: list[str]) -> sql.Composable:
+    return sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier("n", c), sql.Identifier("o", c))
+        for c in pk_columns
+    )
+
+
+def capture_ddl(w: Watched) -> list[sql.Composable]:
+    """CREATE OR REPLACE the three functions and (re)create the three triggers."""
+    table = sql.Identifier(w.table_schema, w.table_name)
+    parts = {
+        "entity_type": sql.Literal(w.entity_type),
+        "pk_new": _pk_object(w.pk_columns, "n"),
+        "pk_old": _pk_object(w.pk_columns, "o"),
+        "pk_join": _pk_join(w.pk_columns),
+    }
+    statements: list[sql.Composable] = []
+    for op in OPERATIONS:
+        function = function_name(w.entity_type, op)
+        body = db.template(f"{op}_function", "capture.sql").format(function=function, **parts)
+        # The body is dollar-quoted; a name that contained the tag would end it early.
+        rendered = body.as_string(None)
+        if rendered.count(_DOLLAR_TAG) != 2:
+            raise CaptureError(f"the table or key names of {w.table_name!r} cannot be captured")
+        trigger = sql.Identifier(TRIGGER_PREFIX + op)
+        statements += [
+            body,
+            db.template("drop_trigger", "capture.sql").format(trigger=trigger, table=table),
+            db.template(f"{op}_trigger", "capture.sql").format(
+                trigger=trigger, table=table, function=function
+            ),
+        ]
+    return statements
+
+
+def drop_ddl(w: Watched) -> list[sql.Composable]:
+    table = sql.Identifier(w.table_schema, w.table_name)
+    statements: list[sql.Composable] = []
+    for op in OPERATIONS:
+        trigger = sql.Identifier(TRIGGER_PREFIX + op)
+        statements.append(
+            db.template("drop_trigger", "capture.sql").format(trigger=trigger, table=table)
+        )
+        statements.append(
+            db.template("drop_function", "capture.sql").format(
+                function=function_name(w.entity_type, op)
+            )
+        )
+    return statements
+
+
+async def watch(
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    entity: str | None = None,
+    derived: dict[str, str] | None = None,
+) -> Watched:
+    """Capture writes to ``table`` as events of ``entity`` (default: the table's singular)."""
+    async with conn.transaction():
+        found = await catalog.resolve_table(conn, table)
+        if found is None:
+            raise CaptureError(f"no table named {table!r}")
+        if found["relkind"] not in ("r", "p"):
+            raise CaptureError(f"{table!r} is not a table (views cannot be captured)")
+        pk = [
+            r["name"]
+            for r in await (
+                await conn.execute(db.query("primary_key_columns"), {"relid": found["relid"]})
+            ).fetchall()
+        ]
+        if not pk:
+            raise CaptureError(
+                f"{found['table_schema']}.{found['table_name']} has no primary key; "
+                "crmflow identifies entities by it"
+            )
+        entity = entity or default_entity_name(found["table_name"])
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,39}", entity):
+            raise CaptureError(
+                f"entity name {entity!r}: lowercase letters, digits and '_', at most 40"
+            )
+        row = await (
+            await conn.execute(
+                db.query("watch_table"),
+                {
+                    "entity_type": entity,
+                    "table_schema": found["table_schema"],
+                    "table_name": found["table_name"],
+                    "pk_columns": pk,
+                },
+            )
+        ).fetchone()
+        if row is None:  # the name belongs to another table
+            other = await (
+                await conn.execute(db.query("watched_by_entity"), {"entity_type": entity})
+            ).fetchone()
+            where = f"{other['table_schema']}.{other['table_name']}" if other else "another table"
+            raise CaptureError(f"entity name {entity!r} is already used by {where}")
+        if row["entity_type"] != entity:
+            raise CaptureError(
+                f"{found['table_schema']}.{found['table_name']} is already watched as "
+                f"{row['entity_type']!r}; unwatch it first to rename the entity"
+            )
+        w = Watched(entity, found["table_schema"], found["table_name"], pk)
+        for statement in capture_ddl(w):
+            await conn.execute(statement)
+        for name, source in (derived or {}).items():
+            await declare_derived(conn, entity, name, source)
+        return w
+
+
+async def declare_derived(
+    conn: psycopg.AsyncConnection[Any], entity_type: str, name: str, source: str
+) -> str:
+    """Declare (or replace) a derived field; returns its SQL type."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise CaptureError(f"derived field name {name!r}: lowercase letters, digits and '_'")
+    entity = await catalog.load_entity(conn, entity_type)
+    if entity is None:
+        raise CaptureError(f"no watched entity {entity_type!r}")
+    if name in entity.columns:
+        raise CaptureError(f"{name!r} is already a column of {entity.qualified_name}")
+    try:
+        validate_expression(source, entity.columns)
+        rendered = render_expression(source, "n")
+    except UnsafeExpression as exc:
+        raise CaptureError(f"derived field {name!r}: {exc}") from None
+    probe = sql.SQL("SELECT ({}) FROM {} AS n LIMIT 0").format(sql.SQL(rendered), entity.table)
+    try:
+        async with conn.transaction():
+            cur = await conn.execute(probe)
+    except psycopg.Error as exc:
+        raise CaptureError(f"derived field {name!r}: {exc.diag.message_primary or exc}") from None
+    assert cur.description is not None
+    facts = await (
+        await conn.execute(db.query("type_facts"), {"type_oid": cur.description[0].type_code})
+    ).fetchone()
+    assert facts is not None
+    await conn.execute(
+        db.query("upsert_derived_field"),
+        {
+            "entity_type": entity_type,
+            "name": name,
+            "expression": rendered,
+            "source": source,
+            "data_type": facts["data_type"],
+        },
+    )
+    return str(facts["data_type"])
+
+
+async def unwatch(conn: psycopg.AsyncConnection[Any], table: str, force: bool = False) -> Watched:
+    async with conn.transaction():
+        found = await catalog.resolve_table(conn, table)
+        lookup = (
+            {"table_schema": found["table_schema"], "table_name": found["table_name"]}
+            if found
+            else _split_name(table)
+        )
+        row = await (await conn.execute(db.query("watched_by_table"), lookup)).fetchone()
+        if row is None:
+            raise CaptureError(f"{table!r} is not watched")
+        w = Watched(
+            row["entity_type"], row["table_schema"], row["table_name"], list(row["pk_columns"])
+        )
+        users = await (
+            await conn.execute(db.query("live_workflows_of_entity"), {"entity_type": w.entity_type})
+        ).fetchall()
+        active = [u["name"] for u in users if u["status"] == "active"]
+        if active and not force:
+            raise CaptureError(
+                f"active workflows use {w.entity_type!r}: {', '.join(active)}; pause them "
+                "or use --force (which pauses them)"
+            )
+        if active:
+            await conn.execute(
+                db.query("pause_workflows_of_entity"), {"entity_type": w.entity_type}
+            )
+        if found is not None:
+            for statement in drop_ddl(w):
+                await conn.execute(statement)
+        else:  # the table is gone already; drop the functions only
+            for op in OPERATIONS:
+                await conn.execute(
+                    db.template("drop_function", "capture.sql").format(
+                        function=function_name(w.entity_type, op)
+                    )
+                )
+        await conn.execute(db.query("unwatch_table"), {"entity_type": w.entity_type})
+        return w
+
+
+def _split_name(name: str) -> dict[str, str]:
+    schema, _, table = name.rpartition(".")
+    return {"table_schema": schema or "public", "table_name": table}
+
+
+async def list_watched(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
+    return await (await conn.execute(db.query("list_watched"), {})).fetchall()
+
+
+async def reinstall_all(conn: psycopg.AsyncConnection[Any]) -> int:
+    """Regenerate every watched table's capture code (after an upgrade of sql/capture.sql)."""
+    rows = await (await conn.execute(db.query("watched_tables_with_oid"), {})).fetchall()
+    count = 0
+    for row in rows:
+        if row["relid"] is None:
+            continue
+        w = Watched(
+            row["entity_type"], row["table_schema"], row["table_name"], list(row["pk_columns"])
+        )
+        for statement in capture_ddl(w):
+            await conn.execute(statement)
+        count += 1
+    return count

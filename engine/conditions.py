@@ -1,0 +1,546 @@
+"""Conditions: parse the JSON tree, compile it to one SQL predicate.
+
+The predicate reads a typed row of the entity's table called ``n`` (the entity's
+state: the new row, or the deleted row for deletes), and for transitions the old
+row ``o`` and the event ``ev`` (a ``crmflow.outbox`` row). So one compiled predicate
+serves the matcher (rows rebuilt from an event with ``jsonb_populate_record``) and
+the scheduler (a scan ``FROM table AS n``).
+
+NULL semantics (docs/semantics.md): every condition is two-valued. A positive
+comparison on a NULL field is false; negated operators (``not_equals``, ``not_in``,
+``not_contains``, ``is_not_empty``) and ``not`` groups are exact complements, so they
+are true on NULL. ``all`` of nothing is true, ``any`` of nothing is false. The
+reference evaluator in tests/reference.py implements the same table in Python.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg import sql
+
+from engine.catalog import EntitySchema, FieldSpec
+
+NEW, OLD = "n", "o"
+
+EQUALITY = frozenset({"equals", "not_equals"})
+ORDERING = frozenset({"greater_than", "less_than", "greater_or_equal", "less_or_equal", "between"})
+TEXTUAL = frozenset({"contains", "not_contains", "starts_with", "ends_with", "matches"})
+MEMBERSHIP = frozenset({"in", "not_in"})
+EMPTINESS = frozenset({"is_empty", "is_not_empty"})
+RECENCY = frozenset({"older_than", "within_last"})
+TRANSITIONS = frozenset({"changed", "changed_to", "changed_from"})
+OPERATORS = EQUALITY | ORDERING | TEXTUAL | MEMBERSHIP | EMPTINESS | RECENCY | TRANSITIONS
+VALUELESS = frozenset({"is_empty", "is_not_empty", "changed"})
+
+ALLOWED_BY_KIND: dict[str, frozenset[str]] = {
+    "text": EQUALITY | ORDERING | TEXTUAL | MEMBERSHIP | EMPTINESS | TRANSITIONS,
+    "number": EQUALITY | ORDERING | MEMBERSHIP | EMPTINESS | TRANSITIONS,
+    "boolean": EQUALITY | EMPTINESS | TRANSITIONS,
+    "date": EQUALITY | ORDERING | MEMBERSHIP | EMPTINESS | RECENCY | TRANSITIONS,
+    "timestamp": EQUALITY | ORDERING | MEMBERSHIP | EMPTINESS | RECENCY | TRANSITIONS,
+    "time": EQUALITY | ORDERING | MEMBERSHIP | EMPTINESS | TRANSITIONS,
+    "interval": EQUALITY | ORDERING | MEMBERSHIP | EMPTINESS | TRANSITIONS,
+    "enum": EQUALITY | ORDERING | MEMBERSHIP | EMPTINESS | TRANSITIONS,
+    "uuid": EQUALITY | MEMBERSHIP | EMPTINESS | TRANSITIONS,
+    "array": EQUALITY
+    | frozenset({"contains", "not_contains"})
+    | MEMBERSHIP
+    | EMPTINESS
+    | TRANSITIONS,
+    "json": EQUALITY | frozenset({"contains", "not_contains"}) | EMPTINESS | TRANSITIONS,
+    # A value inside a JSON column ("meta.industry"): compared as JSON.
+    "jsonpath": EQUALITY | ORDERING | TEXTUAL | MEMBERSHIP | EMPTINESS | TRANSITIONS,
+    "other": EQUALITY | EMPTINESS | TRANSITIONS,
+}
+
+MAX_DEPTH = 20
+MAX_LEAVES = 300
+MAX_LIST = 1000
+
+# ───────────────────────────── the tree ─────────────────────────────
+
+
+@dataclass(frozen=True)
+class FieldCondition:
+    path: str
+    field: str
+    operator: str
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class Group:
+    path: str
+    mode: str  # "all" | "any"
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class Negation:
+    path: str
+    item: Condition
+
+
+@dataclass(frozen=True)
+class SqlCondition:
+    path: str
+    sql: str
+
+
+Condition = FieldCondition | Group | Negation | SqlCondition
+
+
+class ConditionError(ValueError):
+    def __init__(self, issues: list[tuple[str, str]]) -> None:
+        self.issues = issues
+        super().__init__("; ".join(f"{p}: {m}" for p, m in issues))
+
+
+def parse_conditions(raw: Any, path: str = "conditions") -> Condition:
+    """JSON → tree. A list means AND; a dict is a group, a ``not``, ``sql`` or a leaf."""
+    issues: list[tuple[str, str]] = []
+    leaves = [0]
+    tree = _parse(raw, path, issues, 0, leaves)
+    if issues:
+        raise ConditionError(issues)
+    assert tree is not None
+    return tree
+
+
+def _parse(
+    raw: Any, path: str, issues: list[tuple[str, str]], depth: int, leaves: list[int]
+) -> Condition | None:
+    if depth > MAX_DEPTH:
+        issues.append((path, f"conditions nest deeper than {MAX_DEPTH} levels"))
+        return None
+    if raw is None:
+        return Group(path, "all", ())
+    if isinstance(raw, list):
+        items = [
+            _parse(item, f"{path}[{i}]", issues, depth + 1, leaves) for i, item in enumerate(raw)
+        ]
+        return Group(path, "all", tuple(i for i in items if i is not None))
+    if not isinstance(raw, dict):
+        issues.append((path, "a condition is an object (or a list of them)"))
+        return None
+    group_keys = [k for k in ("all", "any", "not", "sql") if k in raw]
+    if group_keys:
+        key = group_keys[0]
+        extra = set(raw) - {key}
+        if extra or len(group_keys) > 1:
+            issues.append(
+                (path, f"a '{key}' condition takes no other keys (found {sorted(extra)})")
+            )
+            return None
+        if key == "sql":
+            if not isinstance(raw["sql"], str) or not raw["sql"].strip():
+                issues.append((f"{path}.sql", "expected a non-empty SQL expression"))
+                return None
+            leaves[0] += 1
+            return SqlCondition(path, raw["sql"])
+        if key == "not":
+            inner = _parse(raw["not"], f"{path}.not", issues, depth + 1, leaves)
+            return Negation(path, inner) if inner is not None else None
+        if not isinstance(raw[key], list):
+            issues.append((f"{path}.{key}", f"'{key}' takes a list of conditions"))
+            return None
+        items = [
+            _parse(item, f"{path}.{key}[{i}]", issues, depth + 1, leaves)
+            for i, item in enumerate(raw[key])
+        ]
+        return Group(path, key, tuple(i for i in items if i is not None))
+
+    leaves[0] += 1
+    if leaves[0] == MAX_LEAVES + 1:
+        issues.append((path, f"more than {MAX_LEAVES} conditions"))
+    unknown = set(raw) - {"field", "operator", "value"}
+    if unknown:
+        issues.append(
+            (
+                path,
+                f"unknown keys {sorted(unknown)}; a condition has field, operator, "
+                "value (or is a group: all, any, not, sql)",
+            )
+        )
+    fld, op = raw.get("field"), raw.get("operator")
+    ok = True
+    if not isinstance(fld, str) or not fld:
+        issues.append((f"{path}.field", "expected a field name"))
+        ok = False
+    if not isinstance(op, str) or op not in OPERATORS:
+        hint = difflib.get_close_matches(str(op), sorted(OPERATORS), n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        issues.append((f"{path}.operator", f"unknown operator {op!r}{suggestion}"))
+        return None
+    has_value = "value" in raw
+    if op in VALUELESS and has_value and raw["value"] is not None:
+        issues.append((f"{path}.value", f"{op} takes no value"))
+        ok = False
+    if op not in VALUELESS:
+        ok = _check_value_shape(op, raw.get("value"), has_value, f"{path}.value", issues) and ok
+    return FieldCondition(path, fld, op, raw.get("value")) if ok else None
+
+
+def _check_value_shape(
+    op: str, value: Any, has_value: bool, path: str, issues: list[tuple[str, str]]
+) -> bool:
+    if not has_value or value is None:
+        issues.append((path, f"{op} needs a value (use is_empty to test for no value)"))
+        return False
+    if op == "between":
+        if not isinstance(value, list) or len(value) != 2 or None in value:
+            issues.append((path, "between takes [low, high]"))
+            return False
+    elif op in MEMBERSHIP:
+        if not isinstance(value, list) or not value or None in value:
+            issues.append((path, f"{op} takes a non-empty list of values without null"))
+            return False
+        if len(value) > MAX_LIST:
+            issues.append((path, f"{op} takes at most {MAX_LIST} values"))
+            return False
+    elif op in RECENCY:
+        from engine.model import parse_duration
+
+        try:
+            parse_duration(value, default_unit="d")
+        except ValueError as exc:
+            issues.append((path, str(exc)))
+            return False
+    elif op in TEXTUAL and not isinstance(value, str | int | float):
+        issues.append((path, f"{op} takes a single value"))
+        return False
+    return True
+
+
+def walk(tree: Condition) -> list[Condition]:
+    out: list[Condition] = [tree]
+    if isinstance(tree, Group):
+        for item in tree.items:
+            out.extend(walk(item))
+    elif isinstance(tree, Negation):
+        out.extend(walk(tree.item))
+    return out
+
+
+def uses_transitions(tree: Condition) -> bool:
+    return any(isinstance(c, FieldCondition) and c.operator in TRANSITIONS for c in walk(tree))
+
+
+# ───────────────────────────── compiling ─────────────────────────────
+
+
+@dataclass(frozen=True)
+class ValueCheck:
+    """A value the database must accept as ``type_sql`` (checked when the workflow is saved)."""
+
+    path: str
+    text: str
+    type_sql: str
+    regex: bool = False
+
+
+def value_text(value: Any) -> str:
+    """The text PostgreSQL parses into the column's type."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+@dataclass
+class Compiler:
+    """Compiles condition trees for one entity; collects issues instead of stopping."""
+
+    entity: EntitySchema | None
+    allow_transitions: bool = True
+    now: sql.Composable = field(default_factory=lambda: sql.SQL("now()"))
+    issues: list[tuple[str, str]] = field(default_factory=list)
+    checks: list[ValueCheck] = field(default_factory=list)
+
+    def compile(self, tree: Condition, alias: str = NEW) -> sql.Composable:
+        if isinstance(tree, Group):
+            if not tree.items:
+                return sql.SQL("true" if tree.mode == "all" else "false")
+            joiner = sql.SQL(" AND " if tree.mode == "all" else " OR ")
+            return sql.SQL("({})").format(
+                joiner.join(self.compile(item, alias) for item in tree.items)
+            )
+        if isinstance(tree, Negation):
+            return sql.SQL("(NOT {})").format(self.compile(tree.item, alias))
+        if isinstance(tree, SqlCondition):
+            return self._sql(tree, alias)
+        return self._leaf(tree, alias)
+
+    # ── leaves ──
+
+    def _sql(self, cond: SqlCondition, alias: str) -> sql.Composable:
+        from engine.sqlexpr import UnsafeExpression, render_expression, validate_expression
+
+        if self.entity is None:
+            self.issues.append((cond.path, "sql conditions need an entity"))
+            return sql.SQL("false")
+        try:
+            validate_expression(cond.sql, self.entity.columns)
+            rendered = render_expression(cond.sql, alias)
+        except UnsafeExpression as exc:
+            self.issues.append((f"{cond.path}.sql", str(exc)))
+            return sql.SQL("false")
+        return sql.SQL("coalesce(({}), false)").format(sql.SQL(rendered))
+
+    def _field(self, cond: FieldCondition) -> FieldSpec | None:
+        if self.entity is None:
+            self.issues.append((f"{cond.path}.field", "conditions need an entity to read"))
+            return None
+        spec = self.entity.resolve(cond.field)
+        if spec is None:
+            names = self.entity.field_names()
+            hint = difflib.get_close_matches(cond.field, names, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            self.issues.append(
+                (
+                    f"{cond.path}.field",
+                    f"{self.entity.entity_type} has no field {cond.field!r}{suggestion}",
+                )
+            )
+        return spec
+
+    def _leaf(self, cond: FieldCondition, alias: str) -> sql.Composable:
+        spec = self._field(cond)
+        if spec is None:
+            return sql.SQL("false")
+        op = cond.operator
+        if op not in ALLOWED_BY_KIND[spec.kind]:
+            self.issues.append(
+                (
+                    f"{cond.path}.operator",
+                    f"{op} does not apply to {cond.field!r} ({spec.display_type}); "
+                    f"use one of {sorted(ALLOWED_BY_KIND[spec.kind])}",
+                )
+            )
+            return sql.SQL("false")
+        if op in TRANSITIONS:
+            return self._transition(cond, spec, alias)
+        return self._compare(cond, spec, spec.expr(alias))
+
+    def _transition(self, cond: FieldCondition, spec: FieldSpec, alias: str) -> sql.Composable:
+        if not self.allow_transitions or alias != NEW:
+            self.issues.append(
+                (
+                    f"{cond.path}.operator",
+                    f"{cond.operator} compares the old and new row, so it needs an update "
+                    "trigger (entity_updated or field_updated) and no edge_triggered",
+                )
+            )
+            return sql.SQL("false")
+        new, old = spec.expr(NEW), spec.expr(OLD)
+        changed = sql.SQL("(ev.op = 'update' AND {} IS DISTINCT FROM {})").format(new, old)
+        if cond.operator == "changed":
+            return changed
+        side = new if cond.operator == "changed_to" else old
+        equal = self._compare(
+            FieldCondition(cond.path, cond.field, "equals", cond.value), spec, side
+        )
+        return sql.SQL("({} AND {})").format(changed, equal)
+
+    def _value(self, path: str, value: Any, type_sql: str) -> sql.Composable:
+        text = value_text(value)
+        self.checks.append(ValueCheck(path, text, type_sql))
+        return sql.SQL("CAST({} AS {})").format(sql.Literal(text), sql.SQL(type_sql))
+
+    def _json_value(self, path: str, value: Any) -> sql.Composable:
+        text = json.dumps(value, separators=(",", ":"), sort_keys=True)
+        self.checks.append(ValueCheck(path, text, "pg_catalog.jsonb"))
+        return sql.SQL("CAST({} AS jsonb)").format(sql.Literal(text))
+
+    def _array_value(self, path: str, value: Any, spec: FieldSpec) -> sql.Composable:
+        if not isinstance(value, list):
+            self.issues.append((path, f"{spec.name!r} is an array: compare it with a list"))
+            return sql.SQL("NULL")
+        if not value:
+            return sql.SQL("CAST({} AS {})").format(sql.Literal("{}"), sql.SQL(spec.type_sql))
+        assert spec.elem_type_sql
+        items = [self._value(f"{path}[{i}]", v, spec.elem_type_sql) for i, v in enumerate(value)]
+        return sql.SQL("CAST(ARRAY[{}] AS {})").format(
+            sql.SQL(", ").join(items), sql.SQL(spec.type_sql)
+        )
+
+    def _compare(self, cond: FieldCondition, spec: FieldSpec, f: sql.Composable) -> sql.Composable:
+        if spec.kind == "jsonpath":
+            return self._compare_json_value(cond, f)
+        op, value, vpath = cond.operator, cond.value, f"{cond.path}.value"
+        kind = spec.kind
+
+        def typed(v: Any, path: str = vpath) -> sql.Composable:
+            if kind == "json":
+                return self._json_value(path, v)
+            if kind == "array":
+                return self._array_value(path, v, spec)
+            return self._value(path, v, spec.type_sql)
+
+        if op in ("equals", "not_equals"):
+            return _negate_if(
+                op == "not_equals", _false_if_null(sql.SQL("{} = {}").format(f, typed(value)))
+            )
+        if op in ORDERING:
+            ordered = sql.SQL('{} COLLATE "C"').format(f) if kind == "text" else f
+            return self._ordering(op, ordered, value, vpath, typed)
+        if op in MEMBERSHIP:
+            if kind == "array":
+                assert spec.elem_type_sql
+                items = [
+                    self._value(f"{vpath}[{i}]", v, spec.elem_type_sql) for i, v in enumerate(value)
+                ]
+                test = sql.SQL("{} && ARRAY[{}]").format(f, sql.SQL(", ").join(items))
+            else:
+                items = [typed(v, f"{vpath}[{i}]") for i, v in enumerate(value)]
+                test = sql.SQL("{} = ANY(ARRAY[{}])").format(f, sql.SQL(", ").join(items))
+            return _negate_if(op == "not_in", _false_if_null(test))
+        if op in ("contains", "not_contains") and kind == "array":
+            assert spec.elem_type_sql
+            elem = self._value(vpath, value, spec.elem_type_sql)
+            test = sql.SQL("{} = ANY({})").format(elem, f)
+            return _negate_if(op == "not_contains", _false_if_null(test))
+        if op in ("contains", "not_contains") and kind == "json":
+            test = sql.SQL("{} @> {}").format(f, self._json_value(vpath, value))
+            return _negate_if(op == "not_contains", _false_if_null(test))
+        if op in TEXTUAL:
+            return self._textual(op, f, value, vpath)
+        if op in EMPTINESS:
+            if kind == "text":
+                test = sql.SQL("({} IS NULL OR {} = '')").format(f, f)
+            elif kind == "array":
+                test = sql.SQL("({} IS NULL OR cardinality({}) = 0)").format(f, f)
+            elif kind == "json":
+                test = _json_empty(f)
+            else:
+                test = sql.SQL("({} IS NULL)").format(f)
+            return _negate_if(op == "is_not_empty", test)
+        if op in RECENCY:
+            return self._recency(op, f, value, kind)
+        raise AssertionError(f"unhandled operator {op}")  # pragma: no cover
+
+    def _ordering(
+        self, op: str, f: sql.Composable, value: Any, vpath: str, typed: Any
+    ) -> sql.Composable:
+        if op == "between":
+            low, high = typed(value[0], f"{vpath}[0]"), typed(value[1], f"{vpath}[1]")
+            return _false_if_null(sql.SQL("({} >= {} AND {} <= {})").format(f, low, f, high))
+        symbol = {
+            "greater_than": ">",
+            "less_than": "<",
+            "greater_or_equal": ">=",
+            "less_or_equal": "<=",
+        }[op]
+        return _false_if_null(sql.SQL("{} {} {}").format(f, sql.SQL(symbol), typed(value)))
+
+    def _textual(self, op: str, f: sql.Composable, value: Any, vpath: str) -> sql.Composable:
+        if op == "matches":
+            text = value_text(value)
+            self.checks.append(ValueCheck(vpath, text, "pg_catalog.text", regex=True))
+            return _false_if_null(sql.SQL("{} ~ {}").format(f, sql.Literal(text)))
+        v = self._value(vpath, value, "pg_catalog.text")
+        if op in ("contains", "not_contains"):
+            test = sql.SQL("strpos(lower({}), lower({})) > 0").format(f, v)
+            return _negate_if(op == "not_contains", _false_if_null(test))
+        if op == "starts_with":
+            return _false_if_null(sql.SQL("starts_with(lower({}), lower({}))").format(f, v))
+        # ends_with: a prefix of the reversed strings (no LIKE, so no escaping to get wrong)
+        return _false_if_null(
+            sql.SQL("starts_with(reverse(lower({})), reverse(lower({})))").format(f, v)
+        )
+
+    def _recency(self, op: str, f: sql.Composable, value: Any, kind: str) -> sql.Composable:
+        from engine.model import parse_duration
+
+        seconds = parse_duration(value, default_unit="d")
+        cutoff: sql.Composable = sql.SQL("({} - CAST({} AS interval))").format(
+            self.now, sql.Literal(f"{seconds:g} seconds")
+        )
+        current: sql.Composable = self.now
+        if kind == "date":  # whole days: compare with the dates of the moments
+            cutoff = sql.SQL("CAST({} AS date)").format(cutoff)
+            current = sql.SQL("CAST({} AS date)").format(self.now)
+        if op == "older_than":
+            return _false_if_null(sql.SQL("{} < {}").format(f, cutoff))
+        return _false_if_null(sql.SQL("({} >= {} AND {} <= {})").format(f, cutoff, f, current))
+
+    def _compare_json_value(self, cond: FieldCondition, f: sql.Composable) -> sql.Composable:
+        """A value inside JSON: equality as JSON, order on numbers or on strings, text
+        operators on strings (and ``contains`` on arrays too)."""
+        op, value, vpath = cond.operator, cond.value, f"{cond.path}.value"
+        as_text = sql.SQL(
+            "(CASE WHEN jsonb_typeof({}) = 'string' THEN {} #>> ARRAY[]::text[] END)"
+        ).format(f, f)
+        if op in ("equals", "not_equals"):
+            test = _false_if_null(sql.SQL("{} = {}").format(f, self._json_value(vpath, value)))
+            return _negate_if(op == "not_equals", test)
+        if op in MEMBERSHIP:
+            items = [self._json_value(f"{vpath}[{i}]", v) for i, v in enumerate(value)]
+            test = _false_if_null(
+                sql.SQL("{} = ANY(ARRAY[{}])").format(f, sql.SQL(", ").join(items))
+            )
+            return _negate_if(op == "not_in", test)
+        if op in ORDERING:
+            values = value if op == "between" else [value]
+            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                number = sql.SQL(
+                    "(CASE WHEN jsonb_typeof({}) = 'number' THEN "
+                    "CAST({} #>> ARRAY[]::text[] AS numeric) END)"
+                ).format(f, f)
+                return self._ordering(
+                    op,
+                    number,
+                    value,
+                    vpath,
+                    lambda v, p=vpath: self._value(p, v, "pg_catalog.numeric"),
+                )
+            if all(isinstance(v, str) for v in values):
+                text = sql.SQL('{} COLLATE "C"').format(as_text)
+                return self._ordering(
+                    op, text, value, vpath, lambda v, p=vpath: self._value(p, v, "pg_catalog.text")
+                )
+            self.issues.append(
+                (
+                    vpath,
+                    f"{op} on a JSON value compares numbers with numbers or strings with strings",
+                )
+            )
+            return sql.SQL("false")
+        if op in ("contains", "not_contains"):
+            text_test = sql.SQL("strpos(lower({}), lower({})) > 0").format(
+                as_text, self._value(vpath, value, "pg_catalog.text")
+            )
+            array_test = sql.SQL("{} @> {}").format(f, self._json_value(vpath, [value]))
+            test = _false_if_null(
+                sql.SQL(
+                    "(CASE jsonb_typeof({}) WHEN 'array' THEN {} WHEN 'string' THEN {} END)"
+                ).format(f, array_test, text_test)
+            )
+            return _negate_if(op == "not_contains", test)
+        if op in TEXTUAL:
+            return self._textual(op, as_text, value, vpath)
+        if op in EMPTINESS:
+            return _negate_if(op == "is_not_empty", _json_empty(f))
+        raise AssertionError(f"unhandled operator {op}")  # pragma: no cover
+
+
+def _false_if_null(expr: sql.Composable) -> sql.Composable:
+    return sql.SQL("coalesce({}, false)").format(expr)
+
+
+def _negate_if(negate: bool, expr: sql.Composable) -> sql.Composable:
+    return sql.SQL("(NOT {})").format(expr) if negate else expr
+
+
+def _json_empty(f: sql.Composable) -> sql.Composable:
+    empties = sql.SQL(", ").join(
+        sql.SQL("CAST({} AS jsonb)").format(sql.Literal(e)) for e in ("null", '""', "[]", "{}")
+    )
+    return sql.SQL("({} IS NULL OR {} IN ({}))").format(f, f, empties)

@@ -1,0 +1,72 @@
+"""Settings, read from the environment (prefix ``CRMFLOW_``) and an optional ``.env`` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRMFLOW_", env_file=".env", extra="ignore")
+
+    # A libpq URL. Unset: `crmflow demo` and the tests start an embedded PostgreSQL.
+    database_url: str | None = None
+    # Where the embedded PostgreSQL keeps its data when no database_url is set.
+    embedded_data_dir: Path = Path(".crmflow/pgdata")
+    # procrastinate's tables and functions live in their own schema, out of the CRM's way.
+    procrastinate_schema: str = "procrastinate"
+    queue_name: str = "crmflow"
+    pool_min_size: int = 1
+    pool_max_size: int = 10
+
+    # Matcher: events claimed per transaction, and the poll that backs up LISTEN/NOTIFY.
+    matcher_batch_size: int = Field(500, ge=1, le=10_000)
+    matcher_poll_interval: float = Field(0.5, gt=0)
+    # Loop protection: writes made by actions carry the execution's depth + 1;
+    # an event at this depth or deeper ends the chain with a recorded error.
+    max_depth: int = Field(5, ge=1)
+
+    # Runtime (see docs/operations.md).
+    stalled_worker_timeout: float = Field(30.0, gt=0)
+    heartbeat_interval: float = Field(5.0, gt=0)
+    default_step_timeout: float = Field(300.0, gt=0)
+
+    # Actions: outgoing email.
+    smtp_host: str = "localhost"
+    smtp_port: int = 25
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_use_tls: bool = False
+    smtp_start_tls: bool = False
+    smtp_timeout: float = 10.0
+    email_from: str = "crmflow@localhost"
+
+    # Actions: outgoing HTTP. Hosts that http_request may reach; empty list = any public
+    # host. Private, loopback and link-local addresses are refused unless listed here.
+    http_allowed_hosts: list[str] = []
+    http_allow_private: bool = False
+    webhook_secret: SecretStr | None = None
+    http_timeout: float = 10.0
+
+    # enrich_lead: the enrichment endpoint; unset means the step is skipped.
+    enrichment_url: str | None = None
+    enrichment_token: SecretStr | None = None
+
+    # The example CRM's schema, used by the built-in CRM actions (tasks, notifications...).
+    crm_schema: str = "public"
+
+    # API
+    api_max_body_bytes: int = 1_000_000
+    cors_origins: list[str] = []
+    events_hmac_secret: SecretStr | None = None
+
+    # Scheduler: smallest allowed interval between two cron fires, in seconds.
+    min_schedule_interval: int = Field(60, ge=1)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

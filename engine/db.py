@@ -1,0 +1,96 @@
+"""Connections, the shared pool, and the named queries of ``sql/``.
+
+Static SQL lives in ``sql/*.sql`` as blocks that start with ``-- name: <query_name>``,
+the way procrastinate keeps its queries. :func:`queries` loads them into a dict.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any, LiteralString, cast
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from engine.config import Settings, get_settings
+
+_NAME_RE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+
+
+def resource_dir(name: str) -> Path:
+    """``sql/`` or ``migrations/``: beside the packages in a checkout, inside them in a wheel."""
+    packaged = Path(__file__).parent / "_data" / name
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / name
+
+
+def parse_named_queries(text: str) -> dict[str, str]:
+    """Split a ``.sql`` file into ``{name: query}`` on ``-- name:`` lines."""
+    parts = _NAME_RE.split(text)
+    blocks: dict[str, str] = {}
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in blocks:
+            raise ValueError(f"query {name!r} is defined twice")
+        blocks[name] = body.strip()
+    return blocks
+
+
+@cache
+def sql_file(filename: str) -> dict[str, str]:
+    return parse_named_queries((resource_dir("sql") / filename).read_text(encoding="utf-8"))
+
+
+def query(name: str, filename: str = "queries.sql") -> LiteralString:
+    """A static named query; these files are ours, so they are as safe as literals in code."""
+    return cast(LiteralString, sql_file(filename)[name])
+
+
+def template(name: str, filename: str) -> sql.SQL:
+    """A named block meant to be completed with ``sql.SQL.format`` (identifiers, literals)."""
+    return sql.SQL(query(name, filename))
+
+
+def engine_conninfo(url: str, settings: Settings | None = None) -> str:
+    """The URL plus the session settings every engine connection needs.
+
+    procrastinate's functions name their tables without a schema, so sessions that
+    defer or run jobs must have its schema on the search_path.
+    """
+    settings = settings or get_settings()
+    params = conninfo_to_dict(url)
+    options = params.get("options") or ""
+    extra = f"-c search_path={settings.procrastinate_schema},public"
+    return make_conninfo(url, options=f"{options} {extra}".strip())
+
+
+async def connect(url: str, **kwargs: Any) -> psycopg.AsyncConnection[dict[str, Any]]:
+    return await psycopg.AsyncConnection.connect(
+        engine_conninfo(url), row_factory=dict_row, **kwargs
+    )
+
+
+def connect_sync(url: str, **kwargs: Any) -> psycopg.Connection[dict[str, Any]]:
+    return psycopg.Connection.connect(engine_conninfo(url), row_factory=dict_row, **kwargs)
+
+
+def create_pool(url: str, settings: Settings | None = None, **kwargs: Any) -> AsyncConnectionPool:
+    """The async pool shared by the matcher, the runtime, procrastinate and the API."""
+    settings = settings or get_settings()
+    kwargs.setdefault("min_size", settings.pool_min_size)
+    kwargs.setdefault("max_size", settings.pool_max_size)
+    return AsyncConnectionPool(
+        engine_conninfo(url, settings),
+        kwargs={"row_factory": dict_row},
+        # Hand out only live connections: after a PostgreSQL restart the pool
+        # replaces dead ones instead of failing the next query.
+        check=AsyncConnectionPool.check_connection,
+        open=False,
+        **kwargs,
+    )

@@ -1,0 +1,105 @@
+"""Execution history as users read it (CLI ``--json`` and the API print the same shapes)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from engine import db
+
+
+class ExecutionNotFound(LookupError):
+    pass
+
+
+EXECUTION_STATUSES = (
+    "pending",
+    "running",
+    "waiting",
+    "completed",
+    "failed",
+    "cancelled",
+    "skipped",
+)
+
+
+def entity_id(pk: Any) -> Any:
+    """``{"id": 42}`` → ``42``; composite keys stay objects."""
+    if isinstance(pk, dict) and len(pk) == 1:
+        return next(iter(pk.values()))
+    return pk
+
+
+def shape(row: dict[str, Any]) -> dict[str, Any]:
+    item = {
+        "id": row["id"],
+        "status": row["status"],
+        "triggered_at": row["triggered_at"],
+        "actions_count": row["actions_count"],
+        "workflow_id": row["workflow_id"],
+        "workflow_name": row["workflow_name"],
+        "workflow_version": row["workflow_version"],
+        "entity_type": row["entity_type"],
+        "entity_id": entity_id(row["entity_pk"]),
+        "event_id": row["event_id"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+        "error": row["error"],
+    }
+    return item
+
+
+async def list_executions(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    workflow_id: int | None = None,
+    status: str | None = None,
+    entity_type: str | None = None,
+    entity_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before_id: int | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Newest first; ``before_id`` is the cursor (the last id of the previous page)."""
+    rows = await (
+        await conn.execute(
+            db.query("list_executions"),
+            {
+                "workflow_id": workflow_id,
+                "status": status,
+                "entity_type": entity_type,
+                "entity_id": entity_id,
+                "since": since,
+                "until": until,
+                "before_id": before_id,
+                "limit": limit,
+            },
+        )
+    ).fetchall()
+    return [shape(r) for r in rows]
+
+
+async def get_execution(conn: psycopg.AsyncConnection[Any], execution_id: int) -> dict[str, Any]:
+    row = await (await conn.execute(db.query("get_execution"), {"id": execution_id})).fetchone()
+    if row is None:
+        raise ExecutionNotFound(execution_id)
+    detail = shape(row)
+    steps = await (await conn.execute(db.query("execution_steps"), {"id": execution_id})).fetchall()
+    detail["steps"] = [
+        {
+            "id": s["step_id"],
+            "type": s["type"],
+            "status": s["status"],
+            "attempts": s["attempts"],
+            "scheduled_at": s["scheduled_at"],
+            "started_at": s["started_at"],
+            "finished_at": s["finished_at"],
+            "result": s["result"],
+            "error": s["error"],
+        }
+        for s in steps
+    ]
+    return detail

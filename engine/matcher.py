@@ -1,0 +1,298 @@
+"""The matcher: pending events x active workflows → executions and their jobs.
+
+Each batch is one transaction (sql/matcher.sql): claim events with ``FOR UPDATE SKIP
+LOCKED``, evaluate every active workflow on the whole batch in one statement, insert
+executions under the unique key (workflow version, event), defer their procrastinate
+jobs, mark the events processed. Several matchers may run at once; a crash anywhere
+replays safely.
+
+The loop drains until the outbox is empty, then tells writers it is listening
+(``crmflow.matcher_state.listening``) and waits for a NOTIFY or the poll interval,
+whichever comes first. NOTIFY is only a hint: the poll alone would do, slower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from engine import catalog, db
+from engine.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+OUTBOX_CHANNEL = "crmflow_outbox"
+WORKFLOWS_CHANNEL = "crmflow_workflows"
+
+
+def _q(name: str) -> str:
+    return db.query(name, "matcher.sql")
+
+
+def _escape(text: str) -> str:
+    """Stored SQL embedded in a statement that takes %(name)s parameters."""
+    return text.replace("%", "%%")
+
+
+@dataclass
+class MatchPlan:
+    """The match statement for one generation of active workflows."""
+
+    generation: int
+    statement: str | None  # None: no active workflow reacts to events
+    workflows: int = 0
+    entity_types: list[str] = field(default_factory=list)
+
+
+async def build_plan(conn: psycopg.AsyncConnection[Any], generation: int) -> MatchPlan:
+    rows = await (await conn.execute(_q("active_event_workflows"), {})).fetchall()
+    entities = await catalog.load_entities(conn)
+    by_entity: dict[str | None, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_entity.setdefault(row["entity_type"], []).append(row)
+
+    branches: list[sql.Composable] = []
+    for entity_type, versions in by_entity.items():
+        cases = sql.SQL(", ").join(
+            sql.SQL(_q("match_case")).format(
+                predicate=sql.SQL(_escape(v["predicate"])), version_id=sql.Literal(v["version_id"])
+            )
+            for v in versions
+        )
+        if entity_type is None:
+            branches.append(sql.SQL(_q("match_branch_no_entity")).format(cases=cases))
+            continue
+        entity = entities.get(entity_type)
+        if entity is None:
+            log.warning("workflows on %r are active but it is not watched", entity_type)
+            continue
+        branches.append(
+            sql.SQL(_q("match_branch")).format(
+                table=entity.table, cases=cases, entity_type=sql.Literal(entity_type)
+            )
+        )
+    if not branches:
+        return MatchPlan(generation, None)
+    statement = sql.SQL(_q("match_and_enroll")).format(
+        branches=sql.SQL("\nUNION ALL\n").join(branches)
+    )
+    return MatchPlan(
+        generation,
+        statement.as_string(conn),
+        workflows=len(rows),
+        entity_types=sorted(e for e in by_entity if e),
+    )
+
+
+@dataclass
+class BatchResult:
+    claimed: int = 0
+    enrolled: int = 0
+    errors: int = 0
+
+
+class Matcher:
+    def __init__(self, pool: AsyncConnectionPool, settings: Settings | None = None) -> None:
+        self.pool = pool
+        self.settings = settings or get_settings()
+        self.plan: MatchPlan | None = None
+        self.totals = BatchResult()
+
+    async def run_once(self) -> BatchResult:
+        """Claim and process one batch; returns what it did (claimed 0: nothing pending)."""
+        async with self.pool.connection() as conn, conn.transaction():
+            return self._count(await self._batch(conn))
+
+    async def _claim(self, conn: psycopg.AsyncConnection[Any]) -> list[int]:
+        row = await (
+            await conn.execute(_q("claim_events"), {"batch_size": self.settings.matcher_batch_size})
+        ).fetchone()
+        assert row is not None
+        if self.plan is None or self.plan.generation != row["generation"]:
+            self.plan = await build_plan(conn, row["generation"])
+            log.info(
+                "matching %d active workflows on %s",
+                self.plan.workflows,
+                ", ".join(self.plan.entity_types) or "custom events",
+            )
+        return list(row["ids"])
+
+    def _params(self, ids: list[int]) -> dict[str, Any]:
+        return {"ids": ids, "queue": self.settings.queue_name, "max_depth": self.settings.max_depth}
+
+    async def _batch(self, conn: psycopg.AsyncConnection[Any]) -> BatchResult:
+        ids = await self._claim(conn)
+        if not ids:
+            return BatchResult()
+        assert self.plan is not None
+        if self.plan.statement is None:
+            await conn.execute(_q("mark_processed"), {"ids": ids, "error": None})
+            return BatchResult(claimed=len(ids))
+        try:
+            async with conn.transaction():  # a savepoint: a failure keeps the claim's locks
+                row = await (await conn.execute(self.plan.statement, self._params(ids))).fetchone()
+        except psycopg.OperationalError:
+            raise
+        except psycopg.DatabaseError as exc:
+            # One event or workflow broke the set-based statement (a sql condition dividing
+            # by zero, say). Match this batch event by event so the others still enroll
+            # and the culprits are recorded instead of blocking the outbox forever.
+            log.warning("batch match failed (%s); matching one event at a time", exc)
+            return await self._batch_slowly(conn, ids)
+        assert row is not None
+        return BatchResult(claimed=len(ids), enrolled=row["enrolled"])
+
+    async def _batch_slowly(
+        self, conn: psycopg.AsyncConnection[Any], ids: list[int]
+    ) -> BatchResult:
+        result = BatchResult(claimed=len(ids))
+        assert self.plan is not None and self.plan.statement is not None
+        for event_id in ids:
+            try:
+                async with conn.transaction():
+                    row = await (
+                        await conn.execute(self.plan.statement, self._params([event_id]))
+                    ).fetchone()
+                assert row is not None
+                result.enrolled += row["enrolled"]
+                continue
+            except psycopg.OperationalError:
+                raise
+            except psycopg.DatabaseError as exc:
+                error = await self._per_workflow(conn, event_id, exc)
+            result.errors += 1
+            await conn.execute(_q("mark_processed"), {"ids": [event_id], "error": error})
+        return result
+
+    async def _per_workflow(
+        self, conn: psycopg.AsyncConnection[Any], event_id: int, exc: psycopg.Error
+    ) -> str:
+        """Name the workflows whose predicate fails on this event."""
+        rows = await (await conn.execute(_q("active_event_workflows"), {})).fetchall()
+        failing = []
+        for row in rows:
+            probe = sql.SQL(
+                "SELECT 1 FROM crmflow.outbox AS ev"
+                " CROSS JOIN LATERAL"
+                " jsonb_populate_record(NULL::{t}, coalesce(ev.new_row, ev.old_row)) AS n"
+                " CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, ev.old_row) AS o"
+                " WHERE ev.id = {id} AND ev.entity_type = {et} AND ({p})"
+            )
+            entity = (
+                await catalog.load_entity(conn, row["entity_type"]) if row["entity_type"] else None
+            )
+            if entity is None:
+                continue
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        probe.format(
+                            t=entity.table,
+                            id=sql.Literal(event_id),
+                            et=sql.Literal(row["entity_type"]),
+                            p=sql.SQL(row["predicate"]),
+                        )
+                    )
+            except psycopg.Error as wf_exc:
+                failing.append(
+                    f"workflow {row['workflow_id']} ({row['name']}): "
+                    f"{wf_exc.diag.message_primary or wf_exc}"
+                )
+        return "; ".join(failing) or (exc.diag.message_primary or str(exc))
+
+    def _count(self, result: BatchResult) -> BatchResult:  # running totals for metrics
+        self.totals.claimed += result.claimed
+        self.totals.enrolled += result.enrolled
+        self.totals.errors += result.errors
+        return result
+
+    async def drain(self) -> BatchResult:
+        """Process batches until nothing is pending (used by tests and `crmflow demo`)."""
+        total = BatchResult()
+        while True:
+            r = await self.run_once()
+            total.claimed += r.claimed
+            total.enrolled += r.enrolled
+            total.errors += r.errors
+            if r.claimed == 0:
+                return total
+
+    async def _set_listening(self, listening: bool) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(_q("set_listening"), {"listening": listening})
+
+    async def run(self, stop: asyncio.Event, url: str) -> None:
+        """Drain, then wait for a hint or the poll interval; until ``stop`` is set."""
+        listener = _Listener(url, [OUTBOX_CHANNEL, WORKFLOWS_CHANNEL])
+        try:
+            while not stop.is_set():
+                try:
+                    await self.drain()
+                    await self._set_listening(True)
+                    # Writers that checked the flag just before it flipped did not notify:
+                    # one more look closes that window (the poll covers what is left).
+                    if (await self.run_once()).claimed:
+                        await self._set_listening(False)
+                        continue
+                    await listener.wait(self.settings.matcher_poll_interval, stop)
+                    await self._set_listening(False)
+                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                    log.warning("matcher lost the database (%s); retrying", exc)
+                    await _sleep_or_stop(stop, 1.0)
+                except Exception:
+                    log.exception("matcher batch failed; retrying")
+                    await _sleep_or_stop(stop, 1.0)
+        finally:
+            await listener.close()
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+class _Listener:
+    """A LISTEN connection that reconnects on its own; losing it only slows to the poll."""
+
+    def __init__(self, url: str, channels: list[str]) -> None:
+        self.url = url
+        self.channels = channels
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+        self.backoff = 0.5
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await db.connect(self.url, autocommit=True)
+        for channel in self.channels:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        self.backoff = 0.5
+        return conn
+
+    async def wait(self, timeout: float, stop: asyncio.Event) -> None:
+        if self.conn is None or self.conn.closed:
+            try:
+                self.conn = await self._connect()
+            except psycopg.Error as exc:
+                log.warning("LISTEN connection failed (%s); polling", exc)
+                self.conn = None
+                await _sleep_or_stop(stop, min(timeout, self.backoff))
+                self.backoff = min(self.backoff * 2, 30.0)
+                return
+        try:
+            async for _ in self.conn.notifies(timeout=timeout, stop_after=1):
+                break
+        except psycopg.Error as exc:
+            log.warning("LISTEN connection lost (%s); reconnecting", exc)
+            await self.close()
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await self.conn.close()
+            self.conn = None

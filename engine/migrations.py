@@ -1,0 +1,172 @@
+"""``crmflow migrate``: crmflow's migrations, procrastinate's schema, and the SQL in ``sql/``.
+
+Everything happens in one transaction under an advisory lock, so two processes that
+migrate at once take turns and a failure leaves nothing half-applied.
+
+- ``migrations/NNNN_name.sql`` are append-only. Each applied file is recorded with its
+  SHA-256; a file edited after it was applied is an error, not a silent drift.
+- procrastinate lives in its own schema. A fresh database gets procrastinate's
+  ``schema.sql``; an existing one gets the procrastinate migrations it has not seen
+  (recorded in the same table as ``procrastinate/<file>``).
+- The non-migration SQL (capture helpers, reporting views) is re-applied each time
+  (``CREATE OR REPLACE``), and every watched table's capture code is regenerated, so
+  upgrading crmflow upgrades them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from engine import capture, db
+from engine.config import get_settings
+
+# pg_advisory_xact_lock key: "crmflow migrate"
+MIGRATION_LOCK = 0x63726D666C6F77
+_FILE_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# SQL files (not migrations) applied on every migrate, in this order.
+INSTALL_FILES = ("functions.sql", "capture.sql", "views.sql")
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+@dataclass
+class MigrationReport:
+    applied: list[str] = field(default_factory=list)
+    procrastinate: list[str] = field(default_factory=list)
+    recaptured_tables: int = 0
+
+
+def checksum(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def migration_files(directory: Path | None = None) -> list[Path]:
+    directory = directory or db.resource_dir("migrations")
+    files = sorted(p for p in directory.iterdir() if p.suffix == ".sql")
+    for p in files:
+        if not _FILE_RE.match(p.name):
+            raise MigrationError(f"{p.name}: migration files are named NNNN_description.sql")
+    numbers = [p.name[:4] for p in files]
+    if len(set(numbers)) != len(numbers):
+        raise MigrationError("two migration files share a number")
+    return files
+
+
+def _procrastinate_sql() -> tuple[str, list[Path]]:
+    from procrastinate import schema
+
+    migrations = sorted(Path(schema.migrations_path).glob("*.sql"))
+    return schema.SchemaManager.get_schema(), migrations
+
+
+async def migrate(
+    conn: psycopg.AsyncConnection[Any], directory: Path | None = None
+) -> MigrationReport:
+    report = MigrationReport()
+    settings = get_settings()
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK])
+        await conn.execute(db.query("bootstrap_migrations"))
+        rows = await (await conn.execute(db.query("applied_migrations"), {})).fetchall()
+        applied = {r["version"]: r["checksum"] for r in rows}
+
+        files = migration_files(directory)
+        known = {p.stem for p in files}
+        for p in files:
+            text = p.read_text(encoding="utf-8")
+            digest = checksum(text)
+            if p.stem in applied:
+                if applied[p.stem] != digest:
+                    raise MigrationError(
+                        f"migration {p.name} was edited after it was applied "
+                        "(checksum differs); migrations are append-only: add a new one"
+                    )
+                continue
+            try:
+                await conn.execute(text.encode())
+            except psycopg.Error as exc:
+                raise MigrationError(f"migration {p.name} failed: {exc}") from exc
+            await conn.execute(
+                db.query("record_migration"), {"version": p.stem, "checksum": digest}
+            )
+            report.applied.append(p.stem)
+        newer = [v for v in applied if not v.startswith("procrastinate/") and v not in known]
+        if newer:
+            raise MigrationError(
+                f"the database has migrations this crmflow does not know: {sorted(newer)} "
+                "(is an older version running against a newer database?)"
+            )
+
+        report.procrastinate = await _migrate_procrastinate(
+            conn, settings.procrastinate_schema, applied
+        )
+        # SQL that is not a migration: CREATE OR REPLACE on every run.
+        for filename in INSTALL_FILES:
+            path = db.resource_dir("sql") / filename
+            if path.exists():
+                await conn.execute(db.query("install", filename).encode())
+        report.recaptured_tables = await capture.reinstall_all(conn)
+    return report
+
+
+async def _migrate_procrastinate(
+    conn: psycopg.AsyncConnection[Any], schema_name: str, applied: dict[str, str]
+) -> list[str]:
+    schema_sql, migration_paths = _procrastinate_sql()
+    await conn.execute(
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema_name))
+    )
+    # procrastinate's SQL names its objects without a schema: point it at ours.
+    await conn.execute(
+        sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(schema_name))
+    )
+    exists = await (
+        await conn.execute(
+            "SELECT to_regclass(format('%%I.procrastinate_jobs', %s::text)) IS NOT NULL AS x",
+            [schema_name],
+        )
+    ).fetchone()
+    done: list[str] = []
+    if not exists or not exists["x"]:
+        await conn.execute(schema_sql.encode())
+        # schema.sql already contains every migration shipped with this version.
+        for p in migration_paths:
+            await conn.execute(
+                db.query("record_migration"),
+                {"version": f"procrastinate/{p.stem}", "checksum": checksum(p.read_text())},
+            )
+        done.append("schema.sql")
+    else:
+        for p in migration_paths:
+            version = f"procrastinate/{p.stem}"
+            if version in applied:
+                continue
+            text = p.read_text(encoding="utf-8")
+            await conn.execute(text.encode())
+            await conn.execute(
+                db.query("record_migration"), {"version": version, "checksum": checksum(text)}
+            )
+            done.append(p.name)
+    await conn.execute("RESET search_path")
+    return done
+
+
+async def pending_migrations(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    """Migrations on disk that the database has not applied (for health checks)."""
+    exists = await (
+        await conn.execute("SELECT to_regclass('crmflow.schema_migrations') IS NOT NULL AS x")
+    ).fetchone()
+    if not exists or not exists["x"]:
+        return [p.stem for p in migration_files()]
+    rows = await (await conn.execute(db.query("applied_migrations"), {})).fetchall()
+    applied = {r["version"] for r in rows}
+    return [p.stem for p in migration_files() if p.stem not in applied]

@@ -1,0 +1,172 @@
+"""``crmflow worker``: matcher, scheduler and procrastinate worker in one process.
+
+Besides running jobs, the worker keeps a heartbeat in ``crmflow.workers`` and, every
+few seconds, gives back to the queue the jobs of workers that died (procrastinate
+leaves them ``doing`` forever on its own). Replaying such a job is safe: steps that
+committed are not run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from engine import db
+from engine.config import Settings, get_settings
+from engine.matcher import Matcher
+from engine.queue import create_app
+from engine.runtime import Runner
+from engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def _q(name: str) -> str:
+    return db.query(name, "runtime.sql")
+
+
+class Worker:
+    def __init__(
+        self,
+        url: str,
+        *,
+        concurrency: int = 10,
+        settings: Settings | None = None,
+        run_matcher: bool = True,
+        run_scheduler: bool = True,
+    ) -> None:
+        self.url = url
+        self.settings = settings or get_settings()
+        self.concurrency = concurrency
+        self.run_matcher = run_matcher
+        self.run_scheduler = run_scheduler
+        self.stop_event = asyncio.Event()
+        self.pool = db.create_pool(url, self.settings, min_size=2, max_size=concurrency + 8)
+        self.app = create_app()
+        self.runner = Runner(self.pool, self.settings)
+        self.matcher = Matcher(self.pool, self.settings)
+        self.scheduler = Scheduler(self.pool, self.settings)
+        self.worker_id: int | None = None
+        self.recovered_jobs = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        await self.pool.open(wait=True, timeout=30)
+        await self.app.open_async(self.pool)
+        async with self.pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    _q("register_worker"), {"hostname": socket.gethostname(), "pid": os.getpid()}
+                )
+            ).fetchone()
+            assert row is not None
+            self.worker_id = row["id"]
+        stop = self.stop_event
+        self._tasks = [
+            asyncio.create_task(self._procrastinate(), name="procrastinate worker"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._recover_stalled(), name="stalled job recovery"),
+        ]
+        if self.run_matcher:
+            self._tasks.append(
+                asyncio.create_task(self.matcher.run(stop, self.url), name="matcher")
+            )
+        if self.run_scheduler:
+            self._tasks.append(asyncio.create_task(self.scheduler.run(stop), name="scheduler"))
+        log.info("worker %s started (concurrency %d)", self.worker_id, self.concurrency)
+
+    async def _procrastinate(self) -> None:
+        await self.app.run_worker_async(
+            queues=[self.settings.queue_name],
+            name=f"crmflow-{self.worker_id}",
+            concurrency=self.concurrency,
+            additional_context={"runner": self.runner},
+            install_signal_handlers=False,
+            update_heartbeat_interval=self.settings.heartbeat_interval,
+            stalled_worker_timeout=self.settings.stalled_worker_timeout,
+            fetch_job_polling_interval=1.0,
+            delete_jobs="successful",
+        )
+
+    async def _every(self, seconds: float) -> bool:
+        """Sleep, unless asked to stop; True while running."""
+        try:
+            await asyncio.wait_for(self.stop_event.wait(), seconds)
+        except TimeoutError:
+            return True
+        return False
+
+    async def _heartbeat(self) -> None:
+        while await self._every(self.settings.heartbeat_interval):
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(_q("heartbeat"), {"id": self.worker_id})
+            except psycopg.Error as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    async def recover_stalled(self) -> int:
+        """Put back in the queue the running jobs of workers whose heartbeat stopped."""
+        stalled = await self.app.job_manager.get_stalled_jobs(
+            seconds_since_heartbeat=self.settings.stalled_worker_timeout
+        )
+        count = 0
+        for job in stalled:
+            assert job.id is not None
+            try:
+                await self.app.job_manager.retry_job_by_id_async(job.id, retry_at=datetime.now(UTC))
+            except Exception as exc:  # another worker recovered it first
+                log.debug("could not recover job %s: %s", job.id, exc)
+                continue
+            log.warning(
+                "recovered job %s of a dead worker (execution %s)",
+                job.id,
+                job.task_kwargs.get("execution_id"),
+            )
+            count += 1
+        self.recovered_jobs += count
+        return count
+
+    async def _recover_stalled(self) -> None:
+        interval = max(1.0, self.settings.stalled_worker_timeout / 3)
+        while await self._every(interval):
+            try:
+                await self.recover_stalled()
+            except Exception as exc:
+                log.warning("stalled job recovery failed: %s", exc)
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        procrastinate_task = self._tasks[0] if self._tasks else None
+        if procrastinate_task is not None:
+            procrastinate_task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(_q("worker_stopped"), {"id": self.worker_id})
+        except psycopg.Error:
+            pass
+        await self.app.close_async()
+        await self.pool.close()
+
+    async def wait(self) -> None:
+        await self.stop_event.wait()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(url: str, **kwargs: Any) -> AsyncIterator[Worker]:
+    worker = Worker(url, **kwargs)
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()

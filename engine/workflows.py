@@ -1,0 +1,443 @@
+"""Workflows: validate a definition against the live catalog, compile it, store versions.
+
+This is the one implementation behind ``crmflow workflow apply`` and the API's
+``POST/PUT /workflows``: both get the same checks and the same error paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from engine import catalog, db
+from engine.actions import registry
+from engine.catalog import EntitySchema
+from engine.conditions import (
+    NEW,
+    OLD,
+    Compiler,
+    FieldCondition,
+    Group,
+    uses_transitions,
+    walk,
+)
+from engine.model import (
+    EVENT_TRIGGERS,
+    UNSET,
+    CustomEvent,
+    DateRelative,
+    DefinitionError,
+    DelayUntil,
+    FieldUpdated,
+    Issue,
+    WorkflowDefinition,
+    parse_definition,
+    step_ids,
+)
+from engine.runtime import with_steps
+
+
+class WorkflowNotFound(LookupError):
+    pass
+
+
+@dataclass
+class CompiledWorkflow:
+    definition: WorkflowDefinition
+    stored: dict[str, Any]  # the definition as stored (the user's JSON without "status")
+    predicate: str
+    entity: EntitySchema | None
+    definition_hash: str
+
+
+def definition_hash(stored: dict[str, Any]) -> str:
+    canonical = json.dumps(stored, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _trigger_predicate(
+    wf: WorkflowDefinition, compiler: Compiler, issues: list[Issue]
+) -> sql.Composable:
+    trigger = wf.parsed_trigger
+    kind = trigger.type
+    if kind == "entity_created":
+        return sql.SQL("ev.op = 'insert'")
+    if kind == "entity_updated":
+        return sql.SQL("ev.op = 'update'")
+    if kind == "entity_deleted":
+        return sql.SQL("ev.op = 'delete'")
+    if isinstance(trigger, FieldUpdated):
+        # The trigger's own comparisons of old and new rows are always allowed.
+        compiler = Compiler(
+            compiler.entity,
+            allow_transitions=True,
+            now=compiler.now,
+            issues=compiler.issues,
+            checks=compiler.checks,
+        )
+        names = trigger.watched_fields
+        paths = (
+            ["trigger.field"]
+            if trigger.field
+            else [f"trigger.fields[{i}]" for i in range(len(names))]
+        )
+        leaves = tuple(
+            FieldCondition(path, name, "changed") for path, name in zip(paths, names, strict=True)
+        )
+        parts: list[sql.Composable] = [compiler.compile(Group("trigger", "any", leaves), NEW)]
+        if trigger.from_ is not UNSET:
+            parts.append(
+                compiler.compile(
+                    FieldCondition("trigger.from", names[0], "changed_from", trigger.from_), NEW
+                )
+            )
+        if trigger.to is not UNSET:
+            parts.append(
+                compiler.compile(
+                    FieldCondition("trigger.to", names[0], "changed_to", trigger.to), NEW
+                )
+            )
+        return sql.SQL("(ev.op = 'update' AND {})").format(sql.SQL(" AND ").join(parts))
+    if isinstance(trigger, CustomEvent):
+        return sql.SQL("(ev.op = 'event' AND ev.event_name = {})").format(
+            sql.Literal(trigger.event)
+        )
+    # scheduled, date_relative and manual are not matched on events.
+    return sql.SQL("false")
+
+
+async def compile_workflow(conn: psycopg.AsyncConnection[Any], raw: Any) -> CompiledWorkflow:
+    """Parse, check against the catalog, compile. Raises :class:`DefinitionError`."""
+    wf = parse_definition(raw)
+    issues: list[Issue] = []
+    entities = await catalog.load_entities(conn)
+    entity: EntitySchema | None = None
+    if wf.entity_type:
+        entity = entities.get(wf.entity_type)
+        if entity is None:
+            watched = ", ".join(sorted(entities)) or "none yet"
+            issues.append(
+                Issue(
+                    "trigger.entity_type",
+                    f"{wf.entity_type!r} is not a watched entity (watched: {watched}); "
+                    "run `crmflow watch TABLE` first",
+                )
+            )
+            raise DefinitionError(issues)
+
+    kind = wf.trigger_type
+    on_updates = kind in ("entity_updated", "field_updated")
+    if wf.edge_triggered and kind not in ("entity_created", "entity_updated", "field_updated"):
+        issues.append(
+            Issue(
+                "edge_triggered",
+                "edge_triggered applies to entity_created/updated and field_updated",
+            )
+        )
+    compiler = Compiler(entity, allow_transitions=on_updates and not wf.edge_triggered)
+    conditions = wf.parsed_conditions
+    has_conditions = not (isinstance(conditions, Group) and not conditions.items)
+    if has_conditions and entity is None:
+        issues.append(Issue("conditions", "conditions need a trigger with an entity_type"))
+    if uses_transitions(conditions) and not on_updates:
+        compiler.allow_transitions = False  # the compiler reports each offending leaf
+
+    predicate_parts: list[sql.Composable] = []
+    if kind in EVENT_TRIGGERS:
+        predicate_parts.append(_trigger_predicate(wf, compiler, issues))
+    if entity is not None:
+        predicate_parts.append(compiler.compile(conditions, NEW))
+        if wf.edge_triggered:
+            before = compiler.compile(conditions, OLD)
+            predicate_parts.append(sql.SQL("NOT (ev.op = 'update' AND {})").format(before))
+
+    if isinstance(wf.parsed_trigger, DateRelative) and entity is not None:
+        spec = entity.resolve(wf.parsed_trigger.field)
+        if spec is None or spec.kind not in ("date", "timestamp"):
+            issues.append(
+                Issue(
+                    "trigger.field",
+                    f"{wf.parsed_trigger.field!r} is not a date or timestamp field "
+                    f"of {entity.entity_type}",
+                )
+            )
+
+    _check_steps(wf, entity, compiler, issues)
+    issues.extend(Issue(p, m) for p, m in compiler.issues)
+    if issues:
+        raise DefinitionError(issues)
+
+    predicate = sql.SQL(" AND ").join(predicate_parts) if predicate_parts else sql.SQL("true")
+    predicate_text = predicate.as_string(conn)
+    await _check_in_database(conn, compiler, entity, predicate_text)
+
+    stored = {k: v for k, v in raw.items() if k != "status"}
+    return CompiledWorkflow(wf, stored, predicate_text, entity, definition_hash(stored))
+
+
+def _check_steps(
+    wf: WorkflowDefinition, entity: EntitySchema | None, compiler: Compiler, issues: list[Issue]
+) -> None:
+    actions = registry()
+    ids = step_ids(wf.actions)
+    for i, step in enumerate(wf.actions):
+        path = f"actions[{i}]"
+        action = actions.get(step.type)
+        if action is None:
+            issues.append(
+                Issue(f"{path}.type", f"unknown action {step.type!r}; one of {sorted(actions)}")
+            )
+            continue
+        step_issues = action.check(step.params, entity, path)
+        issues.extend(step_issues)
+        if not step_issues:
+            compiler.checks.extend(action.value_checks(action.parse(step.params), entity, path))
+        if isinstance(step.delay, DelayUntil):
+            spec = entity.resolve(step.delay.until) if entity else None
+            if spec is None or spec.kind not in ("date", "timestamp"):
+                issues.append(
+                    Issue(
+                        f"{path}.delay.until",
+                        f"{step.delay.until!r} is not a date or timestamp field",
+                    )
+                )
+        when = step.when_condition
+        if when is not None:
+            step_compiler = Compiler(
+                with_steps(entity),
+                allow_transitions=False,
+                checks=compiler.checks,
+                issues=compiler.issues,
+            )
+            step_compiler.compile(when, NEW)
+            for leaf in walk(when):
+                if isinstance(leaf, FieldCondition) and leaf.field.startswith("steps."):
+                    ref = leaf.field.split(".")[1]
+                    if ref not in ids[:i]:
+                        issues.append(
+                            Issue(
+                                f"{leaf.path}.field",
+                                f"'when' can only read earlier steps; no step {ref!r} "
+                                "before this one",
+                            )
+                        )
+
+
+async def _check_in_database(
+    conn: psycopg.AsyncConnection[Any],
+    compiler: Compiler,
+    entity: EntitySchema | None,
+    predicate: str,
+) -> None:
+    """Let PostgreSQL check each value against its type, each regex, and the predicate."""
+    issues: list[Issue] = []
+    for check in compiler.checks:
+        try:
+            async with conn.transaction():
+                if check.regex:
+                    await conn.execute("SELECT '' ~ %s", [check.text])
+                else:
+                    await conn.execute(
+                        sql.SQL("SELECT CAST(%s AS {})").format(sql.SQL(check.type_sql)),
+                        [check.text],
+                    )
+        except psycopg.Error as exc:
+            reason = exc.diag.message_primary or str(exc)
+            what = "a valid regular expression" if check.regex else f"a valid {check.type_sql}"
+            issues.append(Issue(check.path, f"{check.text!r} is not {what} ({reason})"))
+    if issues:
+        raise DefinitionError(issues)
+    if entity is None:
+        probe = sql.SQL("SELECT 1 FROM crmflow.outbox AS ev WHERE {} LIMIT 0").format(
+            sql.SQL(predicate)
+        )
+    else:
+        probe = sql.SQL(
+            "SELECT 1 FROM crmflow.outbox AS ev"
+            " CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, ev.new_row) AS n"
+            " CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, ev.old_row) AS o"
+            " WHERE {p} LIMIT 0"
+        ).format(t=entity.table, p=sql.SQL(predicate))
+    try:
+        async with conn.transaction():
+            await conn.execute(probe)
+    except psycopg.Error as exc:
+        reason = exc.diag.message_primary or str(exc)
+        raise DefinitionError(
+            [Issue("conditions", f"the conditions do not compile: {reason}")]
+        ) from None
+
+
+# ───────────────────────────── storage ─────────────────────────────
+
+
+@dataclass
+class SaveResult:
+    id: int
+    name: str
+    version: int
+    status: str
+    created: bool
+    new_version: bool
+
+
+async def apply(conn: psycopg.AsyncConnection[Any], raw: Any) -> SaveResult:
+    """Create or update a workflow by name; a changed definition becomes a new version."""
+    compiled = await compile_workflow(conn, raw)
+    async with conn.transaction():
+        existing = await (
+            await conn.execute(
+                db.query("lock_workflow_by_name"), {"name": compiled.definition.name}
+            )
+        ).fetchone()
+        if existing is None:
+            return await _create(conn, compiled, raw)
+        return await _new_version(conn, existing["id"], compiled, raw)
+
+
+async def update(conn: psycopg.AsyncConnection[Any], workflow_id: int, raw: Any) -> SaveResult:
+    """Replace the definition of workflow ``workflow_id`` (a rename included)."""
+    compiled = await compile_workflow(conn, raw)
+    async with conn.transaction():
+        existing = await (
+            await conn.execute(db.query("lock_workflow"), {"id": workflow_id})
+        ).fetchone()
+        if existing is None or existing["status"] == "archived":
+            raise WorkflowNotFound(workflow_id)
+        return await _new_version(conn, workflow_id, compiled, raw)
+
+
+async def create(conn: psycopg.AsyncConnection[Any], raw: Any) -> SaveResult:
+    """Create a new workflow; its name must be free."""
+    compiled = await compile_workflow(conn, raw)
+    async with conn.transaction():
+        return await _create(conn, compiled, raw)
+
+
+class NameTaken(ValueError):
+    pass
+
+
+async def _create(
+    conn: psycopg.AsyncConnection[Any], compiled: CompiledWorkflow, raw: dict[str, Any]
+) -> SaveResult:
+    wf = compiled.definition
+    row = await (
+        await conn.execute(
+            db.query("insert_workflow"),
+            {
+                "name": wf.name,
+                "status": raw.get("status", "paused"),
+            },
+        )
+    ).fetchone()
+    if row is None:
+        raise NameTaken(f"a workflow named {wf.name!r} already exists")
+    await _insert_version(conn, row["id"], 1, compiled)
+    return SaveResult(row["id"], wf.name, 1, row["status"], created=True, new_version=True)
+
+
+async def _new_version(
+    conn: psycopg.AsyncConnection[Any],
+    workflow_id: int,
+    compiled: CompiledWorkflow,
+    raw: dict[str, Any],
+) -> SaveResult:
+    current = await (
+        await conn.execute(db.query("current_version"), {"id": workflow_id})
+    ).fetchone()
+    assert current is not None
+    version = current["version"]
+    changed = current["definition_hash"] != compiled.definition_hash
+    if changed:
+        version += 1
+        await _insert_version(conn, workflow_id, version, compiled)
+    try:
+        row = await (
+            await conn.execute(
+                db.query("update_workflow_head"),
+                {
+                    "id": workflow_id,
+                    "name": compiled.definition.name,
+                    "version": version,
+                    "status": raw.get("status"),
+                },
+            )
+        ).fetchone()
+    except psycopg.errors.UniqueViolation:
+        raise NameTaken(f"a workflow named {compiled.definition.name!r} already exists") from None
+    assert row is not None
+    return SaveResult(
+        workflow_id, row["name"], version, row["status"], created=False, new_version=changed
+    )
+
+
+async def _insert_version(
+    conn: psycopg.AsyncConnection[Any], workflow_id: int, version: int, c: CompiledWorkflow
+) -> None:
+    from psycopg.types.json import Jsonb
+
+    await conn.execute(
+        db.query("insert_workflow_version"),
+        {
+            "workflow_id": workflow_id,
+            "version": version,
+            "definition": Jsonb(c.stored),
+            "definition_hash": c.definition_hash,
+            "trigger_type": c.definition.trigger_type,
+            "entity_type": c.definition.entity_type,
+            "priority": c.definition.priority,
+            "limits": Jsonb(c.definition.limits.model_dump(exclude_none=True)),
+            "predicate": c.predicate,
+        },
+    )
+
+
+async def set_status(
+    conn: psycopg.AsyncConnection[Any], workflow_id: int, status: str
+) -> dict[str, Any]:
+    row = await (
+        await conn.execute(db.query("set_workflow_status"), {"id": workflow_id, "status": status})
+    ).fetchone()
+    if row is None:
+        raise WorkflowNotFound(workflow_id)
+    return row
+
+
+async def list_workflows(
+    conn: psycopg.AsyncConnection[Any], include_archived: bool = False
+) -> list[dict[str, Any]]:
+    return await (
+        await conn.execute(db.query("list_workflows"), {"include_archived": include_archived})
+    ).fetchall()
+
+
+async def get_workflow(conn: psycopg.AsyncConnection[Any], workflow_id: int) -> dict[str, Any]:
+    row = await (await conn.execute(db.query("get_workflow"), {"id": workflow_id})).fetchone()
+    if row is None:
+        raise WorkflowNotFound(workflow_id)
+    return row
+
+
+async def find_workflow(conn: psycopg.AsyncConnection[Any], ref: str) -> dict[str, Any]:
+    """A workflow by id or by name (the CLI accepts either)."""
+    if ref.isdigit():
+        return await get_workflow(conn, int(ref))
+    row = await (await conn.execute(db.query("get_workflow_by_name"), {"name": ref})).fetchone()
+    if row is None:
+        raise WorkflowNotFound(ref)
+    return row
+
+
+async def list_versions(
+    conn: psycopg.AsyncConnection[Any], workflow_id: int
+) -> list[dict[str, Any]]:
+    await get_workflow(conn, workflow_id)
+    return await (
+        await conn.execute(db.query("list_workflow_versions"), {"id": workflow_id})
+    ).fetchall()

@@ -1,0 +1,171 @@
+-- The matcher's SQL (engine/matcher.py). Per batch, in one transaction:
+--   1. claim_events: lock a batch of pending events (FOR UPDATE SKIP LOCKED);
+--   2. match_and_enroll: evaluate every active workflow against the whole batch,
+--      insert the executions, defer their jobs, mark the events processed.
+-- A crash anywhere before COMMIT leaves the events pending and nothing enrolled;
+-- after COMMIT everything is there. Replays are safe either way.
+
+-- name: claim_events
+-- Oldest pending events first. Never a cursor on the id: ids are taken at insert
+-- time but commit in any order, so "everything above id N" would skip late commits.
+-- Events whose entity has an earlier pending event that we could not lock (another
+-- matcher holds it) stay for the next round: one entity's events are enrolled, and
+-- their jobs deferred, in capture order.
+WITH candidates AS MATERIALIZED (
+    SELECT id, entity_type, pk
+      FROM crmflow.outbox
+     WHERE processed_at IS NULL
+     ORDER BY id
+     LIMIT %(batch_size)s
+       FOR UPDATE SKIP LOCKED
+)
+SELECT (SELECT generation FROM crmflow.matcher_state) AS generation,
+       ARRAY(
+           SELECT c.id
+             FROM candidates AS c
+            WHERE c.pk IS NULL
+               OR NOT EXISTS (
+                    SELECT 1
+                      FROM crmflow.outbox AS earlier
+                     WHERE earlier.processed_at IS NULL
+                       AND earlier.entity_type = c.entity_type
+                       AND earlier.pk = c.pk
+                       AND earlier.id < c.id
+                       AND earlier.id NOT IN (SELECT id FROM candidates))
+            ORDER BY c.id
+       ) AS ids;
+
+-- name: active_event_workflows
+SELECT v.id AS version_id, v.workflow_id, v.version, v.entity_type, v.trigger_type,
+       v.priority, v.predicate, v.limits,
+       w.name
+  FROM crmflow.workflows AS w
+  JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
+ WHERE w.status = 'active'
+   AND v.trigger_type IN ('entity_created', 'entity_updated', 'field_updated',
+                          'entity_deleted', 'event')
+ ORDER BY v.entity_type NULLS LAST, v.priority DESC, v.workflow_id;
+
+-- name: match_case
+CASE WHEN {predicate} THEN {version_id} END
+
+-- name: match_branch
+-- Events of one entity type: typed rows rebuilt from the event ("n" is the entity's
+-- state, the deleted row for deletes; "o" the row before an update), then every
+-- workflow of that entity evaluated on them at once.
+SELECT ev.id AS event_id, m.version_id
+  FROM batch AS ev
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, coalesce(ev.new_row, ev.old_row)) AS n
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, ev.old_row) AS o
+ CROSS JOIN LATERAL unnest(ARRAY[{cases}]::bigint[]) AS m(version_id)
+ WHERE ev.entity_type = {entity_type} AND m.version_id IS NOT NULL
+
+-- name: match_branch_no_entity
+-- Workflows on custom events that name no entity type: any event of that name.
+SELECT ev.id AS event_id, m.version_id
+  FROM batch AS ev
+ CROSS JOIN LATERAL unnest(ARRAY[{cases}]::bigint[]) AS m(version_id)
+ WHERE ev.op = 'event' AND m.version_id IS NOT NULL
+
+-- name: match_and_enroll
+WITH batch AS (
+    SELECT * FROM crmflow.outbox WHERE id = ANY(%(ids)s)
+), matched AS (
+    {branches}
+), candidates AS (
+    SELECT ev.id AS event_id, ev.entity_type, ev.pk, ev.depth, ev.captured_at, ev.payload,
+           v.id AS version_id, v.workflow_id, v.version, v.priority,
+           coalesce(v.limits ->> 'reenrollment', 'always') AS reenrollment,
+           make_interval(secs => (v.limits ->> 'reenroll_after')::float8) AS reenroll_after,
+           make_interval(secs => (v.limits ->> 'debounce')::float8) AS debounce
+      FROM matched AS mt
+      JOIN batch AS ev ON ev.id = mt.event_id
+      JOIN crmflow.workflow_versions AS v ON v.id = mt.version_id
+), enrollable AS (
+    -- Re-enrollment policy: "never" enrolls an entity once per workflow, "after"
+    -- once per interval; within the batch the earliest event wins.
+    SELECT DISTINCT ON (c.workflow_id, c.pk, c.once_key) c.*
+      FROM (SELECT *, CASE WHEN reenrollment = 'always' OR pk IS NULL THEN event_id END
+                      AS once_key
+              FROM candidates) AS c
+     WHERE c.once_key IS NOT NULL
+        OR NOT EXISTS (
+             SELECT 1 FROM crmflow.executions AS x
+              WHERE x.workflow_id = c.workflow_id
+                AND x.entity_type = c.entity_type AND x.entity_pk = c.pk
+                AND (c.reenrollment = 'never' OR x.created_at > now() - c.reenroll_after))
+     ORDER BY c.workflow_id, c.pk, c.once_key, c.event_id
+), latest AS (
+    -- Debounced workflows keep only the newest event of each entity in the batch.
+    SELECT DISTINCT ON (e.workflow_id, e.pk, e.burst_key) e.*
+      FROM (SELECT *, CASE WHEN debounce IS NULL OR pk IS NULL THEN event_id END AS burst_key
+              FROM enrollable) AS e
+     ORDER BY e.workflow_id, e.pk, e.burst_key, e.event_id DESC
+), debounced AS (
+    -- While an execution of the same workflow and entity has not started yet, a newer
+    -- matching event joins it: it runs once, a full window after the last change.
+    UPDATE crmflow.executions AS x
+       SET event_id = l.event_id,
+           not_before = clock_timestamp() + l.debounce
+      FROM latest AS l
+     WHERE l.debounce IS NOT NULL AND l.pk IS NOT NULL
+       AND x.workflow_id = l.workflow_id AND x.entity_type = l.entity_type
+       AND x.entity_pk = l.pk AND x.status = 'pending' AND x.started_at IS NULL
+    RETURNING x.workflow_id, x.entity_pk
+), enrolled AS (
+    INSERT INTO crmflow.executions
+           (workflow_id, workflow_version_id, workflow_version, enrollment_key, event_id,
+            entity_type, entity_pk, status, priority, depth, input, triggered_at,
+            not_before, finished_at, error)
+    SELECT l.workflow_id, l.version_id, l.version, 'event:' || l.event_id, l.event_id,
+           l.entity_type, l.pk,
+           CASE WHEN l.depth >= %(max_depth)s THEN 'failed' ELSE 'pending' END,
+           l.priority, l.depth, l.payload, l.captured_at,
+           clock_timestamp() + l.debounce,
+           CASE WHEN l.depth >= %(max_depth)s THEN clock_timestamp() END,
+           CASE WHEN l.depth >= %(max_depth)s THEN
+                format('loop stopped: this event was written by a chain of %%s workflow '
+                       'actions (limit %%s, setting CRMFLOW_MAX_DEPTH)', l.depth, %(max_depth)s)
+           END
+      FROM latest AS l
+     WHERE NOT EXISTS (SELECT 1 FROM debounced AS d
+                        WHERE d.workflow_id = l.workflow_id AND d.entity_pk = l.pk)
+     ORDER BY l.event_id, l.priority DESC, l.workflow_id
+    ON CONFLICT (workflow_version_id, enrollment_key) DO NOTHING
+    RETURNING id, entity_type, entity_pk, event_id, status, not_before
+), deferred AS (
+    SELECT procrastinate_defer_jobs_v1(ARRAY(
+               -- A start in the future must not hold the entity's lock (procrastinate
+               -- would hold back every later job of the entity until then): it is a
+               -- lock-free wake-up that re-defers the start with the lock when due.
+               SELECT ROW(%(queue)s, 'crmflow.run_execution', 0,
+                          CASE WHEN x.not_before IS NULL
+                               THEN crmflow.execution_lock(x.entity_type, x.entity_pk, x.id) END,
+                          NULL,
+                          jsonb_build_object('execution_id', x.id), x.not_before
+                      )::procrastinate_job_to_defer_v1
+                 FROM enrolled AS x
+                WHERE x.status = 'pending'
+                ORDER BY x.id)) AS job_ids
+), counts AS (
+    SELECT event_id, count(*) AS n FROM enrolled GROUP BY event_id
+), processed AS (
+    UPDATE crmflow.outbox AS o
+       SET processed_at = clock_timestamp(), matched = coalesce(c.n, 0)
+      FROM batch AS b
+      LEFT JOIN counts AS c ON c.event_id = b.id
+     WHERE o.id = b.id
+    RETURNING o.id
+)
+SELECT (SELECT count(*) FROM processed) AS processed,
+       (SELECT count(*) FROM enrolled) AS enrolled,
+       (SELECT coalesce(cardinality(job_ids), 0) FROM deferred) AS deferred;
+
+-- name: mark_processed
+-- Events that matched nothing (no active workflow), or whose matching failed.
+UPDATE crmflow.outbox
+   SET processed_at = clock_timestamp(), matched = 0, match_error = %(error)s
+ WHERE id = ANY(%(ids)s);
+
+-- name: set_listening
+UPDATE crmflow.matcher_state SET listening = %(listening)s WHERE listening <> %(listening)s;

@@ -1,0 +1,280 @@
+-- Named queries of the engine. Blocks start with "-- name: <query_name>"; parameters
+-- are psycopg's %(name)s, so a literal percent sign is written %% (and the query is
+-- always executed with a parameter mapping, even an empty one, so %% becomes %).
+-- "install" blocks of the other files run without parameters and write a plain %.
+
+-- ───────────────────────────── catalog ─────────────────────────────
+
+-- name: resolve_table
+-- A table by the name a user typed; to_regclass parses quoting and schemas for us.
+SELECT c.oid::bigint AS relid, n.nspname AS table_schema, c.relname AS table_name, c.relkind
+  FROM pg_class AS c
+  JOIN pg_namespace AS n ON n.oid = c.relnamespace
+ WHERE c.oid = to_regclass(%(name)s);
+
+-- name: primary_key_columns
+SELECT a.attname AS name
+  FROM pg_index AS i
+  CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
+  JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+ WHERE i.indrelid = %(relid)s AND i.indisprimary
+ ORDER BY k.position;
+
+-- name: table_columns
+-- Columns with the facts the compiler needs. Domains are read through to their base
+-- type for the operator family, but values are cast to the declared type so the
+-- domain's own checks apply.
+SELECT a.attname AS name,
+       a.attnotnull AS not_null,
+       format_type(a.atttypid, a.atttypmod) AS display_type,
+       format('%%I.%%I', tn.nspname, t.typname) AS type_sql,
+       bt.typcategory AS category,
+       bt.typname AS base_typname,
+       CASE WHEN bt.typtype = 'e' THEN
+            ARRAY(SELECT e.enumlabel::text FROM pg_enum AS e
+                   WHERE e.enumtypid = bt.oid ORDER BY e.enumsortorder)
+       END AS enum_labels,
+       et.typcategory AS elem_category,
+       et.typname AS elem_typname,
+       CASE WHEN et.oid IS NOT NULL THEN format('%%I.%%I', etn.nspname, et.typname) END
+           AS elem_type_sql,
+       CASE WHEN et.typtype = 'e' THEN
+            ARRAY(SELECT e.enumlabel::text FROM pg_enum AS e
+                   WHERE e.enumtypid = et.oid ORDER BY e.enumsortorder)
+       END AS elem_enum_labels
+  FROM pg_attribute AS a
+  JOIN pg_type AS t ON t.oid = a.atttypid
+  JOIN pg_namespace AS tn ON tn.oid = t.typnamespace
+  JOIN pg_type AS bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+  LEFT JOIN pg_type AS et ON et.oid = bt.typelem AND bt.typcategory = 'A'
+  LEFT JOIN pg_namespace AS etn ON etn.oid = et.typnamespace
+ WHERE a.attrelid = %(relid)s AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY a.attnum;
+
+-- name: type_facts
+-- The same facts for a type named by OID (derived fields' result types).
+SELECT format_type(t.oid, NULL) AS data_type,
+       format('%%I.%%I', tn.nspname, t.typname) AS type_sql,
+       bt.typcategory AS category,
+       bt.typname AS base_typname
+  FROM pg_type AS t
+  JOIN pg_namespace AS tn ON tn.oid = t.typnamespace
+  JOIN pg_type AS bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+ WHERE t.oid = %(type_oid)s;
+
+-- name: watched_tables_with_oid
+SELECT w.entity_type, w.table_schema, w.table_name, w.pk_columns,
+       to_regclass(format('%%I.%%I', w.table_schema, w.table_name))::oid::bigint AS relid
+  FROM crmflow.watched_tables AS w
+ ORDER BY w.entity_type;
+
+-- name: derived_fields
+SELECT d.entity_type, d.name, d.source, d.data_type,
+       format('%%I.%%I', tn.nspname, t.typname) AS type_sql,
+       bt.typcategory AS category,
+       bt.typname AS base_typname
+  FROM crmflow.derived_fields AS d
+  JOIN pg_type AS t ON t.oid = d.data_type::regtype
+  JOIN pg_namespace AS tn ON tn.oid = t.typnamespace
+  JOIN pg_type AS bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+ ORDER BY d.entity_type, d.name;
+
+-- ───────────────────────────── capture ─────────────────────────────
+
+-- name: watch_table
+-- Returns the entity the table is watched as: the new row, or the existing one.
+-- Nothing comes back when the entity name belongs to another table.
+WITH inserted AS (
+    INSERT INTO crmflow.watched_tables (entity_type, table_schema, table_name, pk_columns)
+    VALUES (%(entity_type)s, %(table_schema)s, %(table_name)s, %(pk_columns)s)
+    ON CONFLICT DO NOTHING
+    RETURNING entity_type
+), existing AS (
+    UPDATE crmflow.watched_tables
+       SET pk_columns = %(pk_columns)s
+     WHERE table_schema = %(table_schema)s AND table_name = %(table_name)s
+    RETURNING entity_type
+)
+SELECT entity_type FROM inserted
+UNION ALL
+SELECT entity_type FROM existing;
+
+-- name: watched_by_entity
+SELECT entity_type, table_schema, table_name, pk_columns
+  FROM crmflow.watched_tables WHERE entity_type = %(entity_type)s;
+
+-- name: watched_by_table
+SELECT entity_type, table_schema, table_name, pk_columns
+  FROM crmflow.watched_tables
+ WHERE table_schema = %(table_schema)s AND table_name = %(table_name)s;
+
+-- name: unwatch_table
+DELETE FROM crmflow.watched_tables WHERE entity_type = %(entity_type)s;
+
+-- name: list_watched
+SELECT w.entity_type, w.table_schema, w.table_name, w.pk_columns, w.created_at,
+       (SELECT coalesce(jsonb_object_agg(d.name, d.source), '{}')
+          FROM crmflow.derived_fields AS d WHERE d.entity_type = w.entity_type) AS derived_fields
+  FROM crmflow.watched_tables AS w
+ ORDER BY w.entity_type;
+
+-- name: upsert_derived_field
+INSERT INTO crmflow.derived_fields (entity_type, name, expression, source, data_type)
+VALUES (%(entity_type)s, %(name)s, %(expression)s, %(source)s, %(data_type)s)
+ON CONFLICT (entity_type, name) DO UPDATE
+   SET expression = EXCLUDED.expression, source = EXCLUDED.source,
+       data_type = EXCLUDED.data_type;
+
+-- name: live_workflows_of_entity
+SELECT w.id, w.name, w.status
+  FROM crmflow.workflows AS w
+  JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
+ WHERE v.entity_type = %(entity_type)s AND w.status <> 'archived';
+
+-- name: pause_workflows_of_entity
+UPDATE crmflow.workflows AS w
+   SET status = 'paused', updated_at = now()
+  FROM crmflow.workflow_versions AS v
+ WHERE v.workflow_id = w.id AND v.version = w.current_version
+   AND v.entity_type = %(entity_type)s AND w.status = 'active';
+
+-- ───────────────────────────── migrations ─────────────────────────────
+
+-- name: bootstrap_migrations
+CREATE SCHEMA IF NOT EXISTS crmflow;
+CREATE TABLE IF NOT EXISTS crmflow.schema_migrations (
+    version text PRIMARY KEY,
+    checksum text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: applied_migrations
+SELECT version, checksum, applied_at FROM crmflow.schema_migrations ORDER BY version;
+
+-- name: record_migration
+INSERT INTO crmflow.schema_migrations (version, checksum) VALUES (%(version)s, %(checksum)s);
+
+-- ───────────────────────────── workflows ─────────────────────────────
+
+-- name: lock_workflow_by_name
+SELECT id, status FROM crmflow.workflows
+ WHERE name = %(name)s AND status <> 'archived'
+   FOR UPDATE;
+
+-- name: lock_workflow
+SELECT id, status FROM crmflow.workflows WHERE id = %(id)s FOR UPDATE;
+
+-- name: insert_workflow
+INSERT INTO crmflow.workflows (name, status)
+VALUES (%(name)s, %(status)s)
+ON CONFLICT (name) WHERE status <> 'archived' DO NOTHING
+RETURNING id, status;
+
+-- name: insert_workflow_version
+INSERT INTO crmflow.workflow_versions
+       (workflow_id, version, definition, definition_hash, trigger_type, entity_type,
+        priority, limits, predicate)
+VALUES (%(workflow_id)s, %(version)s, %(definition)s, %(definition_hash)s, %(trigger_type)s,
+        %(entity_type)s, %(priority)s, %(limits)s, %(predicate)s);
+
+-- name: current_version
+SELECT v.version, v.definition_hash
+  FROM crmflow.workflows AS w
+  JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
+ WHERE w.id = %(id)s;
+
+-- name: update_workflow_head
+UPDATE crmflow.workflows
+   SET name = %(name)s,
+       current_version = %(version)s,
+       status = coalesce(%(status)s, status),
+       updated_at = now()
+ WHERE id = %(id)s
+RETURNING name, status;
+
+-- name: set_workflow_status
+UPDATE crmflow.workflows
+   SET status = %(status)s, updated_at = now()
+ WHERE id = %(id)s AND (status <> 'archived' OR %(status)s = 'archived')
+RETURNING id, name, status;
+
+-- name: list_workflows
+SELECT w.id, w.name, w.status,
+       (SELECT count(*) FROM crmflow.executions AS x WHERE x.workflow_id = w.id) AS execution_count,
+       w.current_version AS version, v.trigger_type, v.entity_type, v.priority,
+       w.created_at, w.updated_at
+  FROM crmflow.workflows AS w
+  JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
+ WHERE %(include_archived)s OR w.status <> 'archived'
+ ORDER BY w.id;
+
+-- name: get_workflow
+SELECT w.id, w.name, w.status,
+       (SELECT count(*) FROM crmflow.executions AS x WHERE x.workflow_id = w.id) AS execution_count,
+       w.current_version AS version, v.id AS version_id, v.trigger_type, v.entity_type,
+       v.priority, v.definition, v.predicate, w.created_at, w.updated_at
+  FROM crmflow.workflows AS w
+  JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
+ WHERE w.id = %(id)s;
+
+-- name: get_workflow_by_name
+SELECT w.id, w.name, w.status,
+       (SELECT count(*) FROM crmflow.executions AS x WHERE x.workflow_id = w.id) AS execution_count,
+       w.current_version AS version, v.id AS version_id, v.trigger_type, v.entity_type,
+       v.priority, v.definition, v.predicate, w.created_at, w.updated_at
+  FROM crmflow.workflows AS w
+  JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
+ WHERE w.name = %(name)s AND w.status <> 'archived';
+
+-- name: list_workflow_versions
+SELECT v.id, v.version, v.definition, v.definition_hash, v.trigger_type, v.entity_type,
+       v.priority, v.predicate, v.created_at, (v.version = w.current_version) AS current
+  FROM crmflow.workflow_versions AS v
+  JOIN crmflow.workflows AS w ON w.id = v.workflow_id
+ WHERE v.workflow_id = %(id)s
+ ORDER BY v.version;
+
+-- ───────────────────────────── executions ─────────────────────────────
+
+-- name: list_executions
+SELECT x.id, x.status, x.triggered_at, x.workflow_id, w.name AS workflow_name,
+       x.workflow_version, x.entity_type, x.entity_pk, x.event_id, x.started_at,
+       x.finished_at, x.error,
+       (SELECT count(*) FROM crmflow.execution_steps AS s
+         WHERE s.execution_id = x.id AND s.status = 'succeeded') AS actions_count
+  FROM crmflow.executions AS x
+  JOIN crmflow.workflows AS w ON w.id = x.workflow_id
+ WHERE (%(workflow_id)s::bigint IS NULL OR x.workflow_id = %(workflow_id)s)
+   AND (%(status)s::text IS NULL OR x.status = %(status)s)
+   AND (%(entity_type)s::text IS NULL OR x.entity_type = %(entity_type)s)
+   AND (%(entity_id)s::text IS NULL
+        OR EXISTS (SELECT 1 FROM jsonb_each(x.entity_pk) AS k
+                    WHERE k.value #>> ARRAY[]::text[] = %(entity_id)s))
+   AND (%(since)s::timestamptz IS NULL OR x.triggered_at >= %(since)s)
+   AND (%(until)s::timestamptz IS NULL OR x.triggered_at < %(until)s)
+   AND (%(before_id)s::bigint IS NULL OR x.id < %(before_id)s)
+ ORDER BY x.id DESC
+ LIMIT %(limit)s;
+
+-- name: get_execution
+SELECT x.id, x.status, x.triggered_at, x.workflow_id, w.name AS workflow_name,
+       x.workflow_version, x.entity_type, x.entity_pk, x.event_id, x.started_at,
+       x.finished_at, x.error,
+       (SELECT count(*) FROM crmflow.execution_steps AS s
+         WHERE s.execution_id = x.id AND s.status = 'succeeded') AS actions_count
+  FROM crmflow.executions AS x
+  JOIN crmflow.workflows AS w ON w.id = x.workflow_id
+ WHERE x.id = %(id)s;
+
+-- name: execution_steps
+SELECT step_id, type, status, attempts, scheduled_at, started_at, finished_at, result, error
+  FROM crmflow.execution_steps
+ WHERE execution_id = %(id)s
+ ORDER BY position;
+
+-- name: workflow_for_run
+SELECT w.id AS workflow_id, w.status, v.id AS version_id, v.version, v.entity_type,
+       v.trigger_type, v.definition, v.predicate, v.priority, v.limits
+  FROM crmflow.workflows AS w
+  JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
+ WHERE w.id = %(id)s;

@@ -1,0 +1,170 @@
+-- The step runner's SQL (engine/runtime.py).
+
+-- name: load_execution
+SELECT x.*, v.definition, v.limits,
+       crmflow.execution_lock(x.entity_type, x.entity_pk, x.id) AS lock,
+       ev.op AS event_op, ev.new_row AS event_new_row, ev.old_row AS event_old_row,
+       ev.changed AS event_changed, ev.event_name, ev.payload AS event_payload,
+       w.name AS workflow_name
+  FROM crmflow.executions AS x
+  JOIN crmflow.workflow_versions AS v ON v.id = x.workflow_version_id
+  JOIN crmflow.workflows AS w ON w.id = x.workflow_id
+  LEFT JOIN crmflow.outbox AS ev ON ev.id = x.event_id
+ WHERE x.id = %(id)s;
+
+-- name: lock_workflow_starts
+-- Serialises the flow-control checks of one workflow's starts (rate, concurrency).
+SELECT pg_advisory_xact_lock(hashtextextended('crmflow:workflow:' || %(workflow_id)s::text, 0));
+
+-- name: lock_execution
+SELECT status, not_before FROM crmflow.executions WHERE id = %(id)s FOR UPDATE;
+
+-- name: started_last_minute
+-- Starts in the sliding minute, and when the oldest of them leaves it.
+SELECT count(*) AS n, min(started_at) + interval '1 minute' AS frees_at
+  FROM crmflow.executions
+ WHERE workflow_id = %(workflow_id)s AND started_at > clock_timestamp() - interval '1 minute'
+   AND id <> %(id)s;
+
+-- name: running_count
+SELECT count(*) AS n FROM crmflow.executions
+ WHERE workflow_id = %(workflow_id)s AND status = 'running' AND id <> %(id)s;
+
+-- name: start_execution
+UPDATE crmflow.executions
+   SET status = 'running', started_at = coalesce(started_at, clock_timestamp()), not_before = NULL
+ WHERE id = %(id)s AND status IN ('pending', 'waiting', 'running')
+RETURNING started_at;
+
+-- name: ensure_steps
+INSERT INTO crmflow.execution_steps (execution_id, step_id, position, type)
+SELECT %(id)s, s.step_id, s.position, s.type
+  FROM unnest(%(step_ids)s::text[], %(types)s::text[]) WITH ORDINALITY AS s(step_id, type, position)
+ON CONFLICT (execution_id, step_id) DO NOTHING;
+
+-- name: load_steps
+SELECT step_id, type, status, attempts, scheduled_at, started_at, finished_at, result, error
+  FROM crmflow.execution_steps
+ WHERE execution_id = %(id)s
+ ORDER BY position;
+
+-- name: lock_step
+SELECT s.status, s.attempts, s.result, x.status AS execution_status
+  FROM crmflow.execution_steps AS s
+  JOIN crmflow.executions AS x ON x.id = s.execution_id
+ WHERE s.execution_id = %(id)s AND s.step_id = %(step_id)s
+   FOR UPDATE OF s, x;
+
+-- name: step_running
+UPDATE crmflow.execution_steps
+   SET status = 'running', attempts = attempts + 1,
+       started_at = coalesce(started_at, clock_timestamp()), error = NULL
+ WHERE execution_id = %(id)s AND step_id = %(step_id)s
+RETURNING attempts;
+
+-- name: step_succeeded
+UPDATE crmflow.execution_steps
+   SET status = 'succeeded', result = %(result)s, error = NULL, scheduled_at = NULL,
+       finished_at = clock_timestamp()
+ WHERE execution_id = %(id)s AND step_id = %(step_id)s;
+
+-- name: step_skipped
+UPDATE crmflow.execution_steps
+   SET status = 'skipped', result = %(result)s, finished_at = clock_timestamp()
+ WHERE execution_id = %(id)s AND step_id = %(step_id)s;
+
+-- name: step_attempt_failed
+-- A failed attempt: status 'scheduled' when another attempt follows, 'failed' otherwise.
+UPDATE crmflow.execution_steps
+   SET status = %(status)s, error = %(error)s, scheduled_at = %(retry_at)s,
+       finished_at = CASE WHEN %(status)s = 'failed' THEN clock_timestamp() END
+ WHERE execution_id = %(id)s AND step_id = %(step_id)s
+RETURNING attempts;
+
+-- name: step_scheduled
+UPDATE crmflow.execution_steps
+   SET status = 'scheduled', scheduled_at = %(scheduled_at)s
+ WHERE execution_id = %(id)s AND step_id = %(step_id)s AND status = 'pending';
+
+-- name: step_compensated
+UPDATE crmflow.execution_steps
+   SET status = 'compensated', error = %(error)s
+ WHERE execution_id = %(id)s AND step_id = %(step_id)s;
+
+-- name: set_execution_status
+UPDATE crmflow.executions
+   SET status = %(status)s,
+       error = coalesce(%(error)s, error),
+       finished_at = CASE WHEN %(status)s IN ('completed', 'failed', 'cancelled', 'skipped')
+                          THEN clock_timestamp() END,
+       not_before = %(not_before)s
+ WHERE id = %(id)s AND status IN ('pending', 'running', 'waiting')
+RETURNING id;
+
+-- name: defer_execution_job
+-- lock: the entity's (or the execution's) lock for a job that runs steps; NULL for a
+-- wake-up that only re-defers the locked job when due (see engine/runtime.py).
+SELECT unnest(procrastinate_defer_jobs_v1(ARRAY[
+           ROW(%(queue)s, 'crmflow.run_execution', 0, %(lock)s, NULL,
+               jsonb_build_object('execution_id', %(id)s::bigint), %(scheduled_at)s
+           )::procrastinate_job_to_defer_v1])) AS job_id;
+
+-- name: entity_row
+-- The entity as it is now, as JSON (NULL once deleted).
+SELECT to_jsonb(t) AS row
+  FROM jsonb_populate_record(NULL::{table}, %(pk)s::jsonb) AS p
+  JOIN {table} AS t ON {pk_match}
+
+-- name: evaluate
+SELECT {predicate} AS ok
+  FROM jsonb_populate_record(NULL::{table}, %(row)s::jsonb) AS n
+ CROSS JOIN (SELECT %(steps)s::jsonb AS steps) AS s;
+
+-- name: evaluate_no_entity
+SELECT {predicate} AS ok FROM (SELECT %(steps)s::jsonb AS steps) AS s;
+
+-- name: moment_of_field
+SELECT CAST(n.{field} AS timestamptz) + make_interval(secs => %(offset)s) AS at
+  FROM jsonb_populate_record(NULL::{table}, %(row)s::jsonb) AS n;
+
+-- name: set_write_context
+-- Writes made by an action carry the execution's depth and say who made them.
+SELECT set_config('crmflow.depth', %(depth)s, true), set_config('crmflow.actor', %(actor)s, true);
+
+-- name: cancel_execution
+UPDATE crmflow.executions
+   SET status = 'cancelled', finished_at = clock_timestamp(),
+       error = coalesce(%(reason)s, 'cancelled')
+ WHERE id = %(id)s AND status IN ('pending', 'running', 'waiting')
+RETURNING id;
+
+-- name: cancel_execution_jobs
+-- Jobs of the execution still queued are cancelled; a running one stops at its next step.
+SELECT procrastinate_cancel_job_v1(j.id, false, false)
+  FROM procrastinate_jobs AS j
+ WHERE j.status = 'todo' AND j.task_name = 'crmflow.run_execution'
+   AND (j.args ->> 'execution_id')::bigint = %(id)s;
+
+-- name: replay_execution
+-- Replay from the failed step: failed steps go back to pending (history of the
+-- earlier run stays in the error until the new attempt), the execution to pending.
+WITH reset AS (
+    UPDATE crmflow.execution_steps
+       SET status = 'pending', scheduled_at = NULL, finished_at = NULL, attempts = 0,
+           error = 'replayed after: ' || coalesce(error, 'failure')
+     WHERE execution_id = %(id)s AND status = 'failed'
+    RETURNING step_id
+)
+UPDATE crmflow.executions
+   SET status = 'pending', finished_at = NULL, error = NULL, replays = replays + 1
+ WHERE id = %(id)s AND status = 'failed'
+RETURNING id, entity_type, entity_pk, (SELECT count(*) FROM reset) AS steps_reset;
+
+-- name: register_worker
+INSERT INTO crmflow.workers (hostname, pid) VALUES (%(hostname)s, %(pid)s) RETURNING id;
+
+-- name: heartbeat
+UPDATE crmflow.workers SET last_heartbeat = now() WHERE id = %(id)s;
+
+-- name: worker_stopped
+UPDATE crmflow.workers SET stopped_at = now(), last_heartbeat = now() WHERE id = %(id)s;
