@@ -210,7 +210,7 @@ def _check_value_shape(
         except ValueError as exc:
             issues.append((path, str(exc)))
             return False
-    elif op in TEXTUAL and not isinstance(value, str | int | float):
+    elif op in ("starts_with", "ends_with", "matches") and not isinstance(value, str | int | float):
         issues.append((path, f"{op} takes a single value"))
         return False
     return True
@@ -460,8 +460,8 @@ class Compiler:
         from engine.model import parse_duration
 
         seconds = parse_duration(value, default_unit="d")
-        cutoff: sql.Composable = sql.SQL("({} - CAST({} AS interval))").format(
-            self.now, sql.Literal(f"{seconds:g} seconds")
+        cutoff: sql.Composable = sql.SQL("({} - make_interval(secs => {}))").format(
+            self.now, sql.Literal(float(seconds))
         )
         current: sql.Composable = self.now
         if kind == "date":  # whole days: compare with the dates of the moments

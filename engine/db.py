@@ -58,26 +58,35 @@ def template(name: str, filename: str) -> sql.SQL:
 
 
 def engine_conninfo(url: str, settings: Settings | None = None) -> str:
-    """The URL plus the session settings every engine connection needs.
-
-    procrastinate's functions name their tables without a schema, so sessions that
-    defer or run jobs must have its schema on the search_path.
-    """
-    settings = settings or get_settings()
+    """The URL, with an application name so operators can tell crmflow's sessions apart."""
     params = conninfo_to_dict(url)
-    options = params.get("options") or ""
-    extra = f"-c search_path={settings.procrastinate_schema},public"
-    return make_conninfo(url, options=f"{options} {extra}".strip())
+    params.setdefault("application_name", "crmflow")
+    return make_conninfo("", **params)
+
+
+async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Session set-up of every engine connection.
+
+    procrastinate's functions name their tables without a schema, so its schema is
+    appended to the session's search_path, after the database's own default: the
+    user's tables keep resolving first, exactly as in their own sessions.
+    """
+    schema = get_settings().procrastinate_schema
+    await conn.execute(
+        "SELECT set_config('search_path', current_setting('search_path') || ', ' || "
+        "quote_ident(%s), false)",
+        [schema],
+    )
+    if not conn.autocommit:
+        await conn.commit()
 
 
 async def connect(url: str, **kwargs: Any) -> psycopg.AsyncConnection[dict[str, Any]]:
-    return await psycopg.AsyncConnection.connect(
+    conn = await psycopg.AsyncConnection.connect(
         engine_conninfo(url), row_factory=dict_row, **kwargs
     )
-
-
-def connect_sync(url: str, **kwargs: Any) -> psycopg.Connection[dict[str, Any]]:
-    return psycopg.Connection.connect(engine_conninfo(url), row_factory=dict_row, **kwargs)
+    await configure(conn)
+    return conn
 
 
 def create_pool(url: str, settings: Settings | None = None, **kwargs: Any) -> AsyncConnectionPool:
@@ -88,6 +97,7 @@ def create_pool(url: str, settings: Settings | None = None, **kwargs: Any) -> As
     return AsyncConnectionPool(
         engine_conninfo(url, settings),
         kwargs={"row_factory": dict_row},
+        configure=configure,
         # Hand out only live connections: after a PostgreSQL restart the pool
         # replaces dead ones instead of failing the next query.
         check=AsyncConnectionPool.check_connection,

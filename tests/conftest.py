@@ -1,0 +1,146 @@
+"""Real PostgreSQL for every test: a template database built once per session (migrated,
+example CRM installed), cloned into a fresh database for each test.
+
+The server is ``CRMFLOW_DATABASE_URL``'s when set (its database is only used to
+create and drop the test databases); otherwise an embedded PostgreSQL (pgserver) is
+started in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+from engine import db
+from engine.config import Settings
+from engine.matcher import Matcher
+from engine.runtime import Runner
+
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    params = conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return make_conninfo("", **params)
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    url = os.environ.get("CRMFLOW_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from engine.embedded import start_embedded
+
+    with tempfile.TemporaryDirectory(prefix="crmflow-pg-") as tmp:
+        yield start_embedded(Path(tmp) / "data")
+
+
+def _admin(server_url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(server_url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(server_url: str) -> Iterator[str]:
+    """A migrated database with the example CRM tables (not watched), used as template."""
+    name = f"crmflow_tpl_{RUN_ID}"
+    with _admin(server_url) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = with_dbname(server_url, name)
+
+    async def build() -> None:
+        from engine.migrations import migrate
+        from engine.seed import install_example_crm
+
+        async with await db.connect(url, autocommit=True) as conn:
+            await migrate(conn)
+            await install_example_crm(conn, Settings(database_url=url))
+
+    asyncio.run(build())
+    yield name
+    with _admin(server_url) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
+def db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A fresh database for this test, cloned from the template."""
+    name = f"crmflow_t_{RUN_ID}_{uuid.uuid4().hex[:10]}"
+    with _admin(server_url) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template_db)
+            )
+        )
+    yield with_dbname(server_url, name)
+    with _admin(server_url) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    return Settings(
+        database_url=db_url,
+        matcher_poll_interval=0.05,
+        heartbeat_interval=0.5,
+        stalled_worker_timeout=3.0,
+        http_allowed_hosts=["127.0.0.1", "localhost"],
+    )
+
+
+@pytest.fixture
+async def conn(db_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async with await db.connect(db_url, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture
+async def pool(db_url: str, settings: Settings) -> AsyncIterator[AsyncConnectionPool]:
+    p = db.create_pool(db_url, settings, min_size=1, max_size=8)
+    await p.open(wait=True)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def matcher(pool: AsyncConnectionPool, settings: Settings) -> Matcher:
+    return Matcher(pool, settings)
+
+
+@pytest.fixture
+def runner(pool: AsyncConnectionPool, settings: Settings) -> Runner:
+    return Runner(pool, settings)
+
+
+@pytest.fixture
+async def crm(conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncConnection[Any]:
+    """The example CRM watched (leads, deals, accounts, contacts) with three users:
+    1 Ann (sales_rep), 2 Carl (csm), 3 Mia (manager)."""
+    from engine import capture
+    from engine.seed import WATCHED
+
+    for table, derived in WATCHED.items():
+        await capture.watch(conn, f"public.{table}", derived=derived)
+    await conn.execute(
+        "INSERT INTO users (id, name, email, role) VALUES "
+        "(1, 'Ann Rep', 'ann@acme.test', 'sales_rep'), "
+        "(2, 'Carl CSM', 'carl@acme.test', 'csm'), "
+        "(3, 'Mia Manager', 'mia@acme.test', 'manager')"
+    )
+    return conn
