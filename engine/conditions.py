@@ -70,6 +70,10 @@ class FieldCondition:
     field: str
     operator: str
     value: Any = None
+    # Where the field and the value were written, when not at <path>.field/.value
+    # (a trigger's "field" and "from"/"to", say).
+    field_path: str | None = None
+    value_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -345,7 +349,9 @@ class Compiler:
             return changed
         side = new if cond.operator == "changed_to" else old
         equal = self._compare(
-            FieldCondition(cond.path, cond.field, "equals", cond.value), spec, side
+            FieldCondition(cond.path, cond.field, "equals", cond.value, value_path=cond.value_path),
+            spec,
+            side,
         )
         return sql.SQL("({} AND {})").format(changed, equal)
 
@@ -374,7 +380,7 @@ class Compiler:
     def _compare(self, cond: FieldCondition, spec: FieldSpec, f: sql.Composable) -> sql.Composable:
         if spec.kind == "jsonpath":
             return self._compare_json_value(cond, f)
-        op, value, vpath = cond.operator, cond.value, f"{cond.path}.value"
+        op, value, vpath = cond.operator, cond.value, cond.value_path or f"{cond.path}.value"
         kind = spec.kind
 
         def typed(v: Any, path: str = vpath) -> sql.Composable:
@@ -474,7 +480,7 @@ class Compiler:
     def _compare_json_value(self, cond: FieldCondition, f: sql.Composable) -> sql.Composable:
         """A value inside JSON: equality as JSON, order on numbers or on strings, text
         operators on strings (and ``contains`` on arrays too)."""
-        op, value, vpath = cond.operator, cond.value, f"{cond.path}.value"
+        op, value, vpath = cond.operator, cond.value, cond.value_path or f"{cond.path}.value"
         as_text = sql.SQL(
             "(CASE WHEN jsonb_typeof({}) = 'string' THEN {} #>> ARRAY[]::text[] END)"
         ).format(f, f)

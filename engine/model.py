@@ -65,16 +65,29 @@ def format_loc(loc: tuple[int | str, ...], prefix: str = "") -> str:
     return path
 
 
+def _user_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """Drop pydantic's own parts of an error location (union members, validators):
+    our field names are lowercase, those parts are class names or contain brackets."""
+    return tuple(
+        part
+        for part in loc
+        if isinstance(part, int) or not (part[:1].isupper() or "[" in part or "-" in part)
+    )
+
+
 def issues_from_pydantic(exc: ValidationError, prefix: str = "") -> list[Issue]:
-    issues = []
+    issues: dict[str, Issue] = {}
     for err in exc.errors(include_url=False):
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             message = "unknown field"
         elif err["type"] == "value_error":
             message = message.removeprefix("Value error, ")
-        issues.append(Issue(format_loc(tuple(err["loc"]), prefix), message))
-    return issues
+        path = format_loc(_user_loc(tuple(err["loc"])), prefix)
+        # A value that fits no member of a union: the first member's reason is the one
+        # that reads best ("'soon' is not a duration ..."), not one line per member.
+        issues.setdefault(path, Issue(path, message))
+    return list(issues.values())
 
 
 # ───────────────────────────── durations ─────────────────────────────

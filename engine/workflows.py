@@ -26,6 +26,7 @@ from engine.conditions import (
     uses_transitions,
     walk,
 )
+from engine.config import get_settings
 from engine.model import (
     EVENT_TRIGGERS,
     UNSET,
@@ -35,6 +36,7 @@ from engine.model import (
     DelayUntil,
     FieldUpdated,
     Issue,
+    Scheduled,
     WorkflowDefinition,
     parse_definition,
     step_ids,
@@ -87,19 +89,36 @@ def _trigger_predicate(
             else [f"trigger.fields[{i}]" for i in range(len(names))]
         )
         leaves = tuple(
-            FieldCondition(path, name, "changed") for path, name in zip(paths, names, strict=True)
+            FieldCondition("trigger", name, "changed", field_path=path)
+            for path, name in zip(paths, names, strict=True)
         )
         parts: list[sql.Composable] = [compiler.compile(Group("trigger", "any", leaves), NEW)]
         if trigger.from_ is not UNSET:
             parts.append(
                 compiler.compile(
-                    FieldCondition("trigger.from", names[0], "changed_from", trigger.from_), NEW
+                    FieldCondition(
+                        "trigger",
+                        names[0],
+                        "changed_from",
+                        trigger.from_,
+                        field_path=paths[0],
+                        value_path="trigger.from",
+                    ),
+                    NEW,
                 )
             )
         if trigger.to is not UNSET:
             parts.append(
                 compiler.compile(
-                    FieldCondition("trigger.to", names[0], "changed_to", trigger.to), NEW
+                    FieldCondition(
+                        "trigger",
+                        names[0],
+                        "changed_to",
+                        trigger.to,
+                        field_path=paths[0],
+                        value_path="trigger.to",
+                    ),
+                    NEW,
                 )
             )
         return sql.SQL("(ev.op = 'update' AND {})").format(sql.SQL(" AND ").join(parts))
@@ -156,6 +175,19 @@ async def compile_workflow(conn: psycopg.AsyncConnection[Any], raw: Any) -> Comp
             before = compiler.compile(conditions, OLD)
             predicate_parts.append(sql.SQL("NOT (ev.op = 'update' AND {})").format(before))
 
+    if isinstance(wf.parsed_trigger, Scheduled):
+        from engine.scheduler import smallest_interval
+
+        gap = smallest_interval(wf.parsed_trigger)
+        floor = get_settings().min_schedule_interval
+        if gap < floor:
+            issues.append(
+                Issue(
+                    "trigger.schedule",
+                    f"{wf.parsed_trigger.schedule!r} fires every {gap:g}s; the minimum interval is "
+                    f"{floor}s (setting CRMFLOW_MIN_SCHEDULE_INTERVAL)",
+                )
+            )
     if isinstance(wf.parsed_trigger, DateRelative) and entity is not None:
         spec = entity.resolve(wf.parsed_trigger.field)
         if spec is None or spec.kind not in ("date", "timestamp"):
