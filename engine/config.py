@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     enrichment_url: str | None = None
     enrichment_token: SecretStr | None = None
 
+    # Action plugins without packaging: modules (dotted paths) whose ACTION (or ACTIONS)
+    # join the registry, besides the "crmflow.actions" entry points.
+    plugins: list[str] = []
+
     # The example CRM's schema, used by the built-in CRM actions (tasks, notifications...).
     crm_schema: str = "public"
 

@@ -157,6 +157,11 @@ async def _migrate_procrastinate(
             )
             done.append(p.name)
     await conn.execute("RESET search_path")
+    await conn.execute(
+        db.template("procrastinate_wakeups", "functions.sql").format(
+            schema=sql.Identifier(schema_name)
+        )
+    )
     return done
 
 

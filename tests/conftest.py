@@ -28,6 +28,9 @@ from engine.matcher import Matcher
 from engine.runtime import Runner
 
 RUN_ID = uuid.uuid4().hex[:8]
+# Test-only actions (slow and flaky steps), loaded the way users load plugins; worker
+# processes started by tests inherit it.
+os.environ.setdefault("CRMFLOW_PLUGINS", '["tests.plugins"]')
 
 
 def with_dbname(url: str, dbname: str) -> str:
@@ -119,6 +122,15 @@ async def pool(db_url: str, settings: Settings) -> AsyncIterator[AsyncConnection
 
 
 @pytest.fixture
+async def worker(db_url: str, settings: Settings) -> AsyncIterator[Any]:
+    """A real worker (matcher, scheduler, procrastinate) running in this event loop."""
+    from engine.worker import running_worker
+
+    async with running_worker(db_url, settings=settings, concurrency=4) as w:
+        yield w
+
+
+@pytest.fixture
 def matcher(pool: AsyncConnectionPool, settings: Settings) -> Matcher:
     return Matcher(pool, settings)
 
@@ -137,6 +149,10 @@ async def crm(conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncConnection[Any
 
     for table, derived in WATCHED.items():
         await capture.watch(conn, f"public.{table}", derived=derived)
+    await conn.execute(
+        "CREATE TABLE test_trace (id serial PRIMARY KEY, execution_id bigint, step text,"
+        " label text, at timestamptz DEFAULT clock_timestamp())"
+    )
     await conn.execute(
         "INSERT INTO users (id, name, email, role) VALUES "
         "(1, 'Ann Rep', 'ann@acme.test', 'sales_rep'), "

@@ -1,6 +1,8 @@
 """The action registry: built-in actions plus plugins from the ``crmflow.actions`` entry points.
 
-A plugin package declares, in its ``pyproject.toml``::
+Modules named in ``CRMFLOW_PLUGINS`` (JSON list of dotted paths) are imported and
+their ``ACTION`` (or list ``ACTIONS``) registered. A plugin package can instead
+declare, in its ``pyproject.toml``::
 
     [project.entry-points."crmflow.actions"]
     score_with_ai = "my_package.actions:AIQualifier"
@@ -41,6 +43,13 @@ def registry() -> dict[str, Action]:
         module = importlib.import_module(f"engine.actions.{module_name}")
         action: Action = module.ACTION
         actions[action.name] = action
+    from engine.config import get_settings
+
+    for path in get_settings().plugins:
+        module = importlib.import_module(path)
+        found = getattr(module, "ACTIONS", None) or [module.ACTION]
+        for action in found:
+            actions[action.name] = action
     for ep in entry_points(group="crmflow.actions"):
         try:
             loaded = ep.load()
