@@ -4,6 +4,7 @@ compensation, timeouts, loops, order, flow control, cancel."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import timedelta
 from typing import Any
 
@@ -302,7 +303,7 @@ async def test_one_entity_runs_in_event_order(
     for lead in (1, 2):
         mine = [r for r in rows if r["entity_pk"] == {"id": lead}]
         assert [int(r["label"]) for r in mine] == sorted(int(r["label"]) for r in mine)
-        for before, after in zip(mine, mine[1:]):
+        for before, after in itertools.pairwise(mine):
             assert before["finished_at"] <= after["started_at"]  # never side by side
     # A job queued behind another of the same entity starts as soon as the lock frees
     # (crmflow.wake_lock_successor), not at the next poll.
@@ -354,7 +355,7 @@ async def test_max_concurrent(crm: psycopg.AsyncConnection[Any], worker: Worker)
     rows = await wait_executions_settled(crm, expected=3, timeout=20)
     assert [r["status"] for r in rows] == ["completed"] * 3
     spans = sorted((r["started_at"], r["finished_at"]) for r in rows)
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert end <= start
 
 
