@@ -396,6 +396,12 @@ def cmd_seed(args: argparse.Namespace) -> int:
     return asyncio.run(_with_conn(run))
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from engine.demo import run_demo
+
+    return asyncio.run(run_demo(wait_delayed=args.wait))
+
+
 # ───────────────────────────── worker ─────────────────────────────
 
 
@@ -504,6 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("seed", help="create the example CRM and install the seed workflows")
     p.set_defaults(func=cmd_seed)
+
+    p = sub.add_parser("demo", help="everything in one command, on an embedded PostgreSQL")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="also wait for the delayed steps (enrich_lead runs 60 s later)",
+    )
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("worker", help="run matcher, scheduler and job worker in one process")
     p.add_argument("--concurrency", type=int, default=10)
