@@ -172,8 +172,8 @@ SELECT w.name,
        count(*) FILTER (WHERE x.status = 'completed') AS completed,
        count(*) FILTER (WHERE x.status = 'waiting') AS waiting,
        count(*) FILTER (WHERE x.status = 'failed') AS failed,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM f.first_done - x.triggered_at))
-           AS p50_first_action,
+       percentile_cont(0.5) WITHIN GROUP (
+           ORDER BY extract(epoch FROM f.first_done - x.triggered_at)) AS p50_first_action,
        max(extract(epoch FROM f.first_done - x.triggered_at)) AS max_first_action
   FROM crmflow.workflows AS w
   LEFT JOIN crmflow.executions AS x ON x.workflow_id = w.id
@@ -292,7 +292,8 @@ async def run_demo(wait_delayed: bool = False) -> int:
                     counts = await _writes(conn)
                     stale = await (
                         await conn.execute(
-                            "SELECT id FROM crmflow.workflows WHERE name = 'Follow up on stale deals'"
+                            "SELECT id FROM crmflow.workflows"
+                            " WHERE name = 'Follow up on stale deals'"
                         )
                     ).fetchone()
                     if stale:  # the daily 9:00 run, now
