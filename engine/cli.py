@@ -402,6 +402,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(wait_delayed=args.wait))
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.cli import main as bench_main
+
+    return bench_main(quick=args.quick, as_json=args.json, only=args.only)
+
+
 # ───────────────────────────── worker ─────────────────────────────
 
 
@@ -518,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also wait for the delayed steps (enrich_lead runs 60 s later)",
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="the benchmark suite (DESIGN section 6, P1-P6)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, under a minute")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--only", help="comma-separated ids, e.g. P3,P4")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("worker", help="run matcher, scheduler and job worker in one process")
     p.add_argument("--concurrency", type=int, default=10)

@@ -98,17 +98,29 @@ class BatchResult:
     errors: int = 0
 
 
+# Rows through the queue tables after which the matcher refreshes their statistics.
+ANALYZE_EVERY = 5_000
+
+
 class Matcher:
     def __init__(self, pool: AsyncConnectionPool, settings: Settings | None = None) -> None:
         self.pool = pool
         self.settings = settings or get_settings()
         self.plan: MatchPlan | None = None
         self.totals = BatchResult()
+        self._since_analyze = ANALYZE_EVERY  # analyze on the first busy batch too
 
     async def run_once(self) -> BatchResult:
         """Claim and process one batch; returns what it did (claimed 0: nothing pending)."""
-        async with self.pool.connection() as conn, conn.transaction():
-            return self._count(await self._batch(conn))
+        async with self.pool.connection() as conn:
+            async with conn.transaction():
+                result = self._count(await self._batch(conn))
+            self._since_analyze += result.claimed
+            if self._since_analyze >= ANALYZE_EVERY and result.claimed >= 100:
+                self._since_analyze = 0
+                async with conn.transaction():  # committed, or the statistics roll back
+                    await conn.execute(_q("refresh_statistics"), {})
+        return result
 
     async def _claim(self, conn: psycopg.AsyncConnection[Any]) -> list[int]:
         row = await (

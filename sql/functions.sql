@@ -18,6 +18,12 @@ $$;
 -- leaves "doing" and a due job waits on that lock, announce it the way procrastinate
 -- announces new jobs. The partial index keeps the check cheap under a large backlog.
 -- (Completed on the procrastinate schema by engine/migrations.py.)
+-- procrastinate's jobs table churns (a row in and out per job): keep its statistics and
+-- dead rows in check sooner than the defaults would.
+ALTER TABLE {schema}.procrastinate_jobs SET (
+    autovacuum_analyze_threshold = 500, autovacuum_analyze_scale_factor = 0.02,
+    autovacuum_vacuum_threshold = 500, autovacuum_vacuum_scale_factor = 0.02);
+
 CREATE INDEX IF NOT EXISTS crmflow_todo_lock_idx ON {schema}.procrastinate_jobs (lock)
     WHERE status = 'todo' AND lock IS NOT NULL;
 

@@ -1,0 +1,259 @@
+"""P1-P6 of DESIGN section 6, each measured against a baseline from the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from bench.harness import (
+    apply_active,
+    median,
+    percentile,
+    pgbench_tps,
+    prepare,
+    scalar,
+    scratch_database,
+    wait_for,
+    worker_process,
+)
+from engine import capture, db
+
+
+@dataclass
+class Result:
+    id: str
+    what: str
+    value: float
+    target: float
+    unit: str
+    higher_is_better: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+    def as_json(self) -> dict[str, Any]:
+        return {"value": round(self.value, 3), "target": self.target, "unit": self.unit,
+                "pass": self.passed, "what": self.what, **self.detail}
+
+
+TASK_ON_NEW_LEAD = {
+    "name": "Task for each new lead",
+    "trigger": {"type": "entity_created", "entity_type": "lead"},
+    "actions": [{"type": "create_task", "title": "Call {{ lead.name }}", "assignee": None}],
+}
+
+PAIR_TABLES = """
+CREATE TABLE bench_plain (id bigserial PRIMARY KEY, name text, source text, score int,
+                          created_at timestamptz DEFAULT now());
+CREATE TABLE bench_watched (LIKE bench_plain INCLUDING ALL);
+"""
+
+
+async def _pair(url: str) -> None:
+    await prepare(url, crm=False)
+    async with await db.connect(url, autocommit=True) as conn:
+        await conn.execute(PAIR_TABLES)
+        await capture.watch(conn, "bench_watched", entity="bench_lead")
+        # What a busy matcher tells writers: don't notify (the steady state under load).
+        await conn.execute("UPDATE crmflow.matcher_state SET listening = false")
+
+
+async def p1(quick: bool) -> Result:
+    seconds, rounds = (5, 1) if quick else (15, 2)
+    with scratch_database() as url:
+        await _pair(url)
+        script = "INSERT INTO {} (name, source, score) VALUES ('lead', 'website_form', 42);\n"
+        plain, watched = [], []
+        for _ in range(rounds):  # alternate, so drift hits both
+            plain.append(pgbench_tps(url, script.format("bench_plain"), 4, seconds))
+            watched.append(pgbench_tps(url, script.format("bench_watched"), 4, seconds))
+    ratio = median(watched) / median(plain)
+    return Result("P1", "single-row INSERT tps, watched ÷ unwatched (pgbench, 4 clients)",
+                  ratio, 0.80, "ratio", True,
+                  {"tps_unwatched": round(median(plain)), "tps_watched": round(median(watched))})
+
+
+async def p2(quick: bool) -> Result:
+    rounds = 1 if quick else 3
+    rows = 100_000
+    with scratch_database() as url:
+        await _pair(url)
+        async with await db.connect(url, autocommit=True) as conn:
+            timings: dict[str, list[float]] = {"bench_plain": [], "bench_watched": []}
+            for _ in range(rounds):
+                for table in timings:
+                    await conn.execute("TRUNCATE bench_plain, bench_watched, crmflow.outbox")
+                    await conn.execute("CHECKPOINT")
+                    start = time.perf_counter()
+                    await conn.execute(
+                        f"INSERT INTO {table} (name, source, score) "  # noqa: S608 - our tables
+                        "SELECT 'lead ' || i, 'import', i FROM generate_series(1, %s) i",
+                        [rows])
+                    timings[table].append(time.perf_counter() - start)
+    plain, watched = median(timings["bench_plain"]), median(timings["bench_watched"])
+    return Result("P2", "100k-row INSERT ... SELECT time, watched ÷ unwatched", watched / plain,
+                  2.5, "x", False,
+                  {"seconds_unwatched": round(plain, 3), "seconds_watched": round(watched, 3)})
+
+
+EFFECT_TRIGGER = """
+CREATE FUNCTION bench_effect() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('bench_effect', NEW.title);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_effect AFTER INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION bench_effect();
+"""
+
+
+async def p3(quick: bool) -> Result:
+    """From the write's commit to the effect's commit, seen from outside the engine: the
+    benchmark's own trigger on tasks NOTIFYs, a separate connection LISTENs."""
+    writes, rate, warmup = (300, 50, 30) if quick else (1500, 50, 50)
+    with scratch_database() as url:
+        await prepare(url)
+        await apply_active(url, [TASK_ON_NEW_LEAD])
+        async with await db.connect(url, autocommit=True) as conn:
+            await conn.execute(EFFECT_TRIGGER)
+        committed: dict[str, float] = {}
+        seen: dict[str, float] = {}
+        async with worker_process(url), await db.connect(url, autocommit=True) as listener, \
+                await db.connect(url, autocommit=True) as writer:
+            await listener.execute("LISTEN bench_effect")
+
+            async def listen() -> None:
+                async for note in listener.notifies():
+                    seen[note.payload.removeprefix("Call ")] = time.perf_counter()
+                    if len(seen) >= writes:
+                        return
+
+            listening = asyncio.create_task(listen())
+            await asyncio.sleep(2.0)  # worker start-up
+            interval = 1.0 / rate
+            next_at = time.perf_counter()
+            for i in range(writes):
+                name = f"p3-{i}"
+                await writer.execute("INSERT INTO leads (name) VALUES (%s)", [name])
+                committed[name] = time.perf_counter()
+                next_at += interval
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            try:
+                await asyncio.wait_for(listening, 30)
+            except TimeoutError:
+                listening.cancel()
+    names = [f"p3-{i}" for i in range(warmup, writes) if f"p3-{i}" in seen]
+    latencies = [(seen[n] - committed[n]) * 1000 for n in names]
+    lost = writes - len(seen)
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    return Result("P3", f"commit → first action commit at {rate} writes/s, p50 (p99 ≤ 25 ms)",
+                  p50, 5.0, "ms", False,
+                  {"p99_ms": round(p99, 2), "p99_target_ms": 25.0, "p99_pass": p99 <= 25.0,
+                   "samples": len(latencies), "missing": lost})
+
+
+async def _drain(url: str, events: int, timeout: float) -> dict[str, float]:
+    """Write a burst of leads with no worker, then time one worker process draining it."""
+    async with await db.connect(url, autocommit=True) as conn:
+        await conn.execute("INSERT INTO leads (name) SELECT 'lead ' || i FROM "
+                           "generate_series(1, %s) i", [events])
+    start = time.monotonic()
+    async with worker_process(url) as worker:
+        seconds = await wait_for(url, "SELECT count(*) FROM tasks", events, timeout, worker)
+        elapsed = time.monotonic() - start
+        rss = worker.rss_mb()
+    completed = await scalar(url, "SELECT count(*) FROM crmflow.executions "
+                                  "WHERE status = 'completed'")
+    unprocessed = await scalar(url, "SELECT count(*) FROM crmflow.outbox "
+                                    "WHERE processed_at IS NULL")
+    return {"events": events, "seconds": elapsed, "drain_seconds": seconds,
+            "rate": events / elapsed, "rss_mb": rss, "completed": completed,
+            "unprocessed": unprocessed}
+
+
+async def p4_p6(quick: bool) -> list[Result]:
+    events = 10_000 if quick else 100_000
+    with scratch_database() as url:
+        await prepare(url)
+        await apply_active(url, [TASK_ON_NEW_LEAD])
+        run = await _drain(url, events, timeout=600)
+    lost = events - run["completed"] + run["unprocessed"]
+    return [
+        Result("P4", f"events/s matched and executed end-to-end ({events:,} burst, one "
+               "create_task, one worker process)", run["rate"], 2000, "events/s", True,
+               {"events": events, "seconds": round(run["seconds"], 2)}),
+        Result("P6", f"{events:,}-event backlog drained: peak worker RSS (lost events: "
+               f"{lost:g})", run["rss_mb"], 200, "MB", False,
+               {"events": events, "lost": lost, "lost_pass": lost == 0}),
+    ]
+
+
+def _tables_sql(n: int) -> str:
+    return "".join(
+        f"CREATE TABLE bench_t{i:02d} (id bigserial PRIMARY KEY, kind int, name text);"
+        for i in range(n)
+    )
+
+
+async def _p5_case(tables: int, per_table: int, events: int) -> float:
+    with scratch_database() as url:
+        await prepare(url)
+        async with await db.connect(url, autocommit=True) as conn:
+            await conn.execute(_tables_sql(tables))
+            for i in range(tables):
+                await capture.watch(conn, f"bench_t{i:02d}", entity=f"t{i:02d}")
+        await apply_active(url, [
+            {"name": f"t{i:02d} kind {k}",
+             "trigger": {"type": "entity_created", "entity_type": f"t{i:02d}"},
+             "conditions": [{"field": "kind", "operator": "equals", "value": k}],
+             "actions": [{"type": "create_task", "title": "{{ entity.name }}", "assignee": None}]}
+            for i in range(tables) for k in range(per_table)
+        ])
+        rng = random.Random(42)
+        async with await db.connect(url, autocommit=True) as conn:
+            per = events // tables
+            for i in range(tables):
+                kinds = [rng.randrange(per_table) for _ in range(per)]
+                await conn.execute(
+                    f"INSERT INTO bench_t{i:02d} (kind, name) "  # noqa: S608 - our tables
+                    "SELECT k, 'e' || n FROM unnest(%s::int[]) WITH ORDINALITY AS u(k, n)",
+                    [kinds])
+        start = time.monotonic()
+        async with worker_process(url) as worker:
+            await wait_for(url, "SELECT count(*) FROM tasks", per * tables, 600, worker)
+        return per * tables / (time.monotonic() - start)
+
+
+async def p5(quick: bool) -> Result:
+    events = 5_000 if quick else 30_000
+    tables, per_table = (10, 20) if quick else (50, 20)
+    few = await _p5_case(1, 10, events)
+    many = await _p5_case(tables, per_table, events)
+    return Result("P5", f"events/s with {tables * per_table} active workflows over {tables} "
+                  "tables ÷ with 10", many / few, 0.7, "ratio", True,
+                  {"rate_10": round(few), f"rate_{tables * per_table}": round(many),
+                   "events": events})
+
+
+async def run_all(quick: bool, only: set[str] | None = None,
+                  progress: Any = None) -> list[Result]:
+    steps: list[tuple[str, Any]] = [("P1", p1), ("P2", p2), ("P3", p3), ("P4", p4_p6),
+                                    ("P5", p5)]
+    results: list[Result] = []
+    for key, fn in steps:
+        if only and key not in only and not (key == "P4" and "P6" in only):
+            continue
+        if progress:
+            progress(key)
+        out = await fn(quick)
+        results.extend(out if isinstance(out, list) else [out])
+    return results
+
+
+__all__ = ["Result", "psycopg", "run_all"]
