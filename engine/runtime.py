@@ -769,10 +769,11 @@ class Runner:
         if attempts >= policy.max_attempts:
             return None
         wait = min(policy.max_backoff, policy.backoff * 2 ** max(attempts - 1, 0))
-        if isinstance(exc, RetryAfter) and exc.seconds:
-            wait = max(wait, min(exc.seconds, policy.max_backoff))
         if policy.jitter:
             wait = random.uniform(wait / 2, wait)
+        if isinstance(exc, RetryAfter) and exc.seconds:
+            # The server said when: never earlier (jitter only spreads our own back-off).
+            wait = max(wait, min(exc.seconds, policy.max_backoff))
         return now() + timedelta(seconds=wait)
 
     async def _attempt_failed(

@@ -3,35 +3,296 @@
 Jinja2's ImmutableSandboxedEnvironment refuses attribute access to internals
 (``__class__``, ``__globals__``...), method calls that mutate, and unsafe callables;
 so a template written by a workflow author cannot reach Python or the process.
-Rendering is bounded in output size and in loop range.
+
+Templates render synchronously in the worker's event loop, so rendering is also
+bounded in work and memory: a render may run at most :data:`MAX_STEPS` loop iterations
+and calls, every string or list it builds (``*``, ``+``, ``~``, ``%``, the widening
+filters and string methods) is bounded by :data:`MAX_OUTPUT`, integers by
+:data:`MAX_INT_BITS`, ``range()`` by :data:`MAX_RANGE` items, and the output by
+:data:`MAX_OUTPUT` characters. Recursive loops are not available. A template over a
+limit fails with :class:`TemplateProblem` instead of stalling the worker.
 """
 
 from __future__ import annotations
 
+import contextvars
+import re
+import string
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, nodes
+from jinja2 import StrictUndefined, TemplateError, filters, nodes, pass_environment
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 MAX_OUTPUT = 100_000
 MAX_TEMPLATE = 20_000
+MAX_RANGE = 1_000
+MAX_STEPS = 10_000  # loop iterations plus calls, per render
+MAX_WIDTH = 1_000  # field widths and precisions in format strings
+MAX_INT_BITS = 20_000
+
+_budget: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "crmflow_template_budget", default=None
+)
 
 
 class TemplateProblem(ValueError):
     """A template that does not parse, or failed while rendering."""
 
 
+def _spend(steps: int = 1) -> None:
+    budget = _budget.get()
+    if budget is None:
+        return
+    budget[0] -= steps
+    if budget[0] < 0:
+        raise SecurityError(f"the template does too much work (over {MAX_STEPS} steps)")
+
+
+def _bounded(size: int, what: str = "value") -> None:
+    if size > MAX_OUTPUT:
+        raise SecurityError(f"the template builds a {what} over {MAX_OUTPUT} items")
+
+
+def _sized(value: Any) -> Any:
+    if isinstance(value, str | list | tuple):
+        _bounded(len(value))
+    return value
+
+
+def _bounded_iter(iterable: Iterable[Any]) -> Iterator[Any]:
+    for item in iterable:
+        _spend()
+        yield item
+
+
+def _bounded_range(*args: int) -> range:
+    rng = range(*args)
+    if len(rng) > MAX_RANGE:
+        raise SecurityError(f"range() is limited to {MAX_RANGE} items in templates")
+    return rng
+
+
+_PERCENT_SPEC = re.compile(
+    r"%(?:\([^)]*\))?[#0\- +]*(?P<width>\*|\d+)?(?:\.(?P<precision>\*|\d+))?[hlL]?[A-Za-z%]"
+)
+
+
+def _check_percent_format(text: str) -> None:
+    for match in _PERCENT_SPEC.finditer(text):
+        for part in (match["width"], match["precision"]):
+            if part == "*" or (part and int(part) > MAX_WIDTH):
+                raise SecurityError(f"format widths above {MAX_WIDTH} are not allowed")
+
+
+def _check_brace_format(text: str) -> None:
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError:
+        return  # str.format will report it
+    for _, _, spec, _ in parsed:
+        if not spec:
+            continue
+        if "{" in spec:
+            raise SecurityError("nested format fields are not allowed in templates")
+        if any(int(n) > MAX_WIDTH for n in re.findall(r"\d+", spec)):
+            raise SecurityError(f"format widths above {MAX_WIDTH} are not allowed")
+
+
+def _check_bits(bits: int) -> None:
+    if bits > MAX_INT_BITS:
+        raise SecurityError("the template builds an integer that is too large")
+
+
+def _check_int(value: Any) -> None:
+    if isinstance(value, int):
+        _check_bits(value.bit_length())
+
+
+def _binop(op: str, left: Any, right: Any) -> None:
+    """Refuse an operation whose result would be too big, before computing it."""
+    seqs = str | list | tuple
+    if op == "*":
+        if isinstance(left, seqs) and isinstance(right, int):
+            _bounded(len(left) * right)
+        elif isinstance(right, seqs) and isinstance(left, int):
+            _bounded(len(right) * left)
+        elif isinstance(left, int) and isinstance(right, int):
+            _check_bits(left.bit_length() + right.bit_length())
+    elif op == "**":
+        if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+            _check_bits(abs(left).bit_length() * right)
+    elif op == "+":
+        if isinstance(left, seqs) and isinstance(right, seqs):
+            _bounded(len(left) + len(right))
+    elif op == "%" and isinstance(left, str):
+        _check_percent_format(left)
+
+
+# ── filters that can widen their input, bounded ──
+
+
+def _center(value: Any, width: int = 80) -> str:
+    _bounded(int(width))
+    return filters.do_center(value, width)
+
+
+def _indent(s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+    text = str(s)
+    added = width if isinstance(width, int) else len(str(width))
+    _bounded(len(text) + (text.count("\n") + 1) * max(added, 0))
+    return filters.do_indent(s, width, first, blank)
+
+
+def _format(value: Any, *args: Any, **kwargs: Any) -> str:
+    _check_percent_format(str(value))
+    return _sized(filters.do_format(value, *args, **kwargs))
+
+
+@filters.pass_eval_context
+def _replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: int | None = None) -> str:
+    text, old_s, new_s = str(s), str(old), str(new)
+    hits = len(text) + 1 if old_s == "" else text.count(old_s)
+    if count is not None and count >= 0:
+        hits = min(hits, count)
+    _bounded(len(text) + hits * max(len(new_s) - len(old_s), 0))
+    return filters.do_replace(eval_ctx, s, old, new, count)
+
+
+@pass_environment
+def _wordwrap(
+    environment: Any,
+    s: Any,
+    width: int = 79,
+    break_long_words: bool = True,
+    wrapstring: str | None = None,
+    break_on_hyphens: bool = True,
+) -> str:
+    text = str(s)
+    glue = len(wrapstring) if wrapstring is not None else 2
+    _bounded(len(text) + (len(text) // max(int(width), 1) + 1) * glue)
+    return filters.do_wordwrap(
+        environment, s, width, break_long_words, wrapstring, break_on_hyphens
+    )
+
+
+@filters.pass_eval_context
+def _join(eval_ctx: Any, value: Any, d: str = "", attribute: str | int | None = None) -> str:
+    items = list(_bounded_iter(value))
+    if attribute is not None:
+        getter = filters.make_attrgetter(eval_ctx.environment, attribute)
+        items = [getter(item) for item in items]
+    _bounded(sum(len(str(item)) for item in items) + len(str(d)) * len(items))
+    return filters.sync_do_join(eval_ctx, items, d)
+
+
+def _slice(value: Any, slices: int, fill_with: Any = None) -> Any:
+    if int(slices) > MAX_RANGE:
+        raise SecurityError(f"slice() is limited to {MAX_RANGE} slices in templates")
+    return filters.sync_do_slice(value, slices, fill_with)
+
+
+def _batch(value: Any, linecount: int, fill_with: Any = None) -> Any:
+    _bounded(int(linecount))
+    return filters.do_batch(value, linecount, fill_with)
+
+
+_GUARDED_FILTERS: dict[str, Callable[..., Any]] = {
+    "center": _center,
+    "indent": _indent,
+    "format": _format,
+    "replace": _replace,
+    "wordwrap": _wordwrap,
+    "join": _join,
+    "slice": _slice,
+    "batch": _batch,
+}
+
+
+def _check_str_method(method: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Bound the str methods that can widen a string; returns the (maybe materialised) args."""
+    owner = getattr(method, "__self__", None)
+    name = getattr(method, "__name__", "")
+    if not isinstance(owner, str):
+        return args
+    if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
+        _bounded(args[0])
+    elif name == "expandtabs":
+        size = args[0] if args and isinstance(args[0], int) else 8
+        _bounded(len(owner) + owner.count("\t") * max(size, 0))
+    elif name == "replace" and len(args) >= 2:
+        old, new = str(args[0]), str(args[1])
+        hits = len(owner) + 1 if old == "" else owner.count(old)
+        if len(args) > 2 and isinstance(args[2], int) and args[2] >= 0:
+            hits = min(hits, args[2])
+        _bounded(len(owner) + hits * max(len(new) - len(old), 0))
+    elif name == "join" and args:
+        items = list(_bounded_iter(args[0]))
+        _bounded(sum(len(i) if isinstance(i, str) else 0 for i in items) + len(owner) * len(items))
+        return (items, *args[1:])
+    return args
+
+
+class _CodeGenerator(CodeGenerator):
+    """Every loop draws on the render's budget; every ``~`` result is size-checked."""
+
+    def visit_For(self, node: nodes.For, frame: Frame) -> None:
+        if node.recursive:
+            self.fail("recursive loops are not available in templates", node.lineno)
+        bounded = nodes.For(
+            node.target,
+            nodes.Call(
+                nodes.EnvironmentAttribute("bounded_iter"), [node.iter], [], None, None
+            ).set_lineno(node.lineno),
+            node.body,
+            node.else_,
+            node.test,
+            node.recursive,
+        ).set_lineno(node.lineno)
+        super().visit_For(bounded, frame)
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.sized(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
 class _Environment(ImmutableSandboxedEnvironment):
-    def call(self, context: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
-        if obj is range and args and max(abs(a) for a in args if isinstance(a, int)) > 1000:
-            raise SecurityError("range() is limited to 1000 items in templates")
-        return super().call(context, obj, *args, **kwargs)
+    code_generator_class = _CodeGenerator
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    bounded_iter = staticmethod(_bounded_iter)
+    sized = staticmethod(_sized)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _binop(operator, left, right)
+        return _sized(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _spend()
+        args = _check_str_method(__obj, args)
+        result = super().call(__context, __obj, *args, **kwargs)
+        _check_int(result)
+        return _sized(result)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapper = super().wrap_str_format(value)
+        if wrapper is None:
+            return None
+        _check_brace_format(value.__self__)
+        return wrapper
 
 
 @lru_cache(maxsize=1)
 def environment() -> _Environment:
-    env = _Environment(undefined=StrictUndefined, autoescape=False)
+    # A missing value (NULL column) renders as nothing, not as "None".
+    env = _Environment(
+        undefined=StrictUndefined, autoescape=False, finalize=lambda v: "" if v is None else v
+    )
+    env.globals.pop("lipsum", None)
+    env.globals["range"] = _bounded_range
+    env.filters.update(_GUARDED_FILTERS)
     return env
 
 
@@ -50,6 +311,17 @@ def check(text: str) -> None:
     for node in tree.find_all(nodes.Getattr):
         if node.attr.startswith("_"):
             raise TemplateProblem(f"template reaches for the private attribute {node.attr!r}")
+    for item in tree.find_all(nodes.Getitem):
+        key = item.arg
+        if isinstance(key, nodes.Const) and isinstance(key.value, str) and key.value[:1] == "_":
+            raise TemplateProblem(f"template reaches for the private attribute {key.value!r}")
+    for loop in tree.find_all(nodes.For):
+        if loop.recursive:
+            raise TemplateProblem("recursive loops are not available in templates")
+    try:
+        _compiled(text)  # unknown filters and tests are found when compiling
+    except TemplateError as exc:
+        raise TemplateProblem(f"template: {exc.message or exc}") from None
 
 
 @lru_cache(maxsize=1024)
@@ -57,19 +329,35 @@ def _compiled(text: str) -> Any:
     return environment().from_string(text)
 
 
+@lru_cache(maxsize=1024)
+def _checked(text: str) -> None:
+    """:func:`check`, remembered for the templates that passed it."""
+    check(text)
+
+
 def render(text: str, context: dict[str, Any]) -> str:
     if not is_template(text):
         return text
-    check(text)
+    _checked(text)
+    token = _budget.set([MAX_STEPS])
     try:
-        out = _compiled(text).render(context)
+        size, parts = 0, []
+        for part in _compiled(text).generate(context):
+            size += len(part)
+            if size > MAX_OUTPUT:
+                raise TemplateProblem(f"template output exceeds {MAX_OUTPUT} characters")
+            parts.append(part)
+        return "".join(parts)
+    except TemplateProblem:
+        raise
     except SecurityError as exc:
         raise TemplateProblem(f"template refused by the sandbox: {exc}") from None
     except TemplateError as exc:
         raise TemplateProblem(f"template failed: {exc.message or exc}") from None
-    if len(out) > MAX_OUTPUT:
-        raise TemplateProblem(f"template output exceeds {MAX_OUTPUT} characters")
-    return out
+    except Exception as exc:  # the template's own doing (1/0, 'a' + 1, int('x'), ...)
+        raise TemplateProblem(f"template failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        _budget.reset(token)
 
 
 def render_value(value: Any, context: dict[str, Any]) -> Any:

@@ -160,3 +160,19 @@ async def crm(conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncConnection[Any
         "(3, 'Mia Manager', 'mia@acme.test', 'manager')"
     )
     return conn
+
+
+@pytest.fixture
+def smtp() -> Iterator[Any]:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping what it receives."""
+    from tests.servers import smtp_server
+
+    yield from smtp_server()
+
+
+@pytest.fixture
+def web() -> Iterator[Any]:
+    """A real HTTP server on 127.0.0.1 answering from a script and recording requests."""
+    from tests.servers import web_server
+
+    yield from web_server()

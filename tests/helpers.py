@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -63,3 +64,50 @@ async def wait_executions_settled(
 
     await wait_until(settled, timeout)
     return await fetch(conn, "SELECT * FROM crmflow.executions ORDER BY id")
+
+
+async def execution_lock(conn: psycopg.AsyncConnection[Any], execution_id: int) -> str:
+    return await value(
+        conn,
+        "SELECT crmflow.execution_lock(entity_type, entity_pk, id) FROM crmflow.executions"
+        " WHERE id = %s",
+        execution_id,
+    )
+
+
+async def run_job(runner: Any, conn: psycopg.AsyncConnection[Any], execution_id: int) -> str:
+    """Run the execution's job once, as procrastinate would (holding its lock)."""
+    return await runner.run(execution_id, job_lock=await execution_lock(conn, execution_id))
+
+
+async def drive(
+    runner: Any, conn: psycopg.AsyncConnection[Any], execution_id: int, max_runs: int = 20
+) -> dict[str, Any]:
+    """Run the execution's job until it finishes, skipping retry back-offs and delays
+    (each wait is cut short by moving the step's time forward). Returns the execution."""
+    from engine.runtime import StepRetryLater
+
+    for _ in range(max_runs):
+        with contextlib.suppress(StepRetryLater):
+            await run_job(runner, conn, execution_id)
+        [ex] = await fetch(conn, "SELECT * FROM crmflow.executions WHERE id = %s", execution_id)
+        if ex["status"] not in ("pending", "running", "waiting"):
+            return ex
+        await conn.execute(
+            "UPDATE crmflow.execution_steps SET scheduled_at = now() - interval '1 second'"
+            " WHERE execution_id = %s AND status = 'scheduled'",
+            [execution_id],
+        )
+    raise AssertionError(f"execution {execution_id} did not finish in {max_runs} runs")
+
+
+async def steps(conn: psycopg.AsyncConnection[Any], execution_id: int) -> list[dict[str, Any]]:
+    return await fetch(
+        conn,
+        "SELECT * FROM crmflow.execution_steps WHERE execution_id = %s ORDER BY position",
+        execution_id,
+    )
+
+
+async def execution_ids(conn: psycopg.AsyncConnection[Any]) -> list[int]:
+    return [r["id"] for r in await fetch(conn, "SELECT id FROM crmflow.executions ORDER BY id")]

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.actions.base import Action, Params, PermanentError, Skip
 from engine.actions.crm import crm_table
-from engine.conditions import Compiler, ConditionError, parse_conditions
+from engine.conditions import Compiler, ConditionError, ValueCheck, parse_conditions
 from engine.model import Issue
 from engine.runtime import StepContext
 
@@ -59,6 +59,14 @@ class AssignOwner(Action):
             compiler.compile(tree)
             issues += [Issue(p, m) for p, m in compiler.issues]
         return issues
+
+    def value_checks(self, params: Any, entity: Any, path: str) -> list[ValueCheck]:
+        """The rules' values, checked against their columns' types when the workflow is saved
+        (otherwise a bad value would only fail, and fail every time, when the step runs)."""
+        compiler = Compiler(entity, allow_transitions=False)
+        for i, rule in enumerate(params.rules):
+            compiler.compile(parse_conditions(rule.when, f"{path}.rules[{i}].when"))
+        return compiler.checks
 
     async def run(self, ctx: StepContext, params: Any) -> dict[str, Any]:
         row = await ctx.lock_entity_row() or {}

@@ -9,7 +9,13 @@ from psycopg import sql
 from pydantic import Field
 
 from engine.actions.base import Action, Params
-from engine.actions.crm import check_owner_field, check_templates, crm_table, resolve_users
+from engine.actions.crm import (
+    check_owner_field,
+    check_templates,
+    check_who,
+    crm_table,
+    resolve_users,
+)
 from engine.model import Duration, Issue
 from engine.runtime import StepContext, now
 
@@ -31,6 +37,7 @@ class CreateTask(Action):
 
     def check_entity(self, params: Any, entity: Any, path: str) -> list[Issue]:
         issues = check_templates({"title": params.title, "description": params.description}, path)
+        issues += check_who(params.assignee, f"{path}.assignee", "assignee")
         if params.assignee == "owner" and entity is not None:
             issues += check_owner_field(entity, params.owner_field, f"{path}.assignee", "assignee")
         return issues

@@ -43,6 +43,15 @@ def check_owner_field(entity: EntitySchema | None, field: str, path: str, what: 
     return []
 
 
+def check_who(who: Any, path: str, what: str) -> list[Issue]:
+    """``who`` names users: "owner", a user id, a list of ids, or "role:<role>"."""
+    if who is None or isinstance(who, int | list) or who == "owner":
+        return []
+    if isinstance(who, str) and (who.isdigit() or (who.startswith("role:") and len(who) > 5)):
+        return []
+    return [Issue(path, f"{what} is 'owner', a user id, a list of ids or 'role:<role>'")]
+
+
 async def fetch_all(ctx: StepContext, query: sql.Composable, params: dict[str, Any]) -> list[Any]:
     """A read on the step's transaction when there is one, else on a pooled connection."""
     if ctx.conn is not None:

@@ -3,7 +3,8 @@
 The endpoint (``CRMFLOW_ENRICHMENT_URL``) receives ``POST {"email", "domain"}`` with
 an ``Idempotency-Key`` header and answers a JSON object. The call is at-least-once;
 the write-back commits with the step record, so it happens exactly once. Only
-columns of the lead are written, empty ones unless ``overwrite`` is set. With no
+columns of the lead are written, empty ones unless ``overwrite`` is set, and only
+values their column's type accepts (the others are reported as ``invalid``). With no
 endpoint configured the step is skipped, with that reason.
 """
 
@@ -12,6 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
 from pydantic import Field
 
 from engine.actions.base import Action, Params, PermanentError, Skip
@@ -63,12 +67,19 @@ class EnrichLead(Action):
         headers = {"Idempotency-Key": ctx.idempotency_key}
         if settings.enrichment_token:
             headers["Authorization"] = f"Bearer {settings.enrichment_token.get_secret_value()}"
-        async with httpx.AsyncClient(timeout=params.timeout, follow_redirects=False) as client:
-            response = await client.post(
-                settings.enrichment_url,
-                json={"email": email, "domain": email.rpartition("@")[2].lower()},
-                headers=headers,
-            )
+        try:
+            async with httpx.AsyncClient(
+                timeout=params.timeout, follow_redirects=False, trust_env=False
+            ) as client:
+                response = await client.post(
+                    settings.enrichment_url,
+                    json={"email": email, "domain": email.rpartition("@")[2].lower()},
+                    headers=headers,
+                )
+        except httpx.TimeoutException:
+            raise TimeoutError(f"enrichment timed out after {params.timeout:g}s") from None
+        except httpx.RequestError as exc:
+            raise RuntimeError(f"enrichment {type(exc).__name__}: {exc}") from None
         if response.status_code in (429, 503):
             raise RetryAfter(
                 f"enrichment HTTP {response.status_code}",
@@ -80,7 +91,14 @@ class EnrichLead(Action):
             raise RuntimeError(f"enrichment HTTP {response.status_code}")
         if response.status_code >= 400:
             raise PermanentError(f"enrichment HTTP {response.status_code}: {response.text[:300]}")
-        data = response.json()
+        if response.status_code >= 300:
+            raise PermanentError(
+                f"enrichment HTTP {response.status_code}: redirects are not followed"
+            )
+        try:
+            data = response.json()
+        except ValueError:
+            raise PermanentError("the enrichment endpoint did not answer JSON") from None
         if not isinstance(data, dict):
             raise PermanentError("the enrichment endpoint did not answer a JSON object")
         return {"response": data}
@@ -90,18 +108,36 @@ class EnrichLead(Action):
         current = await ctx.lock_entity_row() or {}
         allowed = set(params.fields) if params.fields is not None else set(entity.columns)
         allowed -= PROTECTED | set(entity.pk_columns)
-        values, ignored = {}, []
+        values, ignored, invalid = {}, [], []
         for key, value in result["response"].items():
             if key not in allowed or key not in entity.columns:
                 ignored.append(key)
-            elif params.overwrite or current.get(key) in (None, ""):
+            elif value is None or not (params.overwrite or current.get(key) in (None, "", [])):
+                continue
+            elif await _fits(ctx, key, value):
                 values[key] = value
+            else:
+                invalid.append(key)
         old = await ctx.update_entity(values) if values else {}
-        return {"updated": values, "old": old, "ignored": sorted(ignored)}
+        return {"updated": values, "old": old, "ignored": sorted(ignored), "invalid": invalid}
 
     async def compensate(self, ctx: StepContext, params: Any, result: dict[str, Any]) -> None:
         if result.get("old"):
             await ctx.update_entity(result["old"])
+
+
+async def _fits(ctx: StepContext, column: str, value: Any) -> bool:
+    """Whether the column's type accepts the value (as the write-back will convert it)."""
+    entity = ctx.require_entity()
+    query = sql.SQL("SELECT (jsonb_populate_record(NULL::{}, %s::jsonb)).{}").format(
+        entity.table, sql.Identifier(column)
+    )
+    try:
+        async with ctx.require_conn().transaction():
+            await ctx.require_conn().execute(query, [Jsonb({column: value})])
+    except psycopg.DataError:
+        return False
+    return True
 
 
 ACTION = EnrichLead()

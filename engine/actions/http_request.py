@@ -25,7 +25,20 @@ from engine.actions.crm import check_templates
 from engine.model import Duration, Issue
 from engine.runtime import RetryAfter, StepContext, now
 
-MAX_RESPONSE_KEPT = 10_000
+MAX_RESPONSE_KEPT = 10_000  # characters of the response kept in the step's result
+MAX_RESPONSE_READ = 64_000  # bytes read from the response; the rest is not downloaded
+RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "idempotency-key"})
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """The response's first ``limit`` bytes (a huge answer is not held in memory)."""
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)[:limit]
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -71,7 +84,7 @@ class HttpRequest(Action):
             except netpolicy.HostNotAllowed as exc:
                 issues.append(Issue(f"{path}.url", str(exc)))
         for key in params.headers:
-            if key.lower() in ("host", "content-length", "transfer-encoding"):
+            if key.lower() in RESERVED_HEADERS or key.lower().startswith("x-crmflow-"):
                 issues.append(Issue(f"{path}.headers.{key}", "this header is set by crmflow"))
         return issues
 
@@ -89,12 +102,17 @@ class HttpRequest(Action):
             await netpolicy.check_url(url, ctx.settings)
         except netpolicy.HostNotAllowed as exc:
             raise PermanentError(str(exc)) from None
-        headers = {k: ctx.render(v) or "" for k, v in params.headers.items()}
+        headers = {
+            k: ctx.render(v) or ""
+            for k, v in params.headers.items()
+            if k.lower() not in RESERVED_HEADERS and not k.lower().startswith("x-crmflow-")
+        }
         payload = (
             ctx.render_value(params.body) if params.body is not None else self.default_body(ctx)
         )
         body = b"" if params.method == "GET" else json.dumps(payload, default=str).encode()
-        headers.setdefault("Content-Type", "application/json")
+        if body and not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = "application/json"
         headers["Idempotency-Key"] = ctx.idempotency_key
         headers["X-Crmflow-Execution"] = str(ctx.execution_id)
         secret = ctx.settings.webhook_secret
@@ -102,12 +120,23 @@ class HttpRequest(Action):
             timestamp = str(int(time.time()))
             headers["X-Crmflow-Timestamp"] = timestamp
             headers["X-Crmflow-Signature"] = sign(secret.get_secret_value(), timestamp, body)
-        timeout = params.timeout or ctx.settings.http_timeout
-        async with httpx.AsyncClient(follow_redirects=False, timeout=timeout) as client:
-            response = await client.request(
-                params.method, url, content=body or None, headers=headers
-            )
-        text = response.text[:MAX_RESPONSE_KEPT]
+        # The step's own timeout bounds the request too (the runner's bound is the same).
+        timeout = params.timeout or ctx.step.timeout or ctx.settings.http_timeout
+        try:
+            async with (
+                netpolicy.http_client(ctx.settings, timeout) as client,
+                client.stream(
+                    params.method, url, content=body or None, headers=headers
+                ) as response,
+            ):
+                raw = await _read_capped(response, MAX_RESPONSE_READ)
+        except netpolicy.HostNotAllowed as exc:
+            raise PermanentError(str(exc)) from None
+        except httpx.TimeoutException:
+            raise TimeoutError(f"timed out after {timeout:g}s calling {url}") from None
+        except httpx.RequestError as exc:
+            raise RuntimeError(f"{type(exc).__name__} calling {url}: {exc}") from None
+        text = raw.decode(response.encoding or "utf-8", errors="replace")[:MAX_RESPONSE_KEPT]
         if response.status_code == 429 or response.status_code == 503:
             raise RetryAfter(
                 f"HTTP {response.status_code} from {url}",
@@ -117,8 +146,14 @@ class HttpRequest(Action):
             raise RuntimeError(f"HTTP {response.status_code} from {url}: {text[:300]}")
         if response.status_code >= 400:
             raise PermanentError(f"HTTP {response.status_code} from {url}: {text[:300]}")
+        if response.status_code >= 300:
+            location = response.headers.get("Location", "")
+            raise PermanentError(
+                f"HTTP {response.status_code} from {url}: redirects are not followed"
+                + (f" (to {location[:300]})" if location else "")
+            )
         try:
-            data: Any = response.json()
+            data: Any = json.loads(raw) if len(raw) <= MAX_RESPONSE_KEPT else text
         except ValueError:
             data = text
         return {"status": response.status_code, "response": data}

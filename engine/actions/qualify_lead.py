@@ -8,6 +8,7 @@ plugin registering the name ``qualify_lead`` (say, an AI qualifier) replaces it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +53,8 @@ SENIOR = (
     "head of",
     "partner",
 )
+# Whole words only: "coo" is not in "Coordinator", nor "cto" in "Contractor".
+SENIOR_RE = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in SENIOR) + r")\b", re.IGNORECASE)
 
 
 class Weights(BaseModel):
@@ -96,8 +99,8 @@ def score_lead(row: dict[str, Any], weights: Weights) -> tuple[int, list[str]]:
     if "@" in email and domain and domain not in FREE_MAIL:
         score += weights.business_email
         reasons.append(f"business email +{weights.business_email}")
-    title = str(row.get("title") or "").lower()
-    if title and any(word in title for word in SENIOR):
+    title = str(row.get("title") or "")
+    if SENIOR_RE.search(title):
         score += weights.senior_title
         reasons.append(f"senior title +{weights.senior_title}")
     employees = row.get("employees")

@@ -3,13 +3,13 @@
 The Message-ID is derived from the step's idempotency key, and the key is also sent
 as ``X-Crmflow-Idempotency-Key``, so a receiver can drop a duplicate sent again after
 a crash. Named templates live in ``crmflow.email_templates``; subjects and bodies
-render in the sandboxed Jinja2 environment.
+render in the sandboxed Jinja2 environment, HTML bodies with autoescaping.
 """
 
 from __future__ import annotations
 
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import formatdate, parseaddr
 from typing import Any
 
 import aiosmtplib
@@ -65,7 +65,11 @@ class SendEmail(Action):
         if spec == "owner" or spec.startswith("role:"):
             return [u["email"] for u in await resolve_users(ctx, spec, owner_field) if u["email"]]
         rendered = ctx.render(spec) or ""
-        return [a.strip() for a in rendered.split(",") if a.strip()]
+        addresses = [a.strip() for a in rendered.split(",") if a.strip()]
+        for address in addresses:
+            if "\r" in address or "\n" in address or "@" not in parseaddr(address)[1]:
+                raise PermanentError(f"{address[:200]!r} is not an email address")
+        return addresses
 
     async def run(self, ctx: StepContext, params: Any) -> dict[str, Any]:
         subject, body, html = params.subject, params.body, params.html
@@ -86,25 +90,30 @@ class SendEmail(Action):
             raise PermanentError(f"no recipient for {params.to!r}")
         cc = await self._recipients(ctx, params.cc, params.owner_field)
         settings = ctx.settings
-        message = EmailMessage()
-        message["From"] = settings.email_from
-        message["To"] = ", ".join(to)
-        if cc:
-            message["Cc"] = ", ".join(cc)
-        if params.reply_to:
-            message["Reply-To"] = ctx.render(params.reply_to) or ""
-        message["Subject"] = (ctx.render(subject) or "").replace("\n", " ")
-        message["Date"] = formatdate(localtime=False)
         domain = settings.email_from.rpartition("@")[2] or "crmflow"
         message_id = f"<{ctx.idempotency_key}@{domain}>"
-        message["Message-ID"] = message_id
-        message["X-Crmflow-Idempotency-Key"] = ctx.idempotency_key
-        message.set_content(ctx.render(body) or "")
-        if html:
-            message.add_alternative(ctx.render(html) or "", subtype="html")
+        try:
+            message = EmailMessage()
+            message["From"] = settings.email_from
+            message["To"] = ", ".join(to)
+            if cc:
+                message["Cc"] = ", ".join(cc)
+            if params.reply_to:
+                message["Reply-To"] = _one_line(ctx.render(params.reply_to) or "")
+            message["Subject"] = _one_line(ctx.render(subject) or "")
+            message["Date"] = formatdate(localtime=False)
+            message["Message-ID"] = message_id
+            message["X-Crmflow-Idempotency-Key"] = ctx.idempotency_key
+            message.set_content(ctx.render(body) or "")
+            if html:
+                # Values are escaped in HTML: a lead named "<a href=...>" stays text.
+                html_text = ctx.render("{% autoescape true %}" + html + "{% endautoescape %}")
+                message.add_alternative(html_text or "", subtype="html")
+        except (ValueError, TypeError) as exc:  # a header the email package refuses
+            raise PermanentError(f"cannot build the message: {exc}") from None
         password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
         try:
-            await aiosmtplib.send(
+            refused, _ = await aiosmtplib.send(
                 message,
                 hostname=settings.smtp_host,
                 port=settings.smtp_port,
@@ -114,15 +123,26 @@ class SendEmail(Action):
                 start_tls=settings.smtp_start_tls or None,
                 timeout=settings.smtp_timeout,
             )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            if all(500 <= code < 600 for code in codes):
+                raise PermanentError(f"SMTP refused the recipients: {text}") from None
+            raise RuntimeError(f"SMTP refused the recipients for now: {text}") from None
         except aiosmtplib.SMTPResponseException as exc:
             if 500 <= exc.code < 600:
                 raise PermanentError(
                     f"SMTP refused the message: {exc.code} {exc.message}"
                 ) from None
             raise
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            raise PermanentError(f"SMTP refused the recipients: {exc}") from None
-        return {"message_id": message_id, "to": to, "cc": cc}
+        result: dict[str, Any] = {"message_id": message_id, "to": to, "cc": cc}
+        if refused:  # some recipients refused, the others accepted: it was sent
+            result["refused"] = {rcpt: f"{r.code} {r.message}" for rcpt, r in refused.items()}
+        return result
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines()).strip()
 
 
 ACTION = SendEmail()

@@ -3,6 +3,7 @@
 The NOTIFY goes to the channel ``crmflow_notifications`` with a JSON payload
 ``{"notification_ids": [...], "recipient_ids": [...], "entity_type", "entity_id",
 "message"}`` (message cut to 1,000 characters). It is sent when the step commits.
+A payload too long for PostgreSQL's NOTIFY is cut down (see :func:`notify_payload`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,47 @@ from typing import Any
 from psycopg import sql
 from pydantic import Field
 
-from engine.actions.base import Action, Params
-from engine.actions.crm import check_owner_field, check_templates, crm_table, resolve_users
+from engine.actions.base import Action, Params, Skip
+from engine.actions.crm import (
+    check_owner_field,
+    check_templates,
+    check_who,
+    crm_table,
+    resolve_users,
+)
 from engine.model import Issue
 from engine.runtime import StepContext
 
 CHANNEL = "crmflow_notifications"
+
+
+# PostgreSQL refuses a NOTIFY payload of 8000 bytes or more (and the step with it).
+MAX_PAYLOAD_BYTES = 7900
+
+
+def notify_payload(
+    ids: list[int], recipient_ids: list[int], entity_type: Any, entity_id: Any, message: str
+) -> str:
+    """The NOTIFY payload; when it would be too long (a role with many users, a long
+    message in a wide alphabet) the lists and the message are cut and ``truncated`` set,
+    the counts telling how many there were."""
+
+    def dump(n: int, text: str, truncated: bool) -> str:
+        body: dict[str, Any] = {
+            "notification_ids": ids[:n],
+            "recipient_ids": recipient_ids[:n],
+            "entity_type": entity_type,
+            "entity_id": entity_id,
+            "message": text,
+        }
+        if truncated:
+            body |= {"truncated": True, "count": len(ids)}
+        return json.dumps(body, default=str)
+
+    payload = dump(len(ids), message[:1000], False)
+    if len(payload.encode()) < MAX_PAYLOAD_BYTES:
+        return payload
+    return dump(100, message[:200], True)
 
 
 class SendNotificationParams(Params):
@@ -35,17 +71,7 @@ class SendNotification(Action):
 
     def check_entity(self, params: Any, entity: Any, path: str) -> list[Issue]:
         issues = check_templates({"message": params.message}, path)
-        if (
-            isinstance(params.recipient, str)
-            and params.recipient != "owner"
-            and not (params.recipient.startswith("role:") and len(params.recipient) > 5)
-        ):
-            issues.append(
-                Issue(
-                    f"{path}.recipient",
-                    "recipient is 'owner', a user id, a list of ids or 'role:<role>'",
-                )
-            )
+        issues += check_who(params.recipient, f"{path}.recipient", "recipient")
         if params.recipient == "owner":
             issues += check_owner_field(
                 entity, params.owner_field, f"{path}.recipient", "recipient"
@@ -54,6 +80,8 @@ class SendNotification(Action):
 
     async def run(self, ctx: StepContext, params: Any) -> dict[str, Any]:
         recipients = await resolve_users(ctx, params.recipient, params.owner_field)
+        if not recipients:
+            raise Skip(f"no recipient: {params.recipient!r} names no user")
         message = ctx.render(params.message) or ""
         conn = ctx.require_conn()
         ids = []
@@ -74,15 +102,12 @@ class SendNotification(Action):
             ).fetchone()
             assert row is not None
             ids.append(row["id"])
-        payload = json.dumps(
-            {
-                "notification_ids": ids,
-                "recipient_ids": [u["id"] for u in recipients],
-                "entity_type": ctx.execution.get("entity_type"),
-                "entity_id": ctx.entity_id,
-                "message": message[:1000],
-            },
-            default=str,
+        payload = notify_payload(
+            ids,
+            [u["id"] for u in recipients],
+            ctx.execution.get("entity_type"),
+            ctx.entity_id,
+            message,
         )
         await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload])
         return {"notification_ids": ids, "recipient_ids": [u["id"] for u in recipients]}
