@@ -273,13 +273,16 @@ def cmd_workflow_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_workflow_run(args: argparse.Namespace) -> int:
-    from engine.scheduler import run_now
+    from engine.scheduler import NotRunnable, run_now
 
     payload = json.loads(args.input) if args.input else None
 
     async def run(conn: psycopg.AsyncConnection[Any]) -> int:
         wf = await workflows.find_workflow(conn, args.id)
-        ids = await run_now(conn, wf["id"], input=payload, entity_id=args.entity_id)
+        try:
+            ids = await run_now(conn, wf["id"], input=payload, entity_id=args.entity_id)
+        except NotRunnable as exc:
+            raise CliError(f"workflow {wf['id']} {wf['name']}: {exc}") from None
         if args.json:
             dump_json({"workflow_id": wf["id"], "execution_ids": ids})
         else:
