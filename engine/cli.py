@@ -57,10 +57,13 @@ async def _with_conn(fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[int 
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from engine.migrations import migrate
+    from engine.migrations import MigrationError, migrate
 
     async def run(conn: psycopg.AsyncConnection[Any]) -> int:
-        report = await migrate(conn)
+        try:
+            report = await migrate(conn)
+        except MigrationError as exc:
+            raise CliError(str(exc)) from None
         applied = ", ".join(report.applied) or "none"
         console.print(f"crmflow migrations applied: {applied}")
         if report.procrastinate:
@@ -275,7 +278,10 @@ def cmd_workflow_versions(args: argparse.Namespace) -> int:
 def cmd_workflow_run(args: argparse.Namespace) -> int:
     from engine.scheduler import NotRunnable, run_now
 
-    payload = json.loads(args.input) if args.input else None
+    try:
+        payload = json.loads(args.input) if args.input else None
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--input is not valid JSON ({exc})") from None
 
     async def run(conn: psycopg.AsyncConnection[Any]) -> int:
         wf = await workflows.find_workflow(conn, args.id)
