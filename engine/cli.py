@@ -282,11 +282,17 @@ def cmd_workflow_run(args: argparse.Namespace) -> int:
         payload = json.loads(args.input) if args.input else None
     except json.JSONDecodeError as exc:
         raise CliError(f"--input is not valid JSON ({exc})") from None
+    entity_id: Any = args.entity_id
+    if entity_id and entity_id.lstrip().startswith("{"):  # a composite key as a JSON object
+        try:
+            entity_id = json.loads(entity_id)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--entity-id is not a valid JSON object ({exc})") from None
 
     async def run(conn: psycopg.AsyncConnection[Any]) -> int:
         wf = await workflows.find_workflow(conn, args.id)
         try:
-            ids = await run_now(conn, wf["id"], input=payload, entity_id=args.entity_id)
+            ids = await run_now(conn, wf["id"], input=payload, entity_id=entity_id)
         except NotRunnable as exc:
             raise CliError(f"workflow {wf['id']} {wf['name']}: {exc}") from None
         if args.json:
