@@ -57,10 +57,13 @@ async def _with_conn(fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[int 
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from engine.migrations import migrate
+    from engine.migrations import MigrationError, migrate
 
     async def run(conn: psycopg.AsyncConnection[Any]) -> int:
-        report = await migrate(conn)
+        try:
+            report = await migrate(conn)
+        except MigrationError as exc:
+            raise CliError(str(exc)) from None
         applied = ", ".join(report.applied) or "none"
         console.print(f"crmflow migrations applied: {applied}")
         if report.procrastinate:
@@ -273,13 +276,25 @@ def cmd_workflow_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_workflow_run(args: argparse.Namespace) -> int:
-    from engine.scheduler import run_now
+    from engine.scheduler import NotRunnable, run_now
 
-    payload = json.loads(args.input) if args.input else None
+    try:
+        payload = json.loads(args.input) if args.input else None
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--input is not valid JSON ({exc})") from None
+    entity_id: Any = args.entity_id
+    if entity_id and entity_id.lstrip().startswith("{"):  # a composite key as a JSON object
+        try:
+            entity_id = json.loads(entity_id)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--entity-id is not a valid JSON object ({exc})") from None
 
     async def run(conn: psycopg.AsyncConnection[Any]) -> int:
         wf = await workflows.find_workflow(conn, args.id)
-        ids = await run_now(conn, wf["id"], input=payload, entity_id=args.entity_id)
+        try:
+            ids = await run_now(conn, wf["id"], input=payload, entity_id=entity_id)
+        except NotRunnable as exc:
+            raise CliError(f"workflow {wf['id']} {wf['name']}: {exc}") from None
         if args.json:
             dump_json({"workflow_id": wf["id"], "execution_ids": ids})
         else:

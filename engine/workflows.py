@@ -189,12 +189,13 @@ async def compile_workflow(conn: psycopg.AsyncConnection[Any], raw: Any) -> Comp
                 )
             )
     if isinstance(wf.parsed_trigger, DateRelative) and entity is not None:
-        spec = entity.resolve(wf.parsed_trigger.field)
+        # A column: the scheduler reads it as n.<column> (not a derived field or JSON path).
+        spec = entity.columns.get(wf.parsed_trigger.field)
         if spec is None or spec.kind not in ("date", "timestamp"):
             issues.append(
                 Issue(
                     "trigger.field",
-                    f"{wf.parsed_trigger.field!r} is not a date or timestamp field "
+                    f"{wf.parsed_trigger.field!r} is not a date or timestamp column "
                     f"of {entity.entity_type}",
                 )
             )
@@ -230,12 +231,13 @@ def _check_steps(
         if not step_issues:
             compiler.checks.extend(action.value_checks(action.parse(step.params), entity, path))
         if isinstance(step.delay, DelayUntil):
-            spec = entity.resolve(step.delay.until) if entity else None
+            # A column: the runtime reads it as n.<column> (not a derived field or JSON path).
+            spec = entity.columns.get(step.delay.until) if entity else None
             if spec is None or spec.kind not in ("date", "timestamp"):
                 issues.append(
                     Issue(
                         f"{path}.delay.until",
-                        f"{step.delay.until!r} is not a date or timestamp field",
+                        f"{step.delay.until!r} is not a date or timestamp column",
                     )
                 )
         when = step.when_condition

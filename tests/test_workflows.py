@@ -347,3 +347,39 @@ async def test_cli_apply_is_all_or_nothing(
         {"name": "Won deals", "status": "active"},
         {"name": "Lost deals", "status": "paused"},
     ]
+
+
+async def test_date_fields_that_are_read_as_columns_must_be_columns(
+    crm: psycopg.AsyncConnection[Any],
+) -> None:
+    """date_relative's field and a step's delay.until are read as columns at run time, so a
+    derived field is refused when saving instead of failing every tick or execution later."""
+    from engine import capture
+
+    await capture.declare_derived(crm, "deal", "close_ts", "CAST(close_date AS timestamptz)")
+    for definition, path in (
+        (
+            {
+                "name": "derived date_relative",
+                "trigger": {
+                    "type": "date_relative",
+                    "entity_type": "deal",
+                    "field": "close_ts",
+                    "before": "1d",
+                },
+                "actions": [{"type": "create_task", "title": "t"}],
+            },
+            "trigger.field",
+        ),
+        (
+            {
+                "name": "derived delay",
+                "trigger": {"type": "entity_created", "entity_type": "deal"},
+                "actions": [{"type": "create_task", "title": "t", "delay": {"until": "close_ts"}}],
+            },
+            "actions[0].delay.until",
+        ),
+    ):
+        with pytest.raises(DefinitionError) as caught:
+            await workflows.apply(crm, definition)
+        assert [i.path for i in caught.value.issues] == [path]
