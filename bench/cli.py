@@ -17,8 +17,11 @@ from bench.targets import Result, run_all
 def _machine() -> dict[str, str]:
     import os
 
-    return {"python": platform.python_version(), "cpus": str(os.cpu_count()),
-            "platform": platform.platform()}
+    return {
+        "python": platform.python_version(),
+        "cpus": str(os.cpu_count()),
+        "platform": platform.platform(),
+    }
 
 
 def render(results: list[Result], seconds: float, console: Console) -> None:
@@ -42,8 +45,9 @@ def main(quick: bool, as_json: bool, only: str | None) -> int:
     chosen = {o.strip().upper() for o in only.split(",")} if only else None
     started = time.monotonic()
     with console.status("benchmarking") as status:
-        results = asyncio.run(run_all(
-            quick, chosen, progress=lambda key: status.update(f"benchmarking {key}")))
+        results = asyncio.run(
+            run_all(quick, chosen, progress=lambda key: status.update(f"benchmarking {key}"))
+        )
     elapsed = time.monotonic() - started
     if as_json:
         out = {r.id: r.as_json() for r in results}

@@ -49,8 +49,9 @@ def scratch_database(prefix: str = "crmflow_bench") -> Iterator[str]:
         yield with_dbname(server, name)
     finally:
         with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 async def prepare(url: str, *, crm: bool = True) -> None:
@@ -87,7 +88,9 @@ class WorkerProcess:
         env = {**os.environ, "CRMFLOW_DATABASE_URL": self.url, **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "worker", "--concurrency", str(self.concurrency)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def rss_mb(self) -> float:
@@ -124,8 +127,9 @@ async def worker_process(url: str, **kwargs: Any) -> AsyncIterator[WorkerProcess
         worker.stop()
 
 
-async def wait_for(url: str, query: str, target: int, timeout: float,
-                   worker: WorkerProcess | None = None) -> float:
+async def wait_for(
+    url: str, query: str, target: int, timeout: float, worker: WorkerProcess | None = None
+) -> float:
     """Poll ``query`` (a count) until it reaches ``target``; returns the time it took."""
     start = time.monotonic()
     async with await db.connect(url, autocommit=True) as conn:
@@ -160,13 +164,31 @@ def pgbench_tps(url: str, script: str, clients: int, seconds: int) -> float:
         f.write(script)
         path = f.name
     try:
-        env = {**os.environ, "PGHOST": str(params.get("host", "")),
-               "PGPORT": str(params.get("port", "5432")), "PGUSER": str(params.get("user", "")),
-               "PGPASSWORD": str(params.get("password") or "")}
+        env = {
+            **os.environ,
+            "PGHOST": str(params.get("host", "")),
+            "PGPORT": str(params.get("port", "5432")),
+            "PGUSER": str(params.get("user", "")),
+            "PGPASSWORD": str(params.get("password") or ""),
+        }
         out = subprocess.run(
-            [pgbench_binary(), "-n", "-c", str(clients), "-j", str(clients), "-T", str(seconds),
-             "-f", path, str(params["dbname"])],
-            capture_output=True, text=True, env=env, check=True,
+            [
+                pgbench_binary(),
+                "-n",
+                "-c",
+                str(clients),
+                "-j",
+                str(clients),
+                "-T",
+                str(seconds),
+                "-f",
+                path,
+                str(params["dbname"]),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
         ).stdout
     finally:
         os.unlink(path)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from bench.harness import (
     apply_active,
@@ -39,8 +40,14 @@ class Result:
         return self.value >= self.target if self.higher_is_better else self.value <= self.target
 
     def as_json(self) -> dict[str, Any]:
-        return {"value": round(self.value, 3), "target": self.target, "unit": self.unit,
-                "pass": self.passed, "what": self.what, **self.detail}
+        return {
+            "value": round(self.value, 3),
+            "target": self.target,
+            "unit": self.unit,
+            "pass": self.passed,
+            "what": self.what,
+            **self.detail,
+        }
 
 
 TASK_ON_NEW_LEAD = {
@@ -75,9 +82,15 @@ async def p1(quick: bool) -> Result:
             plain.append(pgbench_tps(url, script.format("bench_plain"), 4, seconds))
             watched.append(pgbench_tps(url, script.format("bench_watched"), 4, seconds))
     ratio = median(watched) / median(plain)
-    return Result("P1", "single-row INSERT tps, watched ÷ unwatched (pgbench, 4 clients)",
-                  ratio, 0.80, "ratio", True,
-                  {"tps_unwatched": round(median(plain)), "tps_watched": round(median(watched))})
+    return Result(
+        "P1",
+        "single-row INSERT tps, watched ÷ unwatched (pgbench, 4 clients)",
+        ratio,
+        0.80,
+        "ratio",
+        True,
+        {"tps_unwatched": round(median(plain)), "tps_watched": round(median(watched))},
+    )
 
 
 async def p2(quick: bool) -> Result:
@@ -93,14 +106,23 @@ async def p2(quick: bool) -> Result:
                     await conn.execute("CHECKPOINT")
                     start = time.perf_counter()
                     await conn.execute(
-                        f"INSERT INTO {table} (name, source, score) "  # noqa: S608 - our tables
-                        "SELECT 'lead ' || i, 'import', i FROM generate_series(1, %s) i",
-                        [rows])
+                        sql.SQL(
+                            "INSERT INTO {} (name, source, score) SELECT 'lead ' || i,"
+                            " 'import', i FROM generate_series(1, %s) i"
+                        ).format(sql.Identifier(table)),
+                        [rows],
+                    )
                     timings[table].append(time.perf_counter() - start)
     plain, watched = median(timings["bench_plain"]), median(timings["bench_watched"])
-    return Result("P2", "100k-row INSERT ... SELECT time, watched ÷ unwatched", watched / plain,
-                  2.5, "x", False,
-                  {"seconds_unwatched": round(plain, 3), "seconds_watched": round(watched, 3)})
+    return Result(
+        "P2",
+        "100k-row INSERT ... SELECT time, watched ÷ unwatched",
+        watched / plain,
+        2.5,
+        "x",
+        False,
+        {"seconds_unwatched": round(plain, 3), "seconds_watched": round(watched, 3)},
+    )
 
 
 EFFECT_TRIGGER = """
@@ -124,8 +146,11 @@ async def p3(quick: bool) -> Result:
             await conn.execute(EFFECT_TRIGGER)
         committed: dict[str, float] = {}
         seen: dict[str, float] = {}
-        async with worker_process(url), await db.connect(url, autocommit=True) as listener, \
-                await db.connect(url, autocommit=True) as writer:
+        async with (
+            worker_process(url),
+            await db.connect(url, autocommit=True) as listener,
+            await db.connect(url, autocommit=True) as writer,
+        ):
             await listener.execute("LISTEN bench_effect")
 
             async def listen() -> None:
@@ -152,29 +177,49 @@ async def p3(quick: bool) -> Result:
     latencies = [(seen[n] - committed[n]) * 1000 for n in names]
     lost = writes - len(seen)
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
-    return Result("P3", f"commit → first action commit at {rate} writes/s, p50 (p99 ≤ 25 ms)",
-                  p50, 5.0, "ms", False,
-                  {"p99_ms": round(p99, 2), "p99_target_ms": 25.0, "p99_pass": p99 <= 25.0,
-                   "samples": len(latencies), "missing": lost})
+    return Result(
+        "P3",
+        f"commit → first action commit at {rate} writes/s, p50 (p99 ≤ 25 ms)",
+        p50,
+        5.0,
+        "ms",
+        False,
+        {
+            "p99_ms": round(p99, 2),
+            "p99_target_ms": 25.0,
+            "p99_pass": p99 <= 25.0,
+            "samples": len(latencies),
+            "missing": lost,
+        },
+    )
 
 
 async def _drain(url: str, events: int, timeout: float) -> dict[str, float]:
     """Write a burst of leads with no worker, then time one worker process draining it."""
     async with await db.connect(url, autocommit=True) as conn:
-        await conn.execute("INSERT INTO leads (name) SELECT 'lead ' || i FROM "
-                           "generate_series(1, %s) i", [events])
+        await conn.execute(
+            "INSERT INTO leads (name) SELECT 'lead ' || i FROM generate_series(1, %s) i", [events]
+        )
     start = time.monotonic()
     async with worker_process(url) as worker:
         seconds = await wait_for(url, "SELECT count(*) FROM tasks", events, timeout, worker)
         elapsed = time.monotonic() - start
         rss = worker.rss_mb()
-    completed = await scalar(url, "SELECT count(*) FROM crmflow.executions "
-                                  "WHERE status = 'completed'")
-    unprocessed = await scalar(url, "SELECT count(*) FROM crmflow.outbox "
-                                    "WHERE processed_at IS NULL")
-    return {"events": events, "seconds": elapsed, "drain_seconds": seconds,
-            "rate": events / elapsed, "rss_mb": rss, "completed": completed,
-            "unprocessed": unprocessed}
+    completed = await scalar(
+        url, "SELECT count(*) FROM crmflow.executions WHERE status = 'completed'"
+    )
+    unprocessed = await scalar(
+        url, "SELECT count(*) FROM crmflow.outbox WHERE processed_at IS NULL"
+    )
+    return {
+        "events": events,
+        "seconds": elapsed,
+        "drain_seconds": seconds,
+        "rate": events / elapsed,
+        "rss_mb": rss,
+        "completed": completed,
+        "unprocessed": unprocessed,
+    }
 
 
 async def p4_p6(quick: bool) -> list[Result]:
@@ -185,12 +230,25 @@ async def p4_p6(quick: bool) -> list[Result]:
         run = await _drain(url, events, timeout=600)
     lost = events - run["completed"] + run["unprocessed"]
     return [
-        Result("P4", f"events/s matched and executed end-to-end ({events:,} burst, one "
-               "create_task, one worker process)", run["rate"], 2000, "events/s", True,
-               {"events": events, "seconds": round(run["seconds"], 2)}),
-        Result("P6", f"{events:,}-event backlog drained: peak worker RSS (lost events: "
-               f"{lost:g})", run["rss_mb"], 200, "MB", False,
-               {"events": events, "lost": lost, "lost_pass": lost == 0}),
+        Result(
+            "P4",
+            f"events/s matched and executed end-to-end ({events:,} burst, one "
+            "create_task, one worker process)",
+            run["rate"],
+            2000,
+            "events/s",
+            True,
+            {"events": events, "seconds": round(run["seconds"], 2)},
+        ),
+        Result(
+            "P6",
+            f"{events:,}-event backlog drained: peak worker RSS (lost events: {lost:g})",
+            run["rss_mb"],
+            200,
+            "MB",
+            False,
+            {"events": events, "lost": lost, "lost_pass": lost == 0},
+        ),
     ]
 
 
@@ -208,22 +266,33 @@ async def _p5_case(tables: int, per_table: int, events: int) -> float:
             await conn.execute(_tables_sql(tables))
             for i in range(tables):
                 await capture.watch(conn, f"bench_t{i:02d}", entity=f"t{i:02d}")
-        await apply_active(url, [
-            {"name": f"t{i:02d} kind {k}",
-             "trigger": {"type": "entity_created", "entity_type": f"t{i:02d}"},
-             "conditions": [{"field": "kind", "operator": "equals", "value": k}],
-             "actions": [{"type": "create_task", "title": "{{ entity.name }}", "assignee": None}]}
-            for i in range(tables) for k in range(per_table)
-        ])
+        await apply_active(
+            url,
+            [
+                {
+                    "name": f"t{i:02d} kind {k}",
+                    "trigger": {"type": "entity_created", "entity_type": f"t{i:02d}"},
+                    "conditions": [{"field": "kind", "operator": "equals", "value": k}],
+                    "actions": [
+                        {"type": "create_task", "title": "{{ entity.name }}", "assignee": None}
+                    ],
+                }
+                for i in range(tables)
+                for k in range(per_table)
+            ],
+        )
         rng = random.Random(42)
         async with await db.connect(url, autocommit=True) as conn:
             per = events // tables
             for i in range(tables):
                 kinds = [rng.randrange(per_table) for _ in range(per)]
                 await conn.execute(
-                    f"INSERT INTO bench_t{i:02d} (kind, name) "  # noqa: S608 - our tables
-                    "SELECT k, 'e' || n FROM unnest(%s::int[]) WITH ORDINALITY AS u(k, n)",
-                    [kinds])
+                    sql.SQL(
+                        "INSERT INTO {} (kind, name) SELECT k, 'e' || n"
+                        " FROM unnest(%s::int[]) WITH ORDINALITY AS u(k, n)"
+                    ).format(sql.Identifier(f"bench_t{i:02d}")),
+                    [kinds],
+                )
         start = time.monotonic()
         async with worker_process(url) as worker:
             await wait_for(url, "SELECT count(*) FROM tasks", per * tables, 600, worker)
@@ -235,16 +304,19 @@ async def p5(quick: bool) -> Result:
     tables, per_table = (10, 20) if quick else (50, 20)
     few = await _p5_case(1, 10, events)
     many = await _p5_case(tables, per_table, events)
-    return Result("P5", f"events/s with {tables * per_table} active workflows over {tables} "
-                  "tables ÷ with 10", many / few, 0.7, "ratio", True,
-                  {"rate_10": round(few), f"rate_{tables * per_table}": round(many),
-                   "events": events})
+    return Result(
+        "P5",
+        f"events/s with {tables * per_table} active workflows over {tables} tables ÷ with 10",
+        many / few,
+        0.7,
+        "ratio",
+        True,
+        {"rate_10": round(few), f"rate_{tables * per_table}": round(many), "events": events},
+    )
 
 
-async def run_all(quick: bool, only: set[str] | None = None,
-                  progress: Any = None) -> list[Result]:
-    steps: list[tuple[str, Any]] = [("P1", p1), ("P2", p2), ("P3", p3), ("P4", p4_p6),
-                                    ("P5", p5)]
+async def run_all(quick: bool, only: set[str] | None = None, progress: Any = None) -> list[Result]:
+    steps: list[tuple[str, Any]] = [("P1", p1), ("P2", p2), ("P3", p3), ("P4", p4_p6), ("P5", p5)]
     results: list[Result] = []
     for key, fn in steps:
         if only and key not in only and not (key == "P4" and "P6" in only):
