@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     # Loop protection: writes made by actions carry the execution's depth + 1;
     # an event at this depth or deeper ends the chain with a recorded error.
     max_depth: int = Field(5, ge=1)
+    # Run leading immediate database steps in the matcher's transaction (engine/inline.py).
+    inline_steps: bool = True
 
     # Runtime (see docs/operations.md).
     stalled_worker_timeout: float = Field(30.0, gt=0)

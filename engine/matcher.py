@@ -25,6 +25,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from engine import catalog, db
 from engine.config import Settings, get_settings
+from engine.inline import run_inline
+from engine.runtime import Runner
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class MatchPlan:
     statement: str | None  # None: no active workflow reacts to events
     workflows: int = 0
     entity_types: list[str] = field(default_factory=list)
+    versions: dict[int, dict[str, Any]] = field(default_factory=dict)  # id → definition, name
+    entities: dict[str, catalog.EntitySchema] = field(default_factory=dict)
 
 
 async def build_plan(conn: psycopg.AsyncConnection[Any], generation: int) -> MatchPlan:
@@ -78,8 +82,9 @@ async def build_plan(conn: psycopg.AsyncConnection[Any], generation: int) -> Mat
                 table=entity.table, cases=cases, entity_type=sql.Literal(entity_type)
             )
         )
+    versions = {r["version_id"]: r for r in rows}
     if not branches:
-        return MatchPlan(generation, None)
+        return MatchPlan(generation, None, versions=versions, entities=entities)
     statement = sql.SQL(_q("match_and_enroll")).format(
         branches=sql.SQL("\nUNION ALL\n").join(branches)
     )
@@ -88,6 +93,8 @@ async def build_plan(conn: psycopg.AsyncConnection[Any], generation: int) -> Mat
         statement.as_string(conn),
         workflows=len(rows),
         entity_types=sorted(e for e in by_entity if e),
+        versions=versions,
+        entities=entities,
     )
 
 
@@ -109,6 +116,7 @@ class Matcher:
         self.plan: MatchPlan | None = None
         self.totals = BatchResult()
         self._since_analyze = ANALYZE_EVERY  # analyze on the first busy batch too
+        self.runner = Runner(pool, self.settings)  # for steps run inline
 
     async def run_once(self) -> BatchResult:
         """Claim and process one batch; returns what it did (claimed 0: nothing pending)."""
@@ -149,7 +157,9 @@ class Matcher:
             return BatchResult(claimed=len(ids))
         try:
             async with conn.transaction():  # a savepoint: a failure keeps the claim's locks
-                row = await (await conn.execute(self.plan.statement, self._params(ids))).fetchone()
+                enrolled = await (
+                    await conn.execute(self.plan.statement, self._params(ids))
+                ).fetchall()
         except psycopg.OperationalError:
             raise
         except psycopg.DatabaseError as exc:
@@ -158,8 +168,24 @@ class Matcher:
             # and the culprits are recorded instead of blocking the outbox forever.
             log.warning("batch match failed (%s); matching one event at a time", exc)
             return await self._batch_slowly(conn, ids)
-        assert row is not None
-        return BatchResult(claimed=len(ids), enrolled=row["enrolled"])
+        await self._start(conn, enrolled)
+        return BatchResult(claimed=len(ids), enrolled=len(enrolled))
+
+    async def _start(
+        self, conn: psycopg.AsyncConnection[Any], enrolled: list[dict[str, Any]]
+    ) -> None:
+        """Run what can run inline, then defer jobs for everything else, in id order."""
+        assert self.plan is not None
+        done: set[int] = set()
+        if self.settings.inline_steps and enrolled:
+            done = await run_inline(
+                conn, self.runner, enrolled, self.plan.versions, self.plan.entities
+            )
+        waiting = [e["id"] for e in enrolled if e["status"] == "pending" and e["id"] not in done]
+        if waiting:
+            await conn.execute(
+                _q("defer_jobs"), {"ids": waiting, "queue": self.settings.queue_name}
+            )
 
     async def _batch_slowly(
         self, conn: psycopg.AsyncConnection[Any], ids: list[int]
@@ -169,11 +195,11 @@ class Matcher:
         for event_id in ids:
             try:
                 async with conn.transaction():
-                    row = await (
+                    enrolled = await (
                         await conn.execute(self.plan.statement, self._params([event_id]))
-                    ).fetchone()
-                assert row is not None
-                result.enrolled += row["enrolled"]
+                    ).fetchall()
+                    await self._start(conn, enrolled)
+                result.enrolled += len(enrolled)
                 continue
             except psycopg.OperationalError:
                 raise
@@ -246,15 +272,15 @@ class Matcher:
         try:
             while not stop.is_set():
                 try:
+                    # A claim that finds work also tells writers to stop hinting, in the
+                    # same transaction: a wake-up costs one commit, not two.
                     await self.drain()
                     await self._set_listening(True)
                     # Writers that checked the flag just before it flipped did not notify:
                     # one more look closes that window (the poll covers what is left).
                     if (await self.run_once()).claimed:
-                        await self._set_listening(False)
                         continue
                     await listener.wait(self.settings.matcher_poll_interval, stop)
-                    await self._set_listening(False)
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                     log.warning("matcher lost the database (%s); retrying", exc)
                     await _sleep_or_stop(stop, 1.0)

@@ -31,7 +31,6 @@ import logging
 import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Any
 
 import psycopg
@@ -268,7 +267,7 @@ def _pk_match(entity: EntitySchema) -> sql.Composable:
 
 
 @dataclass
-class _Plan:
+class Plan:
     """A workflow version's steps, parsed once per process."""
 
     definition: WorkflowDefinition
@@ -276,18 +275,64 @@ class _Plan:
     deps: dict[str, list[str]]
     steps: dict[str, Step]
     when_sql: dict[str, str] = field(default_factory=dict)
+    # The leading steps the matcher may run in its own transaction (engine/inline.py):
+    # immediate database actions without a delay or a "when", in order.
+    inline_prefix: list[str] = field(default_factory=list)
 
 
-@lru_cache(maxsize=512)
-def _parse_cached(definition_json: str) -> WorkflowDefinition:
-    return parse_definition(json.loads(definition_json))
+_plans: dict[tuple[int, str], Plan] = {}
+
+# Limits that are checked when an execution starts (engine.runtime.Runner._start):
+# a workflow with any of them never runs steps in the matcher.
+START_LIMITS = ("max_per_minute", "max_concurrent", "debounce")
+
+
+def plan_for(version_id: int, definition: dict[str, Any], entity: EntitySchema | None) -> Plan:
+    """The parsed steps of a workflow version. Versions are immutable, so they are cached;
+    the key holds the definition too, as ids repeat across databases."""
+    key = (version_id, json.dumps(definition, sort_keys=True))
+    plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    wf = parse_definition(definition)
+    ids = step_ids(wf.actions)
+    plan = Plan(wf, ids, dependencies(wf.actions, ids), dict(zip(ids, wf.actions, strict=True)))
+    for sid, step in plan.steps.items():
+        if step.when_condition is not None:
+            compiler = Compiler(with_steps(entity), allow_transitions=False)
+            predicate = compiler.compile(step.when_condition, NEW)
+            if compiler.issues:
+                raise PermanentError(
+                    f"step {sid}: 'when' no longer compiles: "
+                    + "; ".join(m for _, m in compiler.issues)
+                )
+            plan.when_sql[sid] = predicate.as_string(None)
+    actions = registry()
+    limits = wf.limits.model_dump(exclude_none=True)
+    if not any(limits.get(k) for k in START_LIMITS):
+        for sid in ids:
+            step, action = plan.steps[sid], actions.get(plan.steps[sid].type)
+            if (
+                action is None
+                or action.kind != "database"
+                or not action.inline
+                or step.delay is not None
+                or step.timeout is not None
+                or step.when_condition is not None
+                or not set(plan.deps[sid]) <= set(plan.inline_prefix)
+            ):
+                break
+            plan.inline_prefix.append(sid)
+    if len(_plans) > 2000:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
 
 
 class Runner:
     def __init__(self, pool: AsyncConnectionPool, settings: Settings | None = None) -> None:
         self.pool = pool
         self.settings = settings or get_settings()
-        self._plans: dict[int, _Plan] = {}
         self._entities: dict[str, EntitySchema] = {}
 
     # ───────── loading ─────────
@@ -304,29 +349,9 @@ class Runner:
             self._entities[entity_type] = entity
         return self._entities[entity_type]
 
-    async def _plan(self, conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -> _Plan:
-        version_id = int(ex["workflow_version_id"])
-        plan = self._plans.get(version_id)
-        if plan is None:
-            definition = ex["definition"]
-            wf = _parse_cached(json.dumps(definition, sort_keys=True))
-            ids = step_ids(wf.actions)
-            plan = _Plan(
-                wf, ids, dependencies(wf.actions, ids), dict(zip(ids, wf.actions, strict=True))
-            )
-            entity = await self._entity(conn, ex["entity_type"])
-            for sid, step in plan.steps.items():
-                if step.when_condition is not None:
-                    compiler = Compiler(with_steps(entity), allow_transitions=False)
-                    predicate = compiler.compile(step.when_condition, NEW)
-                    if compiler.issues:
-                        raise PermanentError(
-                            f"step {sid}: 'when' no longer compiles: "
-                            + "; ".join(m for _, m in compiler.issues)
-                        )
-                    plan.when_sql[sid] = predicate.as_string(conn)
-            self._plans[version_id] = plan
-        return plan
+    async def _plan(self, conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -> Plan:
+        entity = await self._entity(conn, ex["entity_type"])
+        return plan_for(int(ex["workflow_version_id"]), ex["definition"], entity)
 
     async def _load(
         self, conn: psycopg.AsyncConnection[Any], execution_id: int
@@ -573,7 +598,7 @@ class Runner:
     # ───────── one step ─────────
 
     async def _run_step(
-        self, ex: dict[str, Any], plan: _Plan, sid: str, rows: dict[str, dict[str, Any]]
+        self, ex: dict[str, Any], plan: Plan, sid: str, rows: dict[str, dict[str, Any]]
     ) -> None:
         step = plan.steps[sid]
         action = registry().get(step.type)
@@ -822,7 +847,7 @@ class Runner:
     # ───────── failure and compensation ─────────
 
     async def _fail(
-        self, ex: dict[str, Any], plan: _Plan, failed_sid: str, rows: dict[str, dict[str, Any]]
+        self, ex: dict[str, Any], plan: Plan, failed_sid: str, rows: dict[str, dict[str, Any]]
     ) -> None:
         step = plan.steps[failed_sid]
         if step.on_failure == "compensate":
@@ -832,7 +857,7 @@ class Runner:
             await self._set_status(conn, ex["id"], "failed", error)
 
     async def _compensate(
-        self, ex: dict[str, Any], plan: _Plan, rows: dict[str, dict[str, Any]]
+        self, ex: dict[str, Any], plan: Plan, rows: dict[str, dict[str, Any]]
     ) -> None:
         """Undo completed steps in reverse order; each undo commits with its record."""
         actions = registry()

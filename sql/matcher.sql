@@ -18,6 +18,11 @@ WITH candidates AS MATERIALIZED (
      ORDER BY id
      LIMIT %(batch_size)s
        FOR UPDATE SKIP LOCKED
+), busy AS (
+    -- A matcher at work: writers need not NOTIFY. (Writes only when the flag is set and
+    -- there is work, so the idle check after announcing "listening" keeps it.)
+    UPDATE crmflow.matcher_state SET listening = false
+     WHERE listening AND EXISTS (SELECT 1 FROM candidates)
 )
 SELECT (SELECT generation FROM crmflow.matcher_state) AS generation,
        ARRAY(
@@ -37,7 +42,7 @@ SELECT (SELECT generation FROM crmflow.matcher_state) AS generation,
 
 -- name: active_event_workflows
 SELECT v.id AS version_id, v.workflow_id, v.version, v.entity_type, v.trigger_type,
-       v.priority, v.predicate, v.limits,
+       v.priority, v.predicate, v.limits, v.definition,
        w.name
   FROM crmflow.workflows AS w
   JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
@@ -132,21 +137,8 @@ WITH batch AS (
                         WHERE d.workflow_id = l.workflow_id AND d.entity_pk = l.pk)
      ORDER BY l.event_id, l.priority DESC, l.workflow_id
     ON CONFLICT (workflow_version_id, enrollment_key) DO NOTHING
-    RETURNING id, entity_type, entity_pk, event_id, status, not_before
-), deferred AS (
-    SELECT procrastinate_defer_jobs_v1(ARRAY(
-               -- A start in the future must not hold the entity's lock (procrastinate
-               -- would hold back every later job of the entity until then): it is a
-               -- lock-free wake-up that re-defers the start with the lock when due.
-               SELECT ROW(%(queue)s, 'crmflow.run_execution', 0,
-                          CASE WHEN x.not_before IS NULL
-                               THEN crmflow.execution_lock(x.entity_type, x.entity_pk, x.id) END,
-                          NULL,
-                          jsonb_build_object('execution_id', x.id), x.not_before
-                      )::procrastinate_job_to_defer_v1
-                 FROM enrolled AS x
-                WHERE x.status = 'pending'
-                ORDER BY x.id)) AS job_ids
+    RETURNING id, workflow_id, workflow_version_id, workflow_version, entity_type, entity_pk,
+              event_id, status, not_before, depth, input, triggered_at
 ), counts AS (
     SELECT event_id, count(*) AS n FROM enrolled GROUP BY event_id
 ), processed AS (
@@ -155,11 +147,56 @@ WITH batch AS (
       FROM batch AS b
       LEFT JOIN counts AS c ON c.event_id = b.id
      WHERE o.id = b.id
-    RETURNING o.id
 )
-SELECT (SELECT count(*) FROM processed) AS processed,
-       (SELECT count(*) FROM enrolled) AS enrolled,
-       (SELECT coalesce(cardinality(job_ids), 0) FROM deferred) AS deferred;
+-- The new executions, with what their steps may need of the event. (Data-modifying
+-- CTEs always run to completion, read or not.)
+SELECT x.*, b.op AS event_op, b.new_row AS event_new_row, b.old_row AS event_old_row,
+       b.changed AS event_changed, b.event_name, b.payload AS event_payload
+  FROM enrolled AS x
+  JOIN batch AS b ON b.id = x.event_id
+ ORDER BY x.id;
+
+-- name: defer_jobs
+-- The executions' jobs, in id order (per entity, that is event order). A start in the
+-- future must not hold the entity's lock (procrastinate would hold back every later job
+-- of the entity until then): it is a lock-free wake-up that re-defers the start with the
+-- lock when due (engine/runtime.py).
+SELECT procrastinate_defer_jobs_v1(ARRAY(
+           SELECT ROW(%(queue)s, 'crmflow.run_execution', 0,
+                      CASE WHEN x.not_before IS NULL
+                           THEN crmflow.execution_lock(x.entity_type, x.entity_pk, x.id) END,
+                      NULL, jsonb_build_object('execution_id', x.id), x.not_before
+                  )::procrastinate_job_to_defer_v1
+             FROM crmflow.executions AS x
+            WHERE x.id = ANY(%(ids)s)
+            ORDER BY x.id)) AS job_ids;
+
+-- name: busy_entities
+-- Entities of the batch with an earlier execution queued or running (engine/inline.py):
+-- their new executions queue behind it. A start deferred to later does not count: it
+-- holds no lock either.
+SELECT DISTINCT x.entity_type, x.entity_pk
+  FROM unnest(%(types)s::text[], %(pks)s::jsonb[]) AS u(entity_type, pk)
+  JOIN crmflow.executions AS x ON x.entity_type = u.entity_type AND x.entity_pk = u.pk
+ WHERE x.id < %(first_id)s
+   AND (x.status = 'running' OR (x.status = 'pending' AND x.not_before IS NULL));
+
+-- name: record_inline_steps
+INSERT INTO crmflow.execution_steps
+       (execution_id, step_id, position, type, status, attempts, started_at, finished_at, result)
+SELECT * FROM unnest(%(execution_ids)s::bigint[], %(step_ids)s::text[], %(positions)s::int[],
+                     %(types)s::text[], %(statuses)s::text[], %(attempts)s::int[],
+                     %(started)s::timestamptz[], %(finished)s::timestamptz[],
+                     %(results)s::jsonb[]);
+
+-- name: finish_inline
+-- Executions whose steps all ran inline are completed; the others keep "pending" (and
+-- their start time) until their job runs the rest.
+UPDATE crmflow.executions AS x
+   SET status = u.status, started_at = clock_timestamp(),
+       finished_at = CASE WHEN u.status = 'completed' THEN clock_timestamp() END
+  FROM unnest(%(ids)s::bigint[], %(statuses)s::text[]) AS u(id, status)
+ WHERE x.id = u.id;
 
 -- name: mark_processed
 -- Events that matched nothing (no active workflow), or whose matching failed.

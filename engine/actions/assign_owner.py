@@ -37,6 +37,7 @@ class AssignOwnerParams(Params):
 class AssignOwner(Action):
     name = "assign_owner"
     Params = AssignOwnerParams
+    inline = True
     compensable = True
     needs_entity = True
     description = "Assign an owner: round robin among active users of a role, or rules."

@@ -43,8 +43,11 @@ class Action:
     kind: ClassVar[Literal["database", "external"]] = "database"
     # Actions that can undo their effect (on_failure: compensate).
     compensable: ClassVar[bool] = False
-    # Entity types the action needs (None: any, including none).
+    # The action needs an entity (a trigger with an entity_type).
     needs_entity: ClassVar[bool] = False
+    # A quick database action the matcher may run in its own transaction, for a whole
+    # batch at once (engine/inline.py). Opt-in: a slow one would hold up all matching.
+    inline: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def parse(self, params: dict[str, Any]) -> BaseModel:
@@ -70,6 +73,21 @@ class Action:
 
     async def run(self, ctx: StepContext, params: Any) -> dict[str, Any]:
         raise NotImplementedError
+
+    async def run_batch(
+        self, contexts: list[StepContext], params: Any
+    ) -> list[dict[str, Any] | Skip]:
+        """Run the step for many executions in one transaction (the matcher's, see
+        engine/inline.py). Any exception undoes the whole batch, which then goes the
+        normal way, one job per execution; so an override may be all-or-nothing too.
+        The default runs them one after the other; actions worth it do it set-based."""
+        results: list[dict[str, Any] | Skip] = []
+        for ctx in contexts:
+            try:
+                results.append(await self.run(ctx, params))
+            except Skip as skip:
+                results.append(skip)
+        return results
 
     async def commit(self, ctx: StepContext, params: Any, result: dict[str, Any]) -> dict[str, Any]:
         """External actions: runs in the transaction that records the step as succeeded

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from psycopg import sql
 from pydantic import Field
 
-from engine.actions.base import Action, Params
+from engine.actions.base import Action, Params, Skip
 from engine.actions.crm import (
     check_owner_field,
     check_templates,
@@ -32,6 +32,7 @@ class CreateTaskParams(Params):
 class CreateTask(Action):
     name = "create_task"
     Params = CreateTaskParams
+    inline = True
     compensable = True
     description = "Create a task in the CRM, assigned to the entity's owner by default."
 
@@ -67,6 +68,46 @@ class CreateTask(Action):
         ).fetchone()
         assert row is not None
         return {"task_id": row["id"], "assignee_id": assignee_id}
+
+    async def run_batch(
+        self, contexts: list[StepContext], params: Any
+    ) -> list[dict[str, Any] | Skip]:
+        """One INSERT for the whole batch (titles rendered per entity in Python)."""
+        if not contexts:
+            return []
+        if params.assignee == "owner":
+            assignees = [(c.row or {}).get(params.owner_field) for c in contexts]
+        else:
+            found = await resolve_users(contexts[0], params.assignee, params.owner_field)
+            assignees = [found[0]["id"] if found else None] * len(contexts)
+        due_at = now() + timedelta(seconds=params.due) if params.due is not None else None
+        query = sql.SQL(
+            "INSERT INTO {} (title, description, priority, entity_type, entity_id, assignee_id,"
+            " due_at) SELECT t, d, %(priority)s, et, ei, a, %(due_at)s"
+            " FROM unnest(%(titles)s::text[], %(descriptions)s::text[], %(types)s::text[],"
+            " %(ids)s::text[], %(assignees)s::bigint[]) WITH ORDINALITY AS u(t, d, et, ei, a, n)"
+            " ORDER BY n RETURNING id"
+        ).format(crm_table(contexts[0], "tasks"))
+        rows = await (
+            await contexts[0]
+            .require_conn()
+            .execute(
+                query,
+                {
+                    "priority": params.priority,
+                    "due_at": due_at,
+                    "titles": [c.render(params.title) for c in contexts],
+                    "descriptions": [c.render(params.description) for c in contexts],
+                    "types": [c.execution.get("entity_type") for c in contexts],
+                    "ids": [None if c.entity_id is None else str(c.entity_id) for c in contexts],
+                    "assignees": assignees,
+                },
+            )
+        ).fetchall()
+        # INSERT ... SELECT ... ORDER BY inserts, and returns, rows in that order.
+        return [
+            {"task_id": r["id"], "assignee_id": a} for r, a in zip(rows, assignees, strict=True)
+        ]
 
     async def compensate(self, ctx: StepContext, params: Any, result: dict[str, Any]) -> None:
         await ctx.require_conn().execute(

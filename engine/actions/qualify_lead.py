@@ -113,6 +113,7 @@ def score_lead(row: dict[str, Any], weights: Weights) -> tuple[int, list[str]]:
 class QualifyLead(Action):
     name = "qualify_lead"
     Params = QualifyLeadParams
+    inline = True
     compensable = True
     needs_entity = True
     description = "Score a lead with weighted rules; write its score and qualification status."

@@ -66,6 +66,7 @@ class SendNotificationParams(Params):
 class SendNotification(Action):
     name = "send_notification"
     Params = SendNotificationParams
+    inline = True
     compensable = True
     description = "Notify users in the CRM (notifications table + NOTIFY crmflow_notifications)."
 

@@ -22,6 +22,7 @@ class UpdateFieldParams(Params):
 class UpdateField(Action):
     name = "update_field"
     Params = UpdateFieldParams
+    inline = True
     compensable = True
     needs_entity = True
     description = "Set one column of the entity; values are type-checked when saved."

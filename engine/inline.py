@@ -1,0 +1,243 @@
+"""Immediate database steps, run set-based in the matcher's transaction.
+
+A queue job per execution costs a fetch, a start and several round trips; for the
+common workflow whose first steps only write to the database (create a task, set a
+field, notify), that is most of the work. So the matcher runs those leading steps
+itself, right after enrolling, in the same transaction: one statement per step and
+workflow for the whole batch where the action supports it (``Action.run_batch``).
+
+Guarantees kept:
+- exactly once: the effects, the step records and the enrollment commit together;
+- per-entity order: an execution runs inline only when no earlier execution of its
+  entity is still queued or running (in the database or earlier in this batch), and
+  when one of them goes to the queue, the later ones of that entity follow it there;
+- depth: writes carry the execution's depth + 1, as in the step runner.
+
+Anything that does not fit (a delay, a ``when``, an external action, start-time
+limits) is left to the step runner: the execution gets its job with the remaining
+steps. If a batch step raises, the whole inline phase is undone and every execution
+of the batch takes the normal path, where retries and failure handling apply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from engine import db
+from engine.actions import Skip, registry
+from engine.catalog import EntitySchema
+from engine.runtime import Plan, Runner, StepContext, plan_for
+
+log = logging.getLogger(__name__)
+
+
+def _q(name: str) -> str:
+    return db.query(name, "matcher.sql")
+
+
+def _key(ex: dict[str, Any]) -> tuple[str, str] | None:
+    if ex["entity_pk"] is None:
+        return None
+    return ex["entity_type"], json.dumps(ex["entity_pk"], sort_keys=True)
+
+
+async def _busy(
+    conn: psycopg.AsyncConnection[Any], enrolled: list[dict[str, Any]]
+) -> set[tuple[str, str]]:
+    """Entities with an earlier execution still queued or running."""
+    with_entity = [e for e in enrolled if e["entity_pk"] is not None]
+    if not with_entity:
+        return set()
+    rows = await (
+        await conn.execute(
+            _q("busy_entities"),
+            {
+                "types": [e["entity_type"] for e in with_entity],
+                "pks": [Jsonb(e["entity_pk"]) for e in with_entity],
+                "first_id": enrolled[0]["id"],
+            },
+        )
+    ).fetchall()
+    return {(r["entity_type"], json.dumps(r["entity_pk"], sort_keys=True)) for r in rows}
+
+
+async def _current_rows(
+    conn: psycopg.AsyncConnection[Any], entity: EntitySchema, pks: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The entities as they are now, keyed by their primary key (as sorted JSON)."""
+    match = sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier("t", c), sql.Identifier("p", c))
+        for c in entity.pk_columns
+    )
+    query = sql.SQL(
+        "SELECT u.pk, to_jsonb(t) AS row FROM unnest(%(pks)s::jsonb[]) AS u(pk)"
+        " CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, u.pk) AS p"
+        " JOIN {table} AS t ON {match}"
+    ).format(table=entity.table, match=match)
+    rows = await (await conn.execute(query, {"pks": [Jsonb(p) for p in pks]})).fetchall()
+    return {json.dumps(r["pk"], sort_keys=True): r["row"] for r in rows}
+
+
+async def run_inline(
+    conn: psycopg.AsyncConnection[Any],
+    runner: Runner,
+    enrolled: list[dict[str, Any]],
+    versions: dict[int, dict[str, Any]],
+    entities: dict[str, EntitySchema],
+) -> set[int]:
+    """Run the inline-able leading steps of ``enrolled`` (in id order); returns the ids of
+    the executions that completed (they need no job)."""
+    busy = await _busy(conn, enrolled)
+    queued: set[tuple[str, str]] = set()  # entities with an execution going to the queue
+    chosen: list[tuple[dict[str, Any], Plan]] = []
+    for ex in enrolled:
+        if ex["status"] != "pending":
+            continue
+        key = _key(ex)
+        version = versions.get(ex["workflow_version_id"])
+        plan = None
+        if version is not None:
+            entity = entities.get(ex["entity_type"]) if ex["entity_type"] else None
+            plan = plan_for(ex["workflow_version_id"], version["definition"], entity)
+        runnable = (
+            plan is not None
+            and plan.inline_prefix
+            and ex["not_before"] is None
+            and (key is None or (key not in busy and key not in queued))
+        )
+        if not runnable:
+            if key is not None:
+                queued.add(key)
+            continue
+        assert plan is not None
+        chosen.append((ex, plan))
+        if key is not None and len(plan.inline_prefix) < len(plan.ids):
+            queued.add(key)  # the rest of it goes to the queue: later ones follow
+    if not chosen:
+        return set()
+    try:
+        async with conn.transaction():  # a savepoint: on any error, nothing of this happened
+            return await _run(conn, runner, chosen, versions, entities)
+    except Exception as exc:
+        log.warning("inline steps failed (%s); %d executions go to the queue", exc, len(chosen))
+        return set()
+
+
+async def _run(
+    conn: psycopg.AsyncConnection[Any],
+    runner: Runner,
+    chosen: list[tuple[dict[str, Any], Plan]],
+    versions: dict[int, dict[str, Any]],
+    entities: dict[str, EntitySchema],
+) -> set[int]:
+    actions = registry()
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for ex, _ in chosen:
+        if ex["entity_pk"] is not None:
+            by_type.setdefault(ex["entity_type"], []).append(ex["entity_pk"])
+    for entity_type, pks in by_type.items():
+        rows[entity_type] = await _current_rows(conn, entities[entity_type], pks)
+
+    contexts: dict[int, dict[str, StepContext]] = {}
+    views: dict[int, dict[str, dict[str, Any]]] = {}
+    for ex, plan in chosen:
+        execution = {**ex, "workflow_name": versions[ex["workflow_version_id"]]["name"]}
+        key = _key(ex)
+        row = (rows.get(ex["entity_type"], {}).get(key[1]) if key else None) or (
+            ex["event_new_row"] or ex["event_old_row"]
+        )
+        views[ex["id"]] = {}
+        contexts[ex["id"]] = {
+            sid: StepContext(
+                runner,
+                execution,
+                sid,
+                plan.steps[sid],
+                1,
+                entities.get(ex["entity_type"]) if ex["entity_type"] else None,
+                row,
+                views[ex["id"]],
+                runner.settings,
+                conn,
+            )
+            for sid in plan.inline_prefix
+        }
+
+    outcome: dict[int, dict[str, tuple[str, Any, datetime, datetime]]] = {}
+    depth = max(len(plan.inline_prefix) for _, plan in chosen)
+    for k in range(depth):
+        # One batch per (workflow version, step) and depth of the executions.
+        groups: dict[tuple[int, str, int], list[StepContext]] = {}
+        for ex, plan in chosen:
+            if k < len(plan.inline_prefix):
+                sid = plan.inline_prefix[k]
+                ctx = contexts[ex["id"]][sid]
+                if k > 0:  # the row as the previous inline step left it
+                    ctx.row = contexts[ex["id"]][plan.inline_prefix[k - 1]].row
+                groups.setdefault((ex["workflow_version_id"], sid, ex["depth"]), []).append(ctx)
+        for (_, sid, ex_depth), group in groups.items():
+            step = group[0].step
+            action = actions[step.type]
+            members = [c.execution_id for c in group]
+            actor = (
+                f"crmflow:execution:{members[0]}"
+                if len(members) == 1
+                else f"crmflow:executions:{min(members)}-{max(members)}"
+            )
+            await conn.execute(
+                db.query("set_write_context", "runtime.sql"),
+                {"depth": str(ex_depth + 1), "actor": actor},
+            )
+            started = datetime.now(UTC)
+            results = await action.run_batch(group, action.parse(step.params))
+            finished = datetime.now(UTC)
+            for ctx, result in zip(group, results, strict=True):
+                status = "skipped" if isinstance(result, Skip) else "succeeded"
+                value = {"reason": str(result)} if isinstance(result, Skip) else result
+                outcome.setdefault(ctx.execution_id, {})[sid] = (status, value, started, finished)
+                views[ctx.execution_id][sid] = {"status": status, "result": value}
+
+    steps: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "execution_ids",
+            "step_ids",
+            "positions",
+            "types",
+            "statuses",
+            "attempts",
+            "started",
+            "finished",
+            "results",
+        )
+    }
+    ids, statuses = [], []
+    for ex, plan in chosen:
+        done = outcome.get(ex["id"], {})
+        for position, sid in enumerate(plan.ids, start=1):
+            status, value, started, finished = done.get(sid, ("pending", None, None, None))
+            steps["execution_ids"].append(ex["id"])
+            steps["step_ids"].append(sid)
+            steps["positions"].append(position)
+            steps["types"].append(plan.steps[sid].type)
+            steps["statuses"].append(status)
+            steps["attempts"].append(1 if status == "succeeded" else 0)
+            steps["started"].append(started)
+            steps["finished"].append(finished)
+            steps["results"].append(
+                None if value is None else Jsonb(json.loads(json.dumps(value, default=str)))
+            )
+        ids.append(ex["id"])
+        statuses.append("completed" if len(done) == len(plan.ids) else "pending")
+    await conn.execute(_q("record_inline_steps"), steps)
+    await conn.execute(_q("finish_inline"), {"ids": ids, "statuses": statuses})
+    await conn.execute(db.query("set_write_context", "runtime.sql"), {"depth": "", "actor": ""})
+    return {i for i, s in zip(ids, statuses, strict=True) if s == "completed"}
