@@ -97,7 +97,8 @@ async def test_noop_update_is_not_captured_and_key_change_is_delete_insert(
 async def test_bulk_insert_is_one_statement_many_events(conn: psycopg.AsyncConnection[Any]) -> None:
     await capture.watch(conn, "leads")
     await conn.execute(
-        "INSERT INTO leads (name, source) SELECT 'lead ' || i, 'import' FROM generate_series(1, 2000) i"
+        "INSERT INTO leads (name, source)"
+        " SELECT 'lead ' || i, 'import' FROM generate_series(1, 2000) i"
     )
     assert await value(conn, "SELECT count(*) FROM crmflow.outbox") == 2000
     assert await value(conn, "SELECT count(DISTINCT txid) FROM crmflow.outbox") == 1
