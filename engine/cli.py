@@ -423,6 +423,85 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(quick=args.quick, as_json=args.json, only=args.only)
 
 
+# ───────────────────────────── API keys, API ─────────────────────────────
+
+
+def cmd_apikey_create(args: argparse.Namespace) -> int:
+    from engine import apikeys
+
+    async def run(conn: psycopg.AsyncConnection[Any]) -> int:
+        try:
+            row, key = await apikeys.create(conn, args.name, args.scope)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        if args.json:
+            dump_json({**row, "key": key})
+            return 0
+        err.print(
+            f"API key {row['id']} [bold]{row['name']}[/] ({row['scope']}) created; "
+            "it is shown this once, store it now:",
+            highlight=False,
+        )
+        sys.stdout.write(key + "\n")
+        return 0
+
+    return asyncio.run(_with_conn(run))
+
+
+def cmd_apikey_list(args: argparse.Namespace) -> int:
+    from engine import apikeys
+
+    async def run(conn: psycopg.AsyncConnection[Any]) -> int:
+        rows = await apikeys.list_keys(conn, include_revoked=not args.live)
+        if args.json:
+            dump_json(rows)
+            return 0
+        table = Table("id", "name", "prefix", "scope", "created", "last used", "revoked")
+        for r in rows:
+            table.add_row(
+                str(r["id"]),
+                r["name"],
+                f"cf_{r['prefix']}_…",
+                r["scope"],
+                r["created_at"].isoformat(timespec="seconds"),
+                r["last_used_at"].isoformat(timespec="seconds") if r["last_used_at"] else "-",
+                r["revoked_at"].isoformat(timespec="seconds") if r["revoked_at"] else "",
+            )
+        console.print(table)
+        return 0
+
+    return asyncio.run(_with_conn(run))
+
+
+def cmd_apikey_revoke(args: argparse.Namespace) -> int:
+    from engine import apikeys
+
+    async def run(conn: psycopg.AsyncConnection[Any]) -> int:
+        try:
+            row = await apikeys.revoke(conn, args.id)
+        except apikeys.ApiKeyNotFound:
+            raise CliError(f"no API key {args.id}") from None
+        console.print(f"API key {row['id']} {row['name']}: revoked", highlight=False)
+        return 0
+
+    return asyncio.run(_with_conn(run))
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.main import create_app
+
+    uvicorn.run(
+        create_app(),
+        host=args.host,
+        port=args.port,
+        log_level="debug" if args.verbose else "info",
+        proxy_headers=True,
+    )
+    return 0
+
+
 # ───────────────────────────── worker ─────────────────────────────
 
 
@@ -545,6 +624,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--only", help="comma-separated ids, e.g. P3,P4")
     p.set_defaults(func=cmd_bench)
+
+    keys = sub.add_parser("apikey", help="API keys of the management API").add_subparsers(
+        dest="apikey_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = keys.add_parser("create", help="create an API key (printed once)")
+    p.add_argument("--name", required=True, help="who or what uses the key")
+    p.add_argument(
+        "--scope",
+        required=True,
+        choices=("read", "write", "admin"),
+        help="read < write < admin",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_apikey_create)
+    p = keys.add_parser("list", help="list API keys (never the keys themselves)")
+    p.add_argument("--live", action="store_true", help="leave out revoked keys")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_apikey_list)
+    p = keys.add_parser("revoke", help="revoke an API key")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_apikey_revoke)
+
+    p = sub.add_parser("api", help="serve the management API (FastAPI, uvicorn)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("worker", help="run matcher, scheduler and job worker in one process")
     p.add_argument("--concurrency", type=int, default=10)

@@ -179,3 +179,40 @@ def web() -> Iterator[Any]:
     from tests.servers import web_server
 
     yield from web_server()
+
+
+# ───────────────────────────── the management API ─────────────────────────────
+
+
+@pytest.fixture
+async def api_keys(conn: psycopg.AsyncConnection[Any]) -> dict[str, str]:
+    """One API key per scope: {"read": "cf_...", "write": ..., "admin": ...}."""
+    from engine import apikeys
+
+    keys = {}
+    for scope in apikeys.SCOPES:
+        _, keys[scope] = await apikeys.create(conn, f"test {scope}", scope)
+    return keys
+
+
+@pytest.fixture
+async def api_app(settings: Settings, pool: AsyncConnectionPool) -> AsyncIterator[Any]:
+    """The API app on the test's pool (the one the matcher and runner fixtures use)."""
+    from api.main import create_app
+
+    app = create_app(settings, pool=pool)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def client(api_app: Any, api_keys: dict[str, str]) -> AsyncIterator[Any]:
+    """An httpx client on the app, authenticated with the write key."""
+    import httpx
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=api_app),
+        base_url="http://testserver",
+        headers={"Authorization": f"Bearer {api_keys['write']}"},
+    ) as c:
+        yield c

@@ -1,0 +1,16 @@
+"""One router per resource. A new resource is a module here and a line in ``ROUTERS``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.routes import apikeys, entities, events, executions, health, workflows
+
+ROUTERS: list[APIRouter] = [
+    workflows.router,
+    executions.router,
+    events.router,
+    entities.router,
+    apikeys.router,
+    health.router,
+]

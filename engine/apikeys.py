@@ -1,0 +1,105 @@
+"""API keys of the management API: ``crmflow apikey create/list/revoke`` and ``/apikeys``.
+
+A key reads ``cf_<prefix>_<secret>``. The prefix (12 hex digits) is stored as is and
+finds the key; the secret is stored only as its SHA-256 and compared in constant time.
+The whole key is shown once, when it is created. Scopes are ordered: a ``write`` key
+may read, an ``admin`` key may do everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from typing import Any, Literal
+
+import psycopg
+
+from engine import db
+
+Scope = Literal["read", "write", "admin"]
+SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
+_RANK = {scope: rank for rank, scope in enumerate(SCOPES)}
+KEY_RE = re.compile(r"^cf_([0-9a-f]{12})_([A-Za-z0-9_-]{32,128})$")
+# Compared against when no key has the presented prefix, so a miss costs a comparison too.
+_NO_HASH = "0" * 64
+
+
+class ApiKeyNotFound(LookupError):
+    pass
+
+
+def _q(name: str) -> str:
+    return db.query(name, "api.sql")
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def allows(have: str, need: str) -> bool:
+    """Whether a key of scope ``have`` may do what needs ``need`` (read < write < admin)."""
+    return _RANK[have] >= _RANK[need]
+
+
+def check_name(name: str) -> str:
+    name = name.strip()
+    if not 1 <= len(name) <= 200:
+        raise ValueError("a key's name is 1 to 200 characters")
+    return name
+
+
+async def create(
+    conn: psycopg.AsyncConnection[Any], name: str, scope: str
+) -> tuple[dict[str, Any], str]:
+    """Store a new key; returns its row and the key itself (the only time it is known)."""
+    if scope not in _RANK:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+    name = check_name(name)
+    for _ in range(5):  # 48-bit prefixes: a collision is unlikely, two in a row absurd
+        prefix, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        row = await (
+            await conn.execute(
+                _q("insert_api_key"),
+                {"name": name, "prefix": prefix, "hash": hash_secret(secret), "scope": scope},
+            )
+        ).fetchone()
+        if row is not None:
+            return row, f"cf_{prefix}_{secret}"
+    raise RuntimeError("could not find a free key prefix")
+
+
+async def verify(
+    conn: psycopg.AsyncConnection[Any], presented: str, *, touch: bool = True
+) -> dict[str, Any] | None:
+    """The live key that ``presented`` is, or None (malformed, unknown, wrong or revoked)."""
+    match = KEY_RE.match(presented)
+    if match is None:
+        return None
+    prefix, secret = match.groups()
+    row = await (await conn.execute(_q("api_key_by_prefix"), {"prefix": prefix})).fetchone()
+    expected = row["hash"] if row is not None else _NO_HASH
+    if not hmac.compare_digest(expected, hash_secret(secret)) or row is None:
+        return None
+    if row["revoked_at"] is not None:
+        return None
+    if touch:
+        await conn.execute(_q("touch_api_key"), {"id": row["id"]})
+    return {k: v for k, v in row.items() if k != "hash"}
+
+
+async def list_keys(
+    conn: psycopg.AsyncConnection[Any], include_revoked: bool = True
+) -> list[dict[str, Any]]:
+    return await (
+        await conn.execute(_q("list_api_keys"), {"include_revoked": include_revoked})
+    ).fetchall()
+
+
+async def revoke(conn: psycopg.AsyncConnection[Any], key_id: int) -> dict[str, Any]:
+    """Revoke a key (revoking a revoked key changes nothing); returns the key."""
+    row = await (await conn.execute(_q("revoke_api_key"), {"id": key_id})).fetchone()
+    if row is None:
+        raise ApiKeyNotFound(key_id)
+    return row
