@@ -37,10 +37,13 @@ $$;
 -- name: insert_function
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
     LANGUAGE plpgsql AS $crmflow_capture$
+DECLARE
+    -- Read once per statement, not once per row.
+    write_depth integer := crmflow.current_depth();
+    write_actor text := crmflow.current_actor();
 BEGIN
     INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, depth, actor)
-    SELECT {entity_type}, 'insert', {pk_new}, to_jsonb(n),
-           crmflow.current_depth(), crmflow.current_actor()
+    SELECT {entity_type}, 'insert', {pk_new}, to_jsonb(n), write_depth, write_actor
       FROM new_rows AS n;
     PERFORM crmflow.wake_matcher();
     RETURN NULL;
@@ -53,10 +56,12 @@ $crmflow_capture$;
 -- Updates that change no column are not captured.
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
     LANGUAGE plpgsql AS $crmflow_capture$
+DECLARE
+    write_depth integer := crmflow.current_depth();
+    write_actor text := crmflow.current_actor();
 BEGIN
     INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, old_row, changed, depth, actor)
-    SELECT {entity_type}, c.op, c.pk, c.new_row, c.old_row, c.changed,
-           crmflow.current_depth(), crmflow.current_actor()
+    SELECT {entity_type}, c.op, c.pk, c.new_row, c.old_row, c.changed, write_depth, write_actor
       FROM (
             SELECT 'update' AS op, {pk_new} AS pk, j.new_row, j.old_row,
                    ARRAY(SELECT k.key FROM jsonb_each(j.new_row) AS k
@@ -85,10 +90,12 @@ $crmflow_capture$;
 -- name: delete_function
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
     LANGUAGE plpgsql AS $crmflow_capture$
+DECLARE
+    write_depth integer := crmflow.current_depth();
+    write_actor text := crmflow.current_actor();
 BEGIN
     INSERT INTO crmflow.outbox (entity_type, op, pk, old_row, depth, actor)
-    SELECT {entity_type}, 'delete', {pk_old}, to_jsonb(o),
-           crmflow.current_depth(), crmflow.current_actor()
+    SELECT {entity_type}, 'delete', {pk_old}, to_jsonb(o), write_depth, write_actor
       FROM old_rows AS o;
     PERFORM crmflow.wake_matcher();
     RETURN NULL;

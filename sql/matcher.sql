@@ -18,6 +18,15 @@ WITH candidates AS MATERIALIZED (
      ORDER BY id
      LIMIT %(batch_size)s
        FOR UPDATE SKIP LOCKED
+), held_elsewhere AS MATERIALIZED (
+    -- Pending events below our batch that we could not lock: another matcher holds
+    -- them. A short range scan of the pending index (no per-entity index to maintain
+    -- on every captured row).
+    SELECT o.entity_type, o.pk, o.id
+      FROM crmflow.outbox AS o
+     WHERE o.processed_at IS NULL
+       AND o.id < (SELECT max(id) FROM candidates)
+       AND o.id NOT IN (SELECT id FROM candidates)
 ), busy AS (
     -- A matcher at work: writers need not NOTIFY. (Writes only when the flag is set and
     -- there is work, so the idle check after announcing "listening" keeps it.)
@@ -31,12 +40,10 @@ SELECT (SELECT generation FROM crmflow.matcher_state) AS generation,
             WHERE c.pk IS NULL
                OR NOT EXISTS (
                     SELECT 1
-                      FROM crmflow.outbox AS earlier
-                     WHERE earlier.processed_at IS NULL
-                       AND earlier.entity_type = c.entity_type
+                      FROM held_elsewhere AS earlier
+                     WHERE earlier.entity_type = c.entity_type
                        AND earlier.pk = c.pk
-                       AND earlier.id < c.id
-                       AND earlier.id NOT IN (SELECT id FROM candidates))
+                       AND earlier.id < c.id)
             ORDER BY c.id
        ) AS ids;
 
