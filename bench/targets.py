@@ -73,7 +73,7 @@ async def _pair(url: str) -> None:
 
 
 async def p1(quick: bool) -> Result:
-    seconds, rounds = (5, 1) if quick else (15, 2)
+    seconds, rounds = (5, 1) if quick else (15, 3)
     with scratch_database() as url:
         await _pair(url)
         script = "INSERT INTO {} (name, source, score) VALUES ('lead', 'website_form', 42);\n"

@@ -38,14 +38,17 @@ $$;
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
     LANGUAGE plpgsql AS $crmflow_capture$
 DECLARE
-    -- Read once per statement, not once per row.
-    write_depth integer := crmflow.current_depth();
-    write_actor text := crmflow.current_actor();
+    -- The depth and actor of this write (see crmflow.current_depth), read once per
+    -- statement, not per row; plain code, not function calls, on the writer's path.
+    write_depth integer := coalesce(nullif(current_setting('crmflow.depth', true), '')::integer, 0);
+    write_actor text := coalesce(nullif(current_setting('crmflow.actor', true), ''), session_user);
 BEGIN
     INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, depth, actor)
     SELECT {entity_type}, 'insert', {pk_new}, to_jsonb(n), write_depth, write_actor
       FROM new_rows AS n;
-    PERFORM crmflow.wake_matcher();
+    IF (SELECT listening FROM crmflow.matcher_state) THEN  -- crmflow.wake_matcher, inlined
+        PERFORM pg_notify('crmflow_outbox', '');
+    END IF;
     RETURN NULL;
 END
 $crmflow_capture$;
@@ -57,8 +60,8 @@ $crmflow_capture$;
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
     LANGUAGE plpgsql AS $crmflow_capture$
 DECLARE
-    write_depth integer := crmflow.current_depth();
-    write_actor text := crmflow.current_actor();
+    write_depth integer := coalesce(nullif(current_setting('crmflow.depth', true), '')::integer, 0);
+    write_actor text := coalesce(nullif(current_setting('crmflow.actor', true), ''), session_user);
 BEGIN
     INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, old_row, changed, depth, actor)
     SELECT {entity_type}, c.op, c.pk, c.new_row, c.old_row, c.changed, write_depth, write_actor
@@ -82,7 +85,9 @@ BEGIN
              WHERE NOT EXISTS (SELECT 1 FROM old_rows AS o WHERE {pk_join})
            ) AS c
      ORDER BY c.part;
-    PERFORM crmflow.wake_matcher();
+    IF (SELECT listening FROM crmflow.matcher_state) THEN  -- crmflow.wake_matcher, inlined
+        PERFORM pg_notify('crmflow_outbox', '');
+    END IF;
     RETURN NULL;
 END
 $crmflow_capture$;
@@ -91,13 +96,15 @@ $crmflow_capture$;
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
     LANGUAGE plpgsql AS $crmflow_capture$
 DECLARE
-    write_depth integer := crmflow.current_depth();
-    write_actor text := crmflow.current_actor();
+    write_depth integer := coalesce(nullif(current_setting('crmflow.depth', true), '')::integer, 0);
+    write_actor text := coalesce(nullif(current_setting('crmflow.actor', true), ''), session_user);
 BEGIN
     INSERT INTO crmflow.outbox (entity_type, op, pk, old_row, depth, actor)
     SELECT {entity_type}, 'delete', {pk_old}, to_jsonb(o), write_depth, write_actor
       FROM old_rows AS o;
-    PERFORM crmflow.wake_matcher();
+    IF (SELECT listening FROM crmflow.matcher_state) THEN  -- crmflow.wake_matcher, inlined
+        PERFORM pg_notify('crmflow_outbox', '');
+    END IF;
     RETURN NULL;
 END
 $crmflow_capture$;
