@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from engine import db
@@ -48,43 +47,6 @@ def _key(ex: dict[str, Any]) -> tuple[str, str] | None:
     return ex["entity_type"], json.dumps(ex["entity_pk"], sort_keys=True)
 
 
-async def _busy(
-    conn: psycopg.AsyncConnection[Any], enrolled: list[dict[str, Any]]
-) -> set[tuple[str, str]]:
-    """Entities with an earlier execution still queued or running."""
-    with_entity = [e for e in enrolled if e["entity_pk"] is not None]
-    if not with_entity:
-        return set()
-    rows = await (
-        await conn.execute(
-            _q("busy_entities"),
-            {
-                "types": [e["entity_type"] for e in with_entity],
-                "pks": [Jsonb(e["entity_pk"]) for e in with_entity],
-                "first_id": enrolled[0]["id"],
-            },
-        )
-    ).fetchall()
-    return {(r["entity_type"], json.dumps(r["entity_pk"], sort_keys=True)) for r in rows}
-
-
-async def _current_rows(
-    conn: psycopg.AsyncConnection[Any], entity: EntitySchema, pks: list[dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """The entities as they are now, keyed by their primary key (as sorted JSON)."""
-    match = sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier("t", c), sql.Identifier("p", c))
-        for c in entity.pk_columns
-    )
-    query = sql.SQL(
-        "SELECT u.pk, to_jsonb(t) AS row FROM unnest(%(pks)s::jsonb[]) AS u(pk)"
-        " CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, u.pk) AS p"
-        " JOIN {table} AS t ON {match}"
-    ).format(table=entity.table, match=match)
-    rows = await (await conn.execute(query, {"pks": [Jsonb(p) for p in pks]})).fetchall()
-    return {json.dumps(r["pk"], sort_keys=True): r["row"] for r in rows}
-
-
 async def run_inline(
     conn: psycopg.AsyncConnection[Any],
     runner: Runner,
@@ -93,8 +55,8 @@ async def run_inline(
     entities: dict[str, EntitySchema],
 ) -> set[int]:
     """Run the inline-able leading steps of ``enrolled`` (in id order); returns the ids of
-    the executions that completed (they need no job)."""
-    busy = await _busy(conn, enrolled)
+    the executions that completed (they need no job). Each row carries ``entity_busy``
+    and ``current_row`` from the match statement (sql/matcher.sql)."""
     queued: set[tuple[str, str]] = set()  # entities with an execution going to the queue
     chosen: list[tuple[dict[str, Any], Plan]] = []
     for ex in enrolled:
@@ -110,7 +72,7 @@ async def run_inline(
             plan is not None
             and plan.inline_prefix
             and ex["not_before"] is None
-            and (key is None or (key not in busy and key not in queued))
+            and (key is None or (not ex["entity_busy"] and key not in queued))
         )
         if not runnable:
             if key is not None:
@@ -138,22 +100,12 @@ async def _run(
     entities: dict[str, EntitySchema],
 ) -> set[int]:
     actions = registry()
-    rows: dict[str, dict[str, dict[str, Any]]] = {}
-    by_type: dict[str, list[dict[str, Any]]] = {}
-    for ex, _ in chosen:
-        if ex["entity_pk"] is not None:
-            by_type.setdefault(ex["entity_type"], []).append(ex["entity_pk"])
-    for entity_type, pks in by_type.items():
-        rows[entity_type] = await _current_rows(conn, entities[entity_type], pks)
-
     contexts: dict[int, dict[str, StepContext]] = {}
     views: dict[int, dict[str, dict[str, Any]]] = {}
     for ex, plan in chosen:
         execution = {**ex, "workflow_name": versions[ex["workflow_version_id"]]["name"]}
-        key = _key(ex)
-        row = (rows.get(ex["entity_type"], {}).get(key[1]) if key else None) or (
-            ex["event_new_row"] or ex["event_old_row"]
-        )
+        # The entity now (read by the match statement); gone: as the event saw it.
+        row = ex["current_row"] or ex["event_new_row"] or ex["event_old_row"]
         views[ex["id"]] = {}
         contexts[ex["id"]] = {
             sid: StepContext(
@@ -237,7 +189,5 @@ async def _run(
             )
         ids.append(ex["id"])
         statuses.append("completed" if len(done) == len(plan.ids) else "pending")
-    await conn.execute(_q("record_inline_steps"), steps)
-    await conn.execute(_q("finish_inline"), {"ids": ids, "statuses": statuses})
-    await conn.execute(db.query("set_write_context", "runtime.sql"), {"depth": "", "actor": ""})
+    await conn.execute(_q("record_inline"), {**steps, "ids": ids, "execution_statuses": statuses})
     return {i for i, s in zip(ids, statuses, strict=True) if s == "completed"}

@@ -85,8 +85,25 @@ async def build_plan(conn: psycopg.AsyncConnection[Any], generation: int) -> Mat
     versions = {r["version_id"]: r for r in rows}
     if not branches:
         return MatchPlan(generation, None, versions=versions, entities=entities)
+    cases = [
+        sql.SQL(_q("current_row_case")).format(
+            entity_type=sql.Literal(e.entity_type),
+            table=e.table,
+            pk_match=sql.SQL(" AND ").join(
+                sql.SQL("{} = {}").format(sql.Identifier("t", c), sql.Identifier("p", c))
+                for c in e.pk_columns
+            ),
+        )
+        for name, e in entities.items()
+        if name in by_entity
+    ]
+    current_row = (
+        sql.SQL("CASE x.entity_type {} END").format(sql.SQL(" ").join(cases))
+        if cases
+        else sql.SQL("NULL::jsonb")
+    )
     statement = sql.SQL(_q("match_and_enroll")).format(
-        branches=sql.SQL("\nUNION ALL\n").join(branches)
+        branches=sql.SQL("\nUNION ALL\n").join(branches), current_row=current_row
     )
     return MatchPlan(
         generation,

@@ -155,13 +155,27 @@ WITH batch AS (
       LEFT JOIN counts AS c ON c.event_id = b.id
      WHERE o.id = b.id
 )
--- The new executions, with what their steps may need of the event. (Data-modifying
--- CTEs always run to completion, read or not.)
+-- The new executions, with what steps run inline need (engine/inline.py): the event,
+-- the entity as it is now, and whether an earlier execution of the entity is still
+-- queued or running (then this one queues behind it). (Data-modifying CTEs always run
+-- to completion, read or not; their own inserts are not visible here.)
 SELECT x.*, b.op AS event_op, b.new_row AS event_new_row, b.old_row AS event_old_row,
-       b.changed AS event_changed, b.event_name, b.payload AS event_payload
+       b.changed AS event_changed, b.event_name, b.payload AS event_payload,
+       {current_row} AS current_row,
+       (x.entity_pk IS NOT NULL AND EXISTS (
+            SELECT 1 FROM crmflow.executions AS p
+             WHERE p.entity_type = x.entity_type AND p.entity_pk = x.entity_pk
+               AND (p.status = 'running' OR (p.status = 'pending' AND p.not_before IS NULL))
+       )) AS entity_busy
   FROM enrolled AS x
   JOIN batch AS b ON b.id = x.event_id
  ORDER BY x.id;
+
+-- name: current_row_case
+-- The entity's row now, as JSON, for one entity type: one WHEN of the CASE that
+-- match_and_enroll selects as current_row.
+WHEN {entity_type} THEN (SELECT to_jsonb(t) FROM jsonb_populate_record(NULL::{table}, x.entity_pk) AS p
+                          JOIN {table} AS t ON {pk_match})
 
 -- name: defer_jobs
 -- The executions' jobs, in id order (per entity, that is event order). A start in the
@@ -178,31 +192,23 @@ SELECT procrastinate_defer_jobs_v1(ARRAY(
             WHERE x.id = ANY(%(ids)s)
             ORDER BY x.id)) AS job_ids;
 
--- name: busy_entities
--- Entities of the batch with an earlier execution queued or running (engine/inline.py):
--- their new executions queue behind it. A start deferred to later does not count: it
--- holds no lock either.
-SELECT DISTINCT x.entity_type, x.entity_pk
-  FROM unnest(%(types)s::text[], %(pks)s::jsonb[]) AS u(entity_type, pk)
-  JOIN crmflow.executions AS x ON x.entity_type = u.entity_type AND x.entity_pk = u.pk
- WHERE x.id < %(first_id)s
-   AND (x.status = 'running' OR (x.status = 'pending' AND x.not_before IS NULL));
-
--- name: record_inline_steps
-INSERT INTO crmflow.execution_steps
-       (execution_id, step_id, position, type, status, attempts, started_at, finished_at, result)
-SELECT * FROM unnest(%(execution_ids)s::bigint[], %(step_ids)s::text[], %(positions)s::int[],
-                     %(types)s::text[], %(statuses)s::text[], %(attempts)s::int[],
-                     %(started)s::timestamptz[], %(finished)s::timestamptz[],
-                     %(results)s::jsonb[]);
-
--- name: finish_inline
--- Executions whose steps all ran inline are completed; the others keep "pending" (and
--- their start time) until their job runs the rest.
+-- name: record_inline
+-- The step rows of executions run inline, and the executions' state: those whose steps
+-- all ran are completed; the others keep "pending" (with their start time) until
+-- their job runs the rest.
+WITH steps AS (
+    INSERT INTO crmflow.execution_steps
+           (execution_id, step_id, position, type, status, attempts, started_at, finished_at,
+            result)
+    SELECT * FROM unnest(%(execution_ids)s::bigint[], %(step_ids)s::text[],
+                         %(positions)s::int[], %(types)s::text[], %(statuses)s::text[],
+                         %(attempts)s::int[], %(started)s::timestamptz[],
+                         %(finished)s::timestamptz[], %(results)s::jsonb[])
+)
 UPDATE crmflow.executions AS x
    SET status = u.status, started_at = clock_timestamp(),
        finished_at = CASE WHEN u.status = 'completed' THEN clock_timestamp() END
-  FROM unnest(%(ids)s::bigint[], %(statuses)s::text[]) AS u(id, status)
+  FROM unnest(%(ids)s::bigint[], %(execution_statuses)s::text[]) AS u(id, status)
  WHERE x.id = u.id;
 
 -- name: mark_processed
