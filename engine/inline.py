@@ -53,6 +53,7 @@ async def run_inline(
     enrolled: list[dict[str, Any]],
     versions: dict[int, dict[str, Any]],
     entities: dict[str, EntitySchema],
+    careful: bool = True,
 ) -> set[int]:
     """Run the inline-able leading steps of ``enrolled`` (in id order); returns the ids of
     the executions that completed (they need no job). Each row carries ``entity_busy``
@@ -84,6 +85,8 @@ async def run_inline(
             queued.add(key)  # the rest of it goes to the queue: later ones follow
     if not chosen:
         return set()
+    if not careful:  # the matcher redoes the whole batch carefully if this raises
+        return await _run(conn, runner, chosen, versions, entities)
     try:
         async with conn.transaction():  # a savepoint: on any error, nothing of this happened
             return await _run(conn, runner, chosen, versions, entities)

@@ -138,8 +138,19 @@ class Matcher:
     async def run_once(self) -> BatchResult:
         """Claim and process one batch; returns what it did (claimed 0: nothing pending)."""
         async with self.pool.connection() as conn:
-            async with conn.transaction():
-                result = self._count(await self._batch(conn))
+            try:
+                # The common case first, without savepoints: each costs two round trips.
+                async with conn.transaction():
+                    result = await self._batch(conn, careful=False)
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise
+            except Exception as exc:
+                # Rolled back whole; redo the batch with savepoints, so that a broken
+                # predicate or inline step is isolated instead of failing everything.
+                log.info("batch failed (%s); redoing it step by step", exc)
+                async with conn.transaction():
+                    result = await self._batch(conn, careful=True)
+            result = self._count(result)
             self._since_analyze += result.claimed
             if self._since_analyze >= ANALYZE_EVERY and result.claimed >= 100:
                 self._since_analyze = 0
@@ -164,7 +175,7 @@ class Matcher:
     def _params(self, ids: list[int]) -> dict[str, Any]:
         return {"ids": ids, "queue": self.settings.queue_name, "max_depth": self.settings.max_depth}
 
-    async def _batch(self, conn: psycopg.AsyncConnection[Any]) -> BatchResult:
+    async def _batch(self, conn: psycopg.AsyncConnection[Any], careful: bool) -> BatchResult:
         ids = await self._claim(conn)
         if not ids:
             return BatchResult()
@@ -172,6 +183,10 @@ class Matcher:
         if self.plan.statement is None:
             await conn.execute(_q("mark_processed"), {"ids": ids, "error": None})
             return BatchResult(claimed=len(ids))
+        if not careful:
+            enrolled = await (await conn.execute(self.plan.statement, self._params(ids))).fetchall()
+            await self._start(conn, enrolled, careful=False)
+            return BatchResult(claimed=len(ids), enrolled=len(enrolled))
         try:
             async with conn.transaction():  # a savepoint: a failure keeps the claim's locks
                 enrolled = await (
@@ -185,18 +200,18 @@ class Matcher:
             # and the culprits are recorded instead of blocking the outbox forever.
             log.warning("batch match failed (%s); matching one event at a time", exc)
             return await self._batch_slowly(conn, ids)
-        await self._start(conn, enrolled)
+        await self._start(conn, enrolled, careful=True)
         return BatchResult(claimed=len(ids), enrolled=len(enrolled))
 
     async def _start(
-        self, conn: psycopg.AsyncConnection[Any], enrolled: list[dict[str, Any]]
+        self, conn: psycopg.AsyncConnection[Any], enrolled: list[dict[str, Any]], careful: bool
     ) -> None:
         """Run what can run inline, then defer jobs for everything else, in id order."""
         assert self.plan is not None
         done: set[int] = set()
         if self.settings.inline_steps and enrolled:
             done = await run_inline(
-                conn, self.runner, enrolled, self.plan.versions, self.plan.entities
+                conn, self.runner, enrolled, self.plan.versions, self.plan.entities, careful
             )
         waiting = [e["id"] for e in enrolled if e["status"] == "pending" and e["id"] not in done]
         if waiting:
@@ -215,7 +230,7 @@ class Matcher:
                     enrolled = await (
                         await conn.execute(self.plan.statement, self._params([event_id]))
                     ).fetchall()
-                    await self._start(conn, enrolled)
+                    await self._start(conn, enrolled, careful=True)
                 result.enrolled += len(enrolled)
                 continue
             except psycopg.OperationalError:
