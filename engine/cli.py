@@ -508,8 +508,14 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from engine.worker import Worker
 
+    url = database_url()
+    if args.metrics_port:
+        from engine.metrics import serve
+
+        serve(url, args.metrics_port)
+
     async def run() -> int:
-        worker = Worker(database_url(), concurrency=args.concurrency)
+        worker = Worker(url, concurrency=args.concurrency)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, worker.stop_event.set)
@@ -653,6 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run matcher, scheduler and job worker in one process")
     p.add_argument("--concurrency", type=int, default=10)
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on this port (this process's and the database's)",
+    )
     p.set_defaults(func=cmd_worker)
     return parser
 

@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     cors_origins: list[str] = []
     events_hmac_secret: SecretStr | None = None
 
+    # Alerts (engine/alerts.py): checked every alert_interval seconds by one worker.
+    alert_interval: float = Field(30.0, gt=0)
+    alert_window: float = Field(900.0, gt=0)  # failure rate over this many seconds
+    alert_failure_rate: float = Field(0.1, ge=0, le=1)
+    alert_min_executions: int = Field(10, ge=1)  # finished executions before judging a rate
+    alert_outbox_age: float = Field(60.0, gt=0)  # seconds the oldest unmatched event may wait
+
     # Scheduler: smallest allowed interval between two cron fires, in seconds.
     min_schedule_interval: int = Field(60, ge=1)
 

@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from engine import db
+from engine import db, metrics
 from engine.actions import Skip, registry
 from engine.catalog import EntitySchema
 from engine.runtime import Plan, Runner, StepContext, plan_for
@@ -156,6 +156,7 @@ async def _run(
             finished = datetime.now(UTC)
             for ctx, result in zip(group, results, strict=True):
                 status = "skipped" if isinstance(result, Skip) else "succeeded"
+                metrics.STEPS_RUN.labels(step.type, status, "inline").inc()
                 value = {"reason": str(result)} if isinstance(result, Skip) else result
                 outcome.setdefault(ctx.execution_id, {})[sid] = (status, value, started, finished)
                 views[ctx.execution_id][sid] = {"status": status, "result": value}
@@ -174,7 +175,7 @@ async def _run(
             "results",
         )
     }
-    ids, statuses = [], []
+    ids, statuses, first_actions, actives = [], [], [], []
     for ex, plan in chosen:
         done = outcome.get(ex["id"], {})
         for position, sid in enumerate(plan.ids, start=1):
@@ -192,5 +193,21 @@ async def _run(
             )
         ids.append(ex["id"])
         statuses.append("completed" if len(done) == len(plan.ids) else "pending")
-    await conn.execute(_q("record_inline"), {**steps, "ids": ids, "execution_statuses": statuses})
+        ran = [
+            (started, finished)
+            for status, _, started, finished in done.values()
+            if status == "succeeded"
+        ]
+        first_actions.append(min((f for _, f in ran), default=None))
+        actives.append(sum((f - s).total_seconds() for s, f in ran))
+    await conn.execute(
+        _q("record_inline"),
+        {
+            **steps,
+            "ids": ids,
+            "execution_statuses": statuses,
+            "first_actions": first_actions,
+            "actives": actives,
+        },
+    )
     return {i for i, s in zip(ids, statuses, strict=True) if s == "completed"}

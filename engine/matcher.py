@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from engine import catalog, db
+from engine import catalog, db, metrics
 from engine.config import Settings, get_settings
 from engine.inline import run_inline
 from engine.runtime import Runner
@@ -137,6 +138,7 @@ class Matcher:
 
     async def run_once(self) -> BatchResult:
         """Claim and process one batch; returns what it did (claimed 0: nothing pending)."""
+        started = time.perf_counter()
         async with self.pool.connection() as conn:
             try:
                 # The common case first, without savepoints: each costs two round trips.
@@ -151,6 +153,11 @@ class Matcher:
                 async with conn.transaction():
                     result = await self._batch(conn, careful=True)
             result = self._count(result)
+            if result.claimed:
+                metrics.EVENTS_MATCHED.inc(result.claimed)
+                metrics.EXECUTIONS_ENROLLED.inc(result.enrolled)
+                metrics.MATCH_ERRORS.inc(result.errors)
+                metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
             self._since_analyze += result.claimed
             if self._since_analyze >= ANALYZE_EVERY and result.claimed >= 100:
                 self._since_analyze = 0

@@ -41,7 +41,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from engine import catalog, db, templates
+from engine import catalog, db, metrics, templates
 from engine.actions import PermanentError, Skip, registry
 from engine.actions.base import Action
 from engine.catalog import EntitySchema
@@ -708,6 +708,7 @@ class Runner:
             except Exception as exc:  # the action's effects were rolled back with the savepoint
                 retry = await self._attempt_failed(conn, ctx, exc)
             else:
+                metrics.STEPS_RUN.labels(ctx.step.type, "succeeded", "queue").inc()
                 await conn.execute(
                     _q("step_succeeded"),
                     {
@@ -776,6 +777,7 @@ class Runner:
             except Exception as exc:
                 retry = await self._attempt_failed(conn, ctx, exc)
             else:
+                metrics.STEPS_RUN.labels(ctx.step.type, "succeeded", "queue").inc()
                 await conn.execute(
                     _q("step_succeeded"),
                     {
@@ -805,6 +807,7 @@ class Runner:
         self, conn: psycopg.AsyncConnection[Any], ctx: StepContext, exc: BaseException
     ) -> StepRetryLater | None:
         error = _describe(exc)
+        metrics.STEPS_RUN.labels(ctx.step.type, "failed attempt", "queue").inc()
         retry_at = self._retry_at(ctx.step, ctx.attempt, exc)
         await conn.execute(
             _q("step_attempt_failed"),

@@ -74,6 +74,7 @@ class Worker:
             asyncio.create_task(self._procrastinate(), name="procrastinate worker"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._recover_stalled(), name="stalled job recovery"),
+            asyncio.create_task(self._check_alerts(), name="alerts"),
         ]
         if self.run_matcher:
             self._tasks.append(
@@ -141,6 +142,16 @@ class Worker:
                 await self.recover_stalled()
             except Exception as exc:
                 log.warning("stalled job recovery failed: %s", exc)
+
+    async def _check_alerts(self) -> None:
+        from engine.alerts import check
+
+        while await self._every(self.settings.alert_interval):
+            try:
+                async with self.pool.connection() as conn:
+                    await check(conn, self.settings)
+            except Exception as exc:
+                log.warning("alert check failed: %s", exc)
 
     async def stop(self) -> None:
         self.stop_event.set()

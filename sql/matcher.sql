@@ -207,8 +207,12 @@ WITH steps AS (
 )
 UPDATE crmflow.executions AS x
    SET status = u.status, started_at = clock_timestamp(),
-       finished_at = CASE WHEN u.status = 'completed' THEN clock_timestamp() END
-  FROM unnest(%(ids)s::bigint[], %(execution_statuses)s::text[]) AS u(id, status)
+       finished_at = CASE WHEN u.status = 'completed' THEN clock_timestamp() END,
+       first_action_at = u.first_action_at,
+       active_seconds = CASE WHEN u.status = 'completed' THEN u.active_seconds END
+  FROM unnest(%(ids)s::bigint[], %(execution_statuses)s::text[],
+              %(first_actions)s::timestamptz[], %(actives)s::float8[])
+       AS u(id, status, first_action_at, active_seconds)
  WHERE x.id = u.id;
 
 -- name: mark_processed

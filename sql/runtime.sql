@@ -63,10 +63,17 @@ UPDATE crmflow.execution_steps
 RETURNING attempts;
 
 -- name: step_succeeded
-UPDATE crmflow.execution_steps
-   SET status = 'succeeded', result = %(result)s, error = NULL, scheduled_at = NULL,
-       finished_at = clock_timestamp()
- WHERE execution_id = %(id)s AND step_id = %(step_id)s;
+-- The execution remembers when its first action succeeded (event -> first action).
+WITH step AS (
+    UPDATE crmflow.execution_steps
+       SET status = 'succeeded', result = %(result)s, error = NULL, scheduled_at = NULL,
+           finished_at = clock_timestamp()
+     WHERE execution_id = %(id)s AND step_id = %(step_id)s
+    RETURNING finished_at
+)
+UPDATE crmflow.executions
+   SET first_action_at = coalesce(first_action_at, (SELECT finished_at FROM step))
+ WHERE id = %(id)s;
 
 -- name: step_skipped
 UPDATE crmflow.execution_steps
@@ -97,6 +104,11 @@ UPDATE crmflow.executions
        error = coalesce(%(error)s, error),
        finished_at = CASE WHEN %(status)s IN ('completed', 'failed', 'cancelled', 'skipped')
                           THEN clock_timestamp() END,
+       -- how long its steps ran, without the waits (for the reports)
+       active_seconds = CASE WHEN %(status)s IN ('completed', 'failed', 'cancelled', 'skipped')
+                             THEN (SELECT sum(extract(epoch FROM s.finished_at - s.started_at))
+                                     FROM crmflow.execution_steps AS s
+                                    WHERE s.execution_id = %(id)s) END,
        not_before = %(not_before)s
  WHERE id = %(id)s AND status IN ('pending', 'running', 'waiting')
 RETURNING id;

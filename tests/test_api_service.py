@@ -96,7 +96,8 @@ async def test_entities(client: httpx.AsyncClient, crm: psycopg.AsyncConnection[
     response = await client.get("/entities")
     assert response.status_code == 200
     entities = {e["entity_type"]: e for e in response.json()}
-    assert set(entities) == {"account", "contact", "deal", "lead"}
+    # crmflow_alert: the engine's own alerts, watched by crmflow migrate
+    assert set(entities) == {"account", "contact", "deal", "lead", "crmflow_alert"}
     lead = entities["lead"]
     assert (lead["table_schema"], lead["table_name"], lead["pk_columns"]) == (
         "public",
@@ -207,6 +208,7 @@ async def test_routing_errors_and_openapi(client: httpx.AsyncClient) -> None:
         "/entities/{entity_type}",
         "/apikeys",
         "/apikeys/{key_id}",
+        "/metrics",
     } == set(schema["paths"])
     create = schema["paths"]["/workflows"]["post"]
     assert set(create["responses"]) >= {"201", "401", "403", "409", "413", "422"}

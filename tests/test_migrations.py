@@ -79,8 +79,9 @@ def empty_db(server_url: str) -> Any:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     yield with_dbname(server_url, name)
     with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 async def test_replaying_the_migrations_gives_the_expected_schema(
@@ -93,7 +94,7 @@ async def test_replaying_the_migrations_gives_the_expected_schema(
     async with await db.connect(empty_db, autocommit=True) as conn:
         for f in files:
             shutil.copy(f, steps / f.name)
-            await migrate(conn, steps)
+            await migrate(conn, steps, install=f == files[-1])
     replayed = await schema_of(empty_db)
     assert replayed == await schema_of(db_url), "step by step != all at once"
     if os.environ.get("UPDATE_SCHEMA_SNAPSHOT"):
@@ -130,6 +131,9 @@ async def test_two_migrates_at_once(empty_db: str) -> None:
     first, second = await asyncio.gather(one(), one())
     assert sorted([first, second], key=len) == [[], [f.stem for f in migration_files()]]
     async with await db.connect(empty_db, autocommit=True) as conn:
-        row = await (await conn.execute(
-            "SELECT to_regclass('procrastinate.procrastinate_jobs') IS NOT NULL AS ok")).fetchone()
+        row = await (
+            await conn.execute(
+                "SELECT to_regclass('procrastinate.procrastinate_jobs') IS NOT NULL AS ok"
+            )
+        ).fetchone()
         assert row and row["ok"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.routes import apikeys, entities, events, executions, health, workflows
+from api.routes import apikeys, entities, events, executions, health, metrics, workflows
 
 ROUTERS: list[APIRouter] = [
     workflows.router,
@@ -13,4 +13,5 @@ ROUTERS: list[APIRouter] = [
     entities.router,
     apikeys.router,
     health.router,
+    metrics.router,
 ]
