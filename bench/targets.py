@@ -315,11 +315,37 @@ async def p5(quick: bool) -> Result:
     )
 
 
+async def views(quick: bool) -> list[Result]:
+    from bench.views import view_times
+
+    return [
+        Result(v["id"], v["what"], v["seconds"], v["bound"], "s", False)
+        for v in await view_times(quick)
+    ]
+
+
+def _wanted(key: str, only: set[str] | None) -> bool:
+    if not only:
+        return True
+    if key == "P4":  # P4 and P6 come from the same drain
+        return bool({"P4", "P6"} & only)
+    if key == "V":
+        return any(o.startswith("V") for o in only)
+    return key in only
+
+
 async def run_all(quick: bool, only: set[str] | None = None, progress: Any = None) -> list[Result]:
-    steps: list[tuple[str, Any]] = [("P1", p1), ("P2", p2), ("P3", p3), ("P4", p4_p6), ("P5", p5)]
+    steps: list[tuple[str, Any]] = [
+        ("P1", p1),
+        ("P2", p2),
+        ("P3", p3),
+        ("P4", p4_p6),
+        ("P5", p5),
+        ("V", views),
+    ]
     results: list[Result] = []
     for key, fn in steps:
-        if only and key not in only and not (key == "P4" and "P6" in only):
+        if not _wanted(key, only):
             continue
         if progress:
             progress(key)
