@@ -93,34 +93,20 @@ def _trigger_predicate(
             for path, name in zip(paths, names, strict=True)
         )
         parts: list[sql.Composable] = [compiler.compile(Group("trigger", "any", leaves), NEW)]
-        if trigger.from_ is not UNSET:
-            parts.append(
-                compiler.compile(
-                    FieldCondition(
-                        "trigger",
-                        names[0],
-                        "changed_from",
-                        trigger.from_,
-                        field_path=paths[0],
-                        value_path="trigger.from",
-                    ),
-                    NEW,
+        for key, operator, value in (
+            ("from", "changed_from", trigger.from_),
+            ("to", "changed_to", trigger.to),
+        ):
+            if value is not UNSET:
+                leaf = FieldCondition(
+                    "trigger",
+                    names[0],
+                    operator,
+                    value,
+                    field_path=paths[0],
+                    value_path=f"trigger.{key}",
                 )
-            )
-        if trigger.to is not UNSET:
-            parts.append(
-                compiler.compile(
-                    FieldCondition(
-                        "trigger",
-                        names[0],
-                        "changed_to",
-                        trigger.to,
-                        field_path=paths[0],
-                        value_path="trigger.to",
-                    ),
-                    NEW,
-                )
-            )
+                parts.append(compiler.compile(leaf, NEW))
         return sql.SQL("(ev.op = 'update' AND {})").format(sql.SQL(" AND ").join(parts))
     if isinstance(trigger, CustomEvent):
         return sql.SQL("(ev.op = 'event' AND ev.event_name = {})").format(
