@@ -187,7 +187,7 @@ def _ms(seconds: Any) -> str:
     return "-" if seconds is None else f"{float(seconds) * 1000:.0f} ms"
 
 
-async def _report(conn: psycopg.AsyncConnection[Any], elapsed: float) -> None:
+async def _report(conn: psycopg.AsyncConnection[Any], elapsed: float, url: str) -> None:
     table = Table(title="What fired", title_justify="left")
     for column in (
         "workflow",
@@ -254,8 +254,14 @@ async def _report(conn: psycopg.AsyncConnection[Any], elapsed: float) -> None:
             "`crmflow demo --wait` waits for them.[/]"
         )
     console.print(
-        f"[bold green]Done in {elapsed:.1f} s.[/] History: `crmflow executions list`; "
-        "the example workflows are in examples/workflows/."
+        f"[bold green]Done in {elapsed:.1f} s.[/] The example workflows are in "
+        "examples/workflows/. The history stays in the demo database:"
+    )
+    console.print(
+        f"  CRMFLOW_DATABASE_URL='{url}' crmflow executions list",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
     )
 
 
@@ -311,7 +317,7 @@ async def run_demo(wait_delayed: bool = False) -> int:
                     deadline = time.monotonic() + (150 if wait_delayed else 60)
                     while not await _settled(conn, wait_delayed) and time.monotonic() < deadline:
                         await asyncio.sleep(0.2)
-                await _report(conn, time.monotonic() - started)
+                await _report(conn, time.monotonic() - started, url)
         finally:
             await worker.stop()
     return 0
