@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
 import random
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg import sql
 
 from bench.harness import (
+    WorkerProcess,
     apply_active,
     median,
     percentile,
@@ -194,12 +198,16 @@ async def p3(quick: bool) -> Result:
     )
 
 
-async def _drain(url: str, events: int, timeout: float) -> dict[str, float]:
-    """Write a burst of leads with no worker, then time one worker process draining it."""
+async def _insert_leads(url: str, events: int) -> None:
     async with await db.connect(url, autocommit=True) as conn:
         await conn.execute(
             "INSERT INTO leads (name) SELECT 'lead ' || i FROM generate_series(1, %s) i", [events]
         )
+
+
+async def _drain(url: str, events: int, timeout: float) -> dict[str, float]:
+    """Write a burst of leads with no worker, then time one worker process draining it."""
+    await _insert_leads(url, events)
     start = time.monotonic()
     async with worker_process(url) as worker:
         seconds = await wait_for(url, "SELECT count(*) FROM tasks", events, timeout, worker)
@@ -315,6 +323,107 @@ async def p5(quick: bool) -> Result:
     )
 
 
+WEBHOOK_ON_NEW_LEAD = {
+    "name": "Webhook for each new lead",
+    "trigger": {"type": "entity_created", "entity_type": "lead"},
+    "actions": [{"type": "http_request", "url": "{{ hook_url }}", "body": {"id": "{{ lead.id }}"}}],
+}
+
+
+class _SlowReceiver(http.server.BaseHTTPRequestHandler):
+    """A webhook receiver that takes ``delay`` seconds per request, counting unique keys."""
+
+    delay = 0.02
+    keys: ClassVar[set[str]] = set()
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        time.sleep(self.delay)
+        with self.lock:
+            self.keys.add(self.headers.get("Idempotency-Key") or "")
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+async def _scale_case(workers: int, events: int, webhook: bool) -> float:
+    """events/s for ``workers`` worker processes draining a burst of new leads."""
+    with scratch_database() as url:
+        await prepare(url)
+        env: dict[str, str] = {}
+        receiver: http.server.ThreadingHTTPServer | None = None
+        if webhook:
+            _SlowReceiver.keys = set()
+            receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowReceiver)
+            receiver.daemon_threads = True
+            threading.Thread(target=receiver.serve_forever, daemon=True).start()
+            hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+            definition = json.loads(json.dumps(WEBHOOK_ON_NEW_LEAD).replace("{{ hook_url }}", hook))
+            await apply_active(url, [definition])
+            env["CRMFLOW_HTTP_ALLOWED_HOSTS"] = '["127.0.0.1"]'
+        else:
+            await apply_active(url, [TASK_ON_NEW_LEAD])
+        await _insert_leads(url, events)
+        procs = [WorkerProcess(url, env=env) for _ in range(workers)]
+        start = time.monotonic()
+        for proc in procs:
+            proc.start()
+        try:
+            if webhook:
+                deadline = start + 600
+                while len(_SlowReceiver.keys) < events:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{len(_SlowReceiver.keys)}/{events} webhooks")
+                    await asyncio.sleep(0.05)
+            else:
+                await wait_for(url, "SELECT count(*) FROM tasks", events, 600)
+            elapsed = time.monotonic() - start
+        finally:
+            for proc in procs:
+                proc.stop()
+            if receiver is not None:
+                receiver.shutdown()
+                receiver.server_close()
+        return events / elapsed
+
+
+async def scale_out(quick: bool) -> list[Result]:
+    """S1/S2: the same burst drained by 1, 2 and 4 worker processes on one database."""
+    results = []
+    for key, webhook, events, target, what in (
+        (
+            "S1",
+            False,
+            5_000 if quick else 30_000,
+            0.8,
+            "create_task (inline, database-bound): events/s with 4 workers ÷ with 1",
+        ),
+        (
+            "S2",
+            True,
+            500 if quick else 3_000,
+            1.5,
+            "http_request to a 20 ms webhook (queued jobs): events/s with 4 workers ÷ with 1",
+        ),
+    ):
+        rates = {n: await _scale_case(n, events, webhook) for n in (1, 2, 4)}
+        results.append(
+            Result(
+                key,
+                what,
+                rates[4] / rates[1],
+                target,
+                "ratio",
+                True,
+                {"events": events, **{f"rate_{n}_workers": round(r) for n, r in rates.items()}},
+            )
+        )
+    return results
+
+
 async def views(quick: bool) -> list[Result]:
     from bench.views import view_times
 
@@ -329,8 +438,8 @@ def _wanted(key: str, only: set[str] | None) -> bool:
         return True
     if key == "P4":  # P4 and P6 come from the same drain
         return bool({"P4", "P6"} & only)
-    if key == "V":
-        return any(o.startswith("V") for o in only)
+    if key in ("V", "S"):
+        return any(o.startswith(key) for o in only)
     return key in only
 
 
@@ -341,6 +450,7 @@ async def run_all(quick: bool, only: set[str] | None = None, progress: Any = Non
         ("P3", p3),
         ("P4", p4_p6),
         ("P5", p5),
+        ("S", scale_out),
         ("V", views),
     ]
     results: list[Result] = []

@@ -18,6 +18,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from pydantic import Field
 
+from engine import netpolicy
 from engine.actions.base import Action, Params, PermanentError, Skip
 from engine.actions.http_request import retry_after_seconds
 from engine.model import Issue
@@ -69,7 +70,10 @@ class EnrichLead(Action):
             headers["Authorization"] = f"Bearer {settings.enrichment_token.get_secret_value()}"
         try:
             async with httpx.AsyncClient(
-                timeout=params.timeout, follow_redirects=False, trust_env=False
+                verify=netpolicy.ssl_context(),
+                timeout=params.timeout,
+                follow_redirects=False,
+                trust_env=False,
             ) as client:
                 response = await client.post(
                     settings.enrichment_url,
