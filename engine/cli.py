@@ -488,17 +488,15 @@ def cmd_apikey_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
+    from api.main import create_app, serve
 
-    from api.main import create_app
-
-    uvicorn.run(
+    serve(
         create_app(),
         host=args.host,
         port=args.port,
         log_level="debug" if args.verbose else "info",
         proxy_headers=True,
-    )
+    ).run()
     return 0
 
 
