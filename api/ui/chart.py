@@ -12,7 +12,7 @@ from datetime import date, timedelta
 from typing import Any
 
 WIDTH, HEIGHT = 560, 180
-LEFT, RIGHT, TOP, BOTTOM = 56, 12, 12, 28  # room for the axis labels
+LEFT, RIGHT, TOP, BOTTOM = 56, 16, 12, 28  # room for the axis labels
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Chart:
     executions: int
     series: list[Series]
     y_ticks: list[tuple[float, str]]  # (y, label)
-    x_ticks: list[tuple[float, str]]
+    x_ticks: list[tuple[float, str, str]]  # (x, label, text-anchor)
     width: int = WIDTH
     height: int = HEIGHT
     left: int = LEFT
@@ -70,7 +70,11 @@ def build_charts(rows: list[dict[str, Any]], days: int, today: date) -> list[Cha
 
     # Counted back from today, so the newest day is always labelled.
     x_ticks = [
-        (x_of(today - timedelta(days=d)), f"{today - timedelta(days=d):%b %d}")
+        (
+            x_of(today - timedelta(days=d)),
+            f"{today - timedelta(days=d):%b %d}",
+            "end" if d == 0 else "middle",  # today's label ends at the right edge
+        )
         for d in range(0, days, max(days // 5, 1))
     ]
     charts = []
