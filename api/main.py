@@ -7,18 +7,21 @@ call (workflows, executions, the runner's retry/cancel); routers under ``api.rou
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from psycopg_pool import AsyncConnectionPool
 
 from api import deps, problems
+from api.live import ExecutionFeed
 from api.middleware import BodySizeLimit
-from api.routes import ROUTERS
+from api.routes import ROUTERS, ui
 from engine import db
 from engine.config import Settings, get_settings
 from engine.embedded import resolve_database_url
@@ -52,9 +55,11 @@ def create_app(
         else:
             app.state.pool = pool
         app.state.runner = Runner(app.state.pool, settings)
+        app.state.execution_feed = ExecutionFeed(app.state.pool.conninfo)
         try:
             yield
         finally:
+            await app.state.execution_feed.close()
             if own:
                 await app.state.pool.close()
 
@@ -69,6 +74,7 @@ def create_app(
     problems.install(app)
     for router in ROUTERS:
         app.include_router(router)
+    ui.install(app)
     # Added last = outermost: CORS headers go on every answer, the 413 included.
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     if settings.cors_origins:
@@ -93,3 +99,23 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn's server, which first ends the dashboard's live streams when it stops:
+    uvicorn waits for open responses before the app's shutdown, and a server-sent
+    event stream stays open as long as its page does."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.app
+        feed = getattr(getattr(app, "state", None), "execution_feed", None)
+        if isinstance(feed, ExecutionFeed):
+            await feed.close()
+        await super().shutdown(sockets)
+
+
+def serve(app: FastAPI, host: str, port: int, **options: Any) -> ApiServer:
+    """A server for ``app`` (``.run()`` it, or ``await .serve()``); a stop waits at most
+    10 s for requests still running."""
+    options.setdefault("timeout_graceful_shutdown", 10)
+    return ApiServer(uvicorn.Config(app, host=host, port=port, **options))

@@ -164,7 +164,9 @@ def cmd_workflow_apply(args: argparse.Namespace) -> int:
         problems: list[str] = []
         # All or nothing: one transaction for every file.
         async with conn.transaction():
-            with Progress(console=err, transient=True, disable=len(definitions) < 5) as progress:
+            # A bar for long applies, on a terminal only: piped stderr stays plain text.
+            quiet = len(definitions) < 5 or not err.is_terminal
+            with Progress(console=err, transient=True, disable=quiet) as progress:
                 task = progress.add_task("applying workflows", total=len(definitions))
                 for path, index, definition in definitions:
                     where = f"{path}" + (f"[{index}]" if len(definitions) > 1 else "")
@@ -186,6 +188,7 @@ def cmd_workflow_apply(args: argparse.Namespace) -> int:
             console.print(
                 f"{where}: workflow {r.id} [bold]{r.name}[/] v{r.version} ({r.status}) {what}",
                 highlight=False,
+                soft_wrap=True,  # one line per workflow, however long its path
             )
         return 0
 
@@ -488,17 +491,15 @@ def cmd_apikey_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
+    from api.main import create_app, serve
 
-    from api.main import create_app
-
-    uvicorn.run(
+    serve(
         create_app(),
         host=args.host,
         port=args.port,
         log_level="debug" if args.verbose else "info",
         proxy_headers=True,
-    )
+    ).run()
     return 0
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import pty
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -383,3 +387,54 @@ async def test_date_fields_that_are_read_as_columns_must_be_columns(
         with pytest.raises(DefinitionError) as caught:
             await workflows.apply(crm, definition)
         assert [i.path for i in caught.value.issues] == [path]
+
+
+async def test_cli_apply_of_many_files_shows_progress_on_a_terminal_only(
+    crm: psycopg.AsyncConnection[Any], db_url: str, tmp_path: Path
+) -> None:
+    files = []
+    for i in range(6):
+        path = tmp_path / f"won_{i}.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "name": f"Won deals {i}",
+                    "trigger": {"type": "field_updated", "entity_type": "deal", "field": "status"},
+                    "actions": [{"type": "send_notification", "message": "won"}],
+                }
+            )
+        )
+        files.append(str(path))
+
+    # stderr on a pseudo-terminal: rich draws its bar there; stdout keeps one line per file.
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "CRMFLOW_DATABASE_URL": db_url, "COLUMNS": "100"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.cli", "workflow", "apply", *files,
+        stdout=asyncio.subprocess.PIPE, stderr=secondary, env=env,
+    )  # fmt: skip
+    os.close(secondary)
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # read as it comes, so a full terminal buffer never blocks the child
+        with contextlib.suppress(OSError):  # EIO once the child's side is closed
+            while chunk := os.read(primary, 65536):
+                chunks.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    stdout, _ = await process.communicate()
+    reader.join(10)
+    os.close(primary)
+    terminal = b"".join(chunks)
+    assert process.returncode == 0
+    assert "applying workflows" in terminal.decode()
+    assert [line.split(":")[0] for line in stdout.decode().splitlines()] == [
+        f"{path}[0]" for path in files
+    ]
+    assert all("created" in line for line in stdout.decode().splitlines())
+
+    # stderr piped: no bar, nothing but what went wrong (nothing here).
+    result = crmflow(db_url, "workflow", "apply", *files)
+    assert result.returncode == 0 and result.stderr == ""
+    assert all("unchanged" in line for line in result.stdout.splitlines())

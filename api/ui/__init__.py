@@ -1,0 +1,1 @@
+"""The dashboard's templates, static files and chart layout (served by ``api.routes.ui``)."""

@@ -1,0 +1,41 @@
+-- The dashboard's queries (/ui, api/routes/ui.py). The live list of executions reads
+-- list_executions of queries.sql; everything else reads the reporting views.
+
+-- name: ui_workflows
+-- Live workflows with their current version and executions counted by status.
+SELECT w.id, w.name, w.status, w.current_version AS version, v.priority, v.trigger_type,
+       v.entity_type, coalesce(c.total, 0) AS total, coalesce(c.completed, 0) AS completed,
+       coalesce(c.failed, 0) AS failed, coalesce(c.in_progress, 0) AS in_progress,
+       coalesce(c.other, 0) AS other
+  FROM crmflow.workflows AS w
+  JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
+  LEFT JOIN LATERAL (
+      SELECT count(*) AS total,
+             count(*) FILTER (WHERE x.status = 'completed') AS completed,
+             count(*) FILTER (WHERE x.status = 'failed') AS failed,
+             count(*) FILTER (WHERE x.status IN ('pending', 'running', 'waiting')) AS in_progress,
+             count(*) FILTER (WHERE x.status IN ('cancelled', 'skipped')) AS other
+        FROM crmflow.executions AS x
+       WHERE x.workflow_id = w.id) AS c ON true
+ WHERE w.status <> 'archived'
+ ORDER BY v.priority DESC, w.id;
+
+-- name: ui_failures
+-- The newest failed steps (and failed executions that ran none).
+SELECT execution_id, workflow_id, workflow_name, workflow_version, entity_type, entity_pk,
+       step_id, action, attempts, error, finished_at, execution_status
+  FROM crmflow.failures
+ ORDER BY finished_at DESC NULLS LAST, execution_id DESC
+ LIMIT %(limit)s;
+
+-- name: ui_sla
+SELECT metric, target, comparison, value, unit, pass, samples
+  FROM crmflow.sla_report;
+
+-- name: ui_latency
+-- Per workflow and day over the last %(days)s days (UTC), for the latency chart.
+SELECT workflow_id, workflow_name, day, executions, p50_first_action_s, p95_first_action_s,
+       p50_duration_s, p95_duration_s
+  FROM crmflow.execution_report
+ WHERE day > (now() AT TIME ZONE 'UTC')::date - %(days)s::int
+ ORDER BY workflow_id, day;
