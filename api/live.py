@@ -34,6 +34,10 @@ APPLICATION_NAME = "crmflow dashboard feed"
 WINDOW = 100
 # Bursts of hints (a matcher batch, a busy runner) make one read per interval at most.
 MIN_INTERVAL = 0.2
+# While it listens the feed tells writers so (crmflow.feed_state) every ANNOUNCE_EVERY
+# seconds, for ANNOUNCE_FOR seconds: with no dashboard open nothing notifies.
+ANNOUNCE_EVERY = 10.0
+ANNOUNCE_FOR = 30.0
 
 
 class ExecutionFeed:
@@ -98,8 +102,17 @@ class ExecutionFeed:
                     self.conninfo, autocommit=True, application_name=APPLICATION_NAME
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    announced = 0.0
                     while not self.closed:
                         started = time.monotonic()
+                        if started - announced > ANNOUNCE_EVERY:
+                            # Writers notify only while this is in the future (0007).
+                            await conn.execute(
+                                "UPDATE crmflow.feed_state SET listening_until ="
+                                " greatest(listening_until, now() + make_interval(secs => %s))",
+                                [ANNOUNCE_FOR],
+                            )
+                            announced = started
                         await self._publish(await executions.list_executions(conn, limit=WINDOW))
                         # Hints that came during the read are kept by psycopg and end
                         # this wait at once; otherwise it is the poll fallback.

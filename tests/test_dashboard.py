@@ -424,6 +424,12 @@ def test_executions_notify_once_per_statement(db_url: str) -> None:
 
     with psycopg.connect(db_url, autocommit=True) as listener:
         listener.execute("LISTEN crmflow_executions")
+        # No dashboard has announced itself: writers stay quiet.
+        sql_rows(db_url, "UPDATE crmflow.executions SET status = status")
+        assert list(listener.notifies(timeout=0.5)) == []
+        listener.execute(
+            "UPDATE crmflow.feed_state SET listening_until = now() + interval '30 seconds'"
+        )
         # Two statements in two transactions: two hints, and empty ones (never the data).
         sql_rows(db_url, "UPDATE crmflow.executions SET status = status")
         sql_rows(db_url, "UPDATE crmflow.executions SET status = status")
