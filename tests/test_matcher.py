@@ -273,11 +273,16 @@ async def test_two_matchers_enroll_each_event_exactly_once_in_entity_order(
     )
     pools = [db.create_pool(db_url, settings, min_size=1, max_size=2) for _ in range(2)]
     for p in pools:
-        await p.open()
-    stop = asyncio.Event()
-    hammers = [asyncio.create_task(_hammer(p, settings, stop)) for p in pools]
+        await p.open(wait=True)
     async with await db.connect(db_url, autocommit=True) as writer:
-        for n in range(1, 61):  # updates on 5 leads, one transaction each, while matching
+        # Updates on 5 leads, one transaction each: a backlog first, so that both matchers
+        # find work on their first claim however the machine schedules them, then more
+        # while they match.
+        for n in range(1, 31):
+            await writer.execute("UPDATE leads SET score = %s WHERE id = %s", [n, n % 5 + 1])
+        stop = asyncio.Event()
+        hammers = [asyncio.create_task(_hammer(p, settings, stop)) for p in pools]
+        for n in range(31, 61):
             await writer.execute("UPDATE leads SET score = %s WHERE id = %s", [n, n % 5 + 1])
     stop.set()
     claimed = await asyncio.gather(*hammers)
