@@ -29,6 +29,13 @@ from engine.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 
+# Back-off between restarts of a loop that stopped on its own (seconds): short for a
+# blip, growing to a few seconds while the database stays away, never a tight loop.
+RESTART_BACKOFF_MIN = 0.5
+RESTART_BACKOFF_MAX = 10.0
+RESTART_BACKOFF_RESET = 60.0
+
+
 def _q(name: str) -> str:
     return db.query(name, "runtime.sql")
 
@@ -56,6 +63,7 @@ class Worker:
         self.scheduler = Scheduler(self.pool, self.settings)
         self.worker_id: int | None = None
         self.recovered_jobs = 0
+        self.procrastinate_restarts = 0
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
@@ -85,6 +93,36 @@ class Worker:
         log.info("worker %s started (concurrency %d)", self.worker_id, self.concurrency)
 
     async def _procrastinate(self) -> None:
+        """procrastinate's worker, restarted with a back-off whenever it stops on its own.
+
+        procrastinate stops its worker when a side task fails: its heartbeat, or its
+        LISTEN connection when it cannot reconnect (a PostgreSQL restart does both). Left
+        alone, the process would go on matching and scheduling while running no job.
+        """
+        backoff = RESTART_BACKOFF_MIN
+        while not self.stop_event.is_set():
+            started = asyncio.get_running_loop().time()
+            try:
+                await self._run_procrastinate_once()
+                reason = "stopped"
+            except Exception as exc:  # CancelledError (our stop) is not caught
+                reason = f"failed ({type(exc).__name__}: {exc})"
+            if self.stop_event.is_set():
+                return
+            self.procrastinate_restarts += 1
+            # A loop that ran a while before failing starts over at the short back-off.
+            if asyncio.get_running_loop().time() - started > RESTART_BACKOFF_RESET:
+                backoff = RESTART_BACKOFF_MIN
+            log.error(
+                "procrastinate worker %s; restarting it in %.1fs (restart %d)",
+                reason,
+                backoff,
+                self.procrastinate_restarts,
+            )
+            await self._every(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+
+    async def _run_procrastinate_once(self) -> None:
         await self.app.run_worker_async(
             queues=[self.settings.queue_name],
             name=f"crmflow-{self.worker_id}",
