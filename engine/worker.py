@@ -22,7 +22,7 @@ import psycopg
 from engine import db
 from engine.config import Settings, get_settings
 from engine.matcher import Matcher
-from engine.queue import create_app
+from engine.queue import JobTracker, create_app
 from engine.runtime import Runner
 from engine.scheduler import Scheduler
 
@@ -64,6 +64,8 @@ class Worker:
         self.worker_id: int | None = None
         self.recovered_jobs = 0
         self.procrastinate_restarts = 0
+        self.orphaned_jobs = 0
+        self.jobs = JobTracker()
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
@@ -127,7 +129,7 @@ class Worker:
             queues=[self.settings.queue_name],
             name=f"crmflow-{self.worker_id}",
             concurrency=self.concurrency,
-            additional_context={"runner": self.runner},
+            additional_context={"runner": self.runner, "jobs": self.jobs},
             install_signal_handlers=False,
             update_heartbeat_interval=self.settings.heartbeat_interval,
             stalled_worker_timeout=self.settings.stalled_worker_timeout,
@@ -173,11 +175,47 @@ class Worker:
         self.recovered_jobs += count
         return count
 
+    async def recover_orphaned(self) -> int:
+        """Put back in the queue the jobs this process's procrastinate worker holds as
+        ``doing`` but is not running: their end could not be recorded (see
+        :class:`engine.queue.JobTracker`).
+
+        A job is given back only when found so on two sweeps in a row, so a job between
+        the end of its task and the record of that end (milliseconds) is left alone.
+        """
+        if not self.jobs.worker_ids:
+            return 0
+        async with self.pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    _q("doing_jobs_of_workers"), {"worker_ids": sorted(self.jobs.worker_ids)}
+                )
+            ).fetchall()
+        orphans = {r["id"] for r in rows} - self.jobs.running
+        confirmed = orphans & self.jobs.suspects
+        self.jobs.suspects = orphans - confirmed
+        count = 0
+        for job_id in sorted(confirmed):
+            try:
+                await self.app.job_manager.retry_job_by_id_async(job_id, retry_at=datetime.now(UTC))
+            except Exception as exc:  # finished or recovered meanwhile
+                log.debug("could not recover job %s: %s", job_id, exc)
+                continue
+            log.warning(
+                "recovered job %s: this worker held it as running but was not running it"
+                " (its end could not be recorded)",
+                job_id,
+            )
+            count += 1
+        self.orphaned_jobs += count
+        return count
+
     async def _recover_stalled(self) -> None:
         interval = max(1.0, self.settings.stalled_worker_timeout / 3)
         while await self._every(interval):
             try:
                 await self.recover_stalled()
+                await self.recover_orphaned()
             except Exception as exc:
                 log.warning("stalled job recovery failed: %s", exc)
 

@@ -167,6 +167,9 @@ class Figures:
 
 def report(figures: Figures, workers: list[Process]) -> None:
     """Print the one-line report, and append it as JSON to $CRMFLOW_CHAOS_REPORT."""
+    # Counts come from SQL sums as Decimal; the report is JSON.
+    for name in ("events_captured", "executions_completed", "duplicated_effects", "lost_events"):
+        setattr(figures, name, int(getattr(figures, name)))
     figures.peak_rss_mb = round(max((w.sample_rss() for w in workers), default=0) / 1024, 1)
     if figures.time_to_recover_s is not None:
         figures.time_to_recover_s = round(figures.time_to_recover_s, 2)
