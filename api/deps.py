@@ -17,7 +17,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg import pq
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from api.problems import ApiError
 from engine import apikeys
@@ -26,6 +26,10 @@ from engine.runtime import Runner
 
 # How long a request waits for a free connection before answering 503.
 CONNECTION_TIMEOUT = 10.0
+# ... unless the pool holds no connection at all after this long: then the database is
+# away (the pool drops dead connections and cannot make new ones), and waiting for
+# the full timeout would only make every client hang before the same 503.
+UNREACHABLE_WAIT = 1.5
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -49,10 +53,26 @@ PoolDep = Annotated[AsyncConnectionPool, Depends(get_pool)]
 RunnerDep = Annotated[Runner, Depends(get_runner)]
 
 
+@contextlib.asynccontextmanager
+async def _connection(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """``pool.connection(CONNECTION_TIMEOUT)``, failing fast when the database is away."""
+    try:
+        conn = await pool.getconn(timeout=min(UNREACHABLE_WAIT, CONNECTION_TIMEOUT))
+    except PoolTimeout:
+        if pool.get_stats().get("pool_size", 0) == 0:
+            raise
+        conn = await pool.getconn(timeout=max(CONNECTION_TIMEOUT - UNREACHABLE_WAIT, 0.0))
+    try:
+        async with conn:
+            yield conn
+    finally:
+        await pool.putconn(conn)
+
+
 async def get_conn(pool: PoolDep) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """A pooled connection in autocommit for this request, as the engine's functions
     expect (they open their own transactions); shared by all of the request's dependencies."""
-    async with pool.connection(timeout=CONNECTION_TIMEOUT) as conn:
+    async with _connection(pool) as conn:
         await conn.set_autocommit(True)
         try:
             yield conn

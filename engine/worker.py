@@ -22,11 +22,18 @@ import psycopg
 from engine import db
 from engine.config import Settings, get_settings
 from engine.matcher import Matcher
-from engine.queue import create_app
+from engine.queue import JobTracker, create_app
 from engine.runtime import Runner
 from engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+
+# Back-off between restarts of a loop that stopped on its own (seconds): short for a
+# blip, growing to a few seconds while the database stays away, never a tight loop.
+RESTART_BACKOFF_MIN = 0.5
+RESTART_BACKOFF_MAX = 10.0
+RESTART_BACKOFF_RESET = 60.0
 
 
 def _q(name: str) -> str:
@@ -56,6 +63,9 @@ class Worker:
         self.scheduler = Scheduler(self.pool, self.settings)
         self.worker_id: int | None = None
         self.recovered_jobs = 0
+        self.procrastinate_restarts = 0
+        self.orphaned_jobs = 0
+        self.jobs = JobTracker()
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
@@ -85,11 +95,41 @@ class Worker:
         log.info("worker %s started (concurrency %d)", self.worker_id, self.concurrency)
 
     async def _procrastinate(self) -> None:
+        """procrastinate's worker, restarted with a back-off whenever it stops on its own.
+
+        procrastinate stops its worker when a side task fails: its heartbeat, or its
+        LISTEN connection when it cannot reconnect (a PostgreSQL restart does both). Left
+        alone, the process would go on matching and scheduling while running no job.
+        """
+        backoff = RESTART_BACKOFF_MIN
+        while not self.stop_event.is_set():
+            started = asyncio.get_running_loop().time()
+            try:
+                await self._run_procrastinate_once()
+                reason = "stopped"
+            except Exception as exc:  # CancelledError (our stop) is not caught
+                reason = f"failed ({type(exc).__name__}: {exc})"
+            if self.stop_event.is_set():
+                return
+            self.procrastinate_restarts += 1
+            # A loop that ran a while before failing starts over at the short back-off.
+            if asyncio.get_running_loop().time() - started > RESTART_BACKOFF_RESET:
+                backoff = RESTART_BACKOFF_MIN
+            log.error(
+                "procrastinate worker %s; restarting it in %.1fs (restart %d)",
+                reason,
+                backoff,
+                self.procrastinate_restarts,
+            )
+            await self._every(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+
+    async def _run_procrastinate_once(self) -> None:
         await self.app.run_worker_async(
             queues=[self.settings.queue_name],
             name=f"crmflow-{self.worker_id}",
             concurrency=self.concurrency,
-            additional_context={"runner": self.runner},
+            additional_context={"runner": self.runner, "jobs": self.jobs},
             install_signal_handlers=False,
             update_heartbeat_interval=self.settings.heartbeat_interval,
             stalled_worker_timeout=self.settings.stalled_worker_timeout,
@@ -135,11 +175,47 @@ class Worker:
         self.recovered_jobs += count
         return count
 
+    async def recover_orphaned(self) -> int:
+        """Put back in the queue the jobs this process's procrastinate worker holds as
+        ``doing`` but is not running: their end could not be recorded (see
+        :class:`engine.queue.JobTracker`).
+
+        A job is given back only when found so on two sweeps in a row, so a job between
+        the end of its task and the record of that end (milliseconds) is left alone.
+        """
+        if not self.jobs.worker_ids:
+            return 0
+        async with self.pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    _q("doing_jobs_of_workers"), {"worker_ids": sorted(self.jobs.worker_ids)}
+                )
+            ).fetchall()
+        orphans = {r["id"] for r in rows} - self.jobs.running
+        confirmed = orphans & self.jobs.suspects
+        self.jobs.suspects = orphans - confirmed
+        count = 0
+        for job_id in sorted(confirmed):
+            try:
+                await self.app.job_manager.retry_job_by_id_async(job_id, retry_at=datetime.now(UTC))
+            except Exception as exc:  # finished or recovered meanwhile
+                log.debug("could not recover job %s: %s", job_id, exc)
+                continue
+            log.warning(
+                "recovered job %s: this worker held it as running but was not running it"
+                " (its end could not be recorded)",
+                job_id,
+            )
+            count += 1
+        self.orphaned_jobs += count
+        return count
+
     async def _recover_stalled(self) -> None:
         interval = max(1.0, self.settings.stalled_worker_timeout / 3)
         while await self._every(interval):
             try:
                 await self.recover_stalled()
+                await self.recover_orphaned()
             except Exception as exc:
                 log.warning("stalled job recovery failed: %s", exc)
 

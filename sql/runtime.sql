@@ -180,3 +180,7 @@ UPDATE crmflow.workers SET last_heartbeat = now() WHERE id = %(id)s;
 
 -- name: worker_stopped
 UPDATE crmflow.workers SET stopped_at = now(), last_heartbeat = now() WHERE id = %(id)s;
+
+-- name: doing_jobs_of_workers
+-- Jobs procrastinate holds as running for these workers (engine/worker.py, orphans).
+SELECT id FROM procrastinate_jobs WHERE status = 'doing' AND worker_id = ANY(%(worker_ids)s);

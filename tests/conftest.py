@@ -147,21 +147,9 @@ def runner(pool: AsyncConnectionPool, settings: Settings) -> Runner:
 async def crm(conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncConnection[Any]:
     """The example CRM watched (leads, deals, accounts, contacts) with three users:
     1 Ann (sales_rep), 2 Carl (csm), 3 Mia (manager)."""
-    from engine import capture
-    from engine.seed import WATCHED
+    from tests.helpers import install_test_crm
 
-    for table, derived in WATCHED.items():
-        await capture.watch(conn, f"public.{table}", derived=derived)
-    await conn.execute(
-        "CREATE TABLE test_trace (id serial PRIMARY KEY, execution_id bigint, step text,"
-        " label text, at timestamptz DEFAULT clock_timestamp())"
-    )
-    await conn.execute(
-        "INSERT INTO users (id, name, email, role) VALUES "
-        "(1, 'Ann Rep', 'ann@acme.test', 'sales_rep'), "
-        "(2, 'Carl CSM', 'carl@acme.test', 'csm'), "
-        "(3, 'Mia Manager', 'mia@acme.test', 'manager')"
-    )
+    await install_test_crm(conn)
     return conn
 
 

@@ -21,6 +21,27 @@ SEED_QUALIFY = {
 }
 
 
+async def install_test_crm(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Watch the example CRM (leads, deals, accounts, contacts), add the ``test_trace``
+    table of tests/plugins.py and three users: 1 Ann (sales_rep), 2 Carl (csm), 3 Mia
+    (manager). The database must have the example CRM installed."""
+    from engine import capture
+    from engine.seed import WATCHED
+
+    for table, derived in WATCHED.items():
+        await capture.watch(conn, f"public.{table}", derived=derived)
+    await conn.execute(
+        "CREATE TABLE test_trace (id serial PRIMARY KEY, execution_id bigint, step text,"
+        " label text, at timestamptz DEFAULT clock_timestamp())"
+    )
+    await conn.execute(
+        "INSERT INTO users (id, name, email, role) VALUES "
+        "(1, 'Ann Rep', 'ann@acme.test', 'sales_rep'), "
+        "(2, 'Carl CSM', 'carl@acme.test', 'csm'), "
+        "(3, 'Mia Manager', 'mia@acme.test', 'manager')"
+    )
+
+
 async def apply(conn: psycopg.AsyncConnection[Any], definition: dict[str, Any]) -> int:
     definition = {"status": "active", **definition}
     return (await workflows.apply(conn, definition)).id

@@ -3,37 +3,18 @@ finishes, no database effect happens twice."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from tests.chaos.helpers import processes, start_worker
 from tests.helpers import apply, fetch, value, wait_until
 
 
-def start_worker(db_url: str) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "CRMFLOW_DATABASE_URL": db_url,
-        "CRMFLOW_STALLED_WORKER_TIMEOUT": "2",
-        "CRMFLOW_HEARTBEAT_INTERVAL": "0.5",
-        "CRMFLOW_MATCHER_POLL_INTERVAL": "0.1",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "worker", "--concurrency", "4"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 async def test_sigkill_mid_execution_then_restart(
-    crm: psycopg.AsyncConnection[Any], db_url: str
+    crm: psycopg.AsyncConnection[Any], db_url: str, tmp_path: Path
 ) -> None:
     await apply(
         crm,
@@ -48,8 +29,9 @@ async def test_sigkill_mid_execution_then_restart(
         },
     )
     await crm.execute("INSERT INTO leads (name) SELECT 'lead ' || i FROM generate_series(1, 40) i")
-    first = start_worker(db_url)
-    try:
+    with processes() as started:
+        first = start_worker(db_url, tmp_path, "worker-1", CRMFLOW_STALLED_WORKER_TIMEOUT="2")
+        started.append(first)
 
         async def some_done() -> bool:
             done = await value(
@@ -58,17 +40,15 @@ async def test_sigkill_mid_execution_then_restart(
             return done >= 8
 
         await wait_until(some_done, timeout=60)
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    killed_at = time.monotonic()
-    unfinished = await value(
-        crm, "SELECT count(*) FROM crmflow.executions WHERE status <> 'completed'"
-    )
-    assert unfinished > 0, "the kill came too late to test anything"
+        first.kill()
+        killed_at = time.monotonic()
+        unfinished = await value(
+            crm, "SELECT count(*) FROM crmflow.executions WHERE status <> 'completed'"
+        )
+        assert unfinished > 0, "the kill came too late to test anything"
 
-    second = start_worker(db_url)
-    try:
+        second = start_worker(db_url, tmp_path, "worker-2", CRMFLOW_STALLED_WORKER_TIMEOUT="2")
+        started.append(second)
 
         async def all_done() -> bool:
             return (
@@ -79,12 +59,6 @@ async def test_sigkill_mid_execution_then_restart(
             )
 
         await wait_until(all_done, timeout=90)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        try:
-            second.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            second.kill()
     recovery = time.monotonic() - killed_at
     tasks = await fetch(crm, "SELECT title, count(*) AS n FROM tasks GROUP BY title")
     assert len(tasks) == 80 and all(t["n"] == 1 for t in tasks), "a database effect ran twice"
@@ -92,4 +66,3 @@ async def test_sigkill_mid_execution_then_restart(
     assert len(traces) == 40 and all(t["n"] == 1 for t in traces)
     assert recovery < 60
     print(f"recovered {unfinished} unfinished executions in {recovery:.1f}s")
-    await asyncio.sleep(0)

@@ -1,0 +1,1 @@
+"""Fault-injection tests with real processes (pytest -m chaos tests/chaos)."""
