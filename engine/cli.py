@@ -145,6 +145,8 @@ def load_definitions(path: Path) -> list[Any]:
         ) from None
     except yaml.YAMLError as exc:
         raise CliError(f"{path}: not valid YAML ({exc})") from None
+    except RecursionError:
+        raise CliError(f"{path}: not valid JSON or YAML (nested too deeply)") from None
     if isinstance(data, dict):
         return [data]
     if isinstance(data, list):
