@@ -168,7 +168,17 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         headers["Allow"] = _allowed_methods(request)
+    if exc.status_code == 400 and detail == _FASTAPI_BODY_ERROR:
+        # FastAPI's answer when decoding the body raised something other than a JSON
+        # syntax error: in practice a body nested too deeply for Python's parser.
+        reason = "not valid JSON (nested too deeply, or not decodable)"
+        return problem_response(
+            400, f"the request body is {reason}", errors=[{"path": "body", "message": reason}]
+        )
     return problem_response(exc.status_code, detail, headers=headers or None)
+
+
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
 
 
 async def _request_invalid(request: Request, exc: Exception) -> JSONResponse:

@@ -74,7 +74,7 @@ async def verify(
     conn: psycopg.AsyncConnection[Any], presented: str, *, touch: bool = True
 ) -> dict[str, Any] | None:
     """The live key that ``presented`` is, or None (malformed, unknown, wrong or revoked)."""
-    match = KEY_RE.match(presented)
+    match = KEY_RE.fullmatch(presented)
     if match is None:
         return None
     prefix, secret = match.groups()

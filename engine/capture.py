@@ -125,6 +125,29 @@ def drop_ddl(w: Watched) -> list[sql.Composable]:
     return statements
 
 
+# crmflow's own table that it does capture: its alerts, delivered by ordinary workflows.
+_OWN_CAPTURED = ("crmflow", "alerts")
+
+
+def _not_capturable(schema: str, table: str) -> str | None:
+    """Why a table must not be watched: PostgreSQL's catalogs, or crmflow's and
+    procrastinate's own tables (capturing the outbox would capture its own writes)."""
+    from engine.config import get_settings
+
+    if schema in ("pg_catalog", "information_schema", "pg_toast") or schema.startswith("pg_"):
+        return "is a system catalog; only the CRM's tables can be captured"
+    if (
+        schema in ("crmflow", get_settings().procrastinate_schema)
+        and (
+            schema,
+            table,
+        )
+        != _OWN_CAPTURED
+    ):
+        return "is one of crmflow's own tables; only the CRM's tables can be captured"
+    return None
+
+
 async def watch(
     conn: psycopg.AsyncConnection[Any],
     table: str,
@@ -138,6 +161,9 @@ async def watch(
             raise CaptureError(f"no table named {table!r}")
         if found["relkind"] not in ("r", "p"):
             raise CaptureError(f"{table!r} is not a table (views cannot be captured)")
+        refusal = _not_capturable(found["table_schema"], found["table_name"])
+        if refusal:
+            raise CaptureError(f"{found['table_schema']}.{found['table_name']} {refusal}")
         pk = [
             r["name"]
             for r in await (
@@ -177,8 +203,14 @@ async def watch(
                 f"{row['entity_type']!r}; unwatch it first to rename the entity"
             )
         w = Watched(entity, found["table_schema"], found["table_name"], pk)
-        for statement in capture_ddl(w):
-            await conn.execute(statement)
+        try:
+            async with conn.transaction():
+                for statement in capture_ddl(w):
+                    await conn.execute(statement)
+        except psycopg.Error as exc:  # a privilege the role lacks, a table locked away...
+            raise CaptureError(
+                f"cannot capture {w.table_schema}.{w.table_name}: {exc.diag.message_primary or exc}"
+            ) from None
         for name, source in (derived or {}).items():
             await declare_derived(conn, entity, name, source)
         return w

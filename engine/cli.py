@@ -145,6 +145,8 @@ def load_definitions(path: Path) -> list[Any]:
         ) from None
     except yaml.YAMLError as exc:
         raise CliError(f"{path}: not valid YAML ({exc})") from None
+    except RecursionError:
+        raise CliError(f"{path}: not valid JSON or YAML (nested too deeply)") from None
     if isinstance(data, dict):
         return [data]
     if isinstance(data, list):
@@ -503,6 +505,79 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+# ───────────────────────────── prune ─────────────────────────────
+
+
+def _duration_arg(text: str) -> float:
+    from engine.model import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _human_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from rich.progress import Progress, TaskID
+
+    from engine import retention
+
+    async def run(conn: psycopg.AsyncConnection[Any]) -> int:
+        if args.dry_run:
+            counts = await retention.count_prunable(
+                conn, outbox_older_than=args.older_than, history_older_than=args.older_than
+            )
+            verb = "would delete"
+        else:
+            # A live display only for a person watching (stderr a terminal), not in logs.
+            with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+                tasks: dict[str, TaskID] = {}
+
+                def progress(what: str, rows: int) -> None:
+                    if what not in tasks:
+                        tasks[what] = bar.add_task(f"deleting {what}", total=None)
+                    bar.update(tasks[what], completed=rows, description=f"deleting {what}: {rows}")
+
+                counts = await retention.prune(
+                    conn,
+                    outbox_older_than=args.older_than,
+                    history_older_than=args.older_than,
+                    batch_size=args.batch_size,
+                    progress=progress,
+                )
+            verb = "deleted"
+        if args.json:
+            dump_json(
+                {
+                    "dry_run": args.dry_run,
+                    "cutoff": counts.cutoffs.get("outbox"),
+                    "outbox_events": counts.outbox,
+                    "executions": counts.executions,
+                    "steps": counts.steps,
+                    "jobs": counts.jobs,
+                }
+            )
+        else:
+            console.print(
+                f"{verb} {counts.outbox} outbox events, {counts.executions} executions "
+                f"({counts.steps} steps) and {counts.jobs} finished jobs older than "
+                f"{_human_duration(args.older_than)}",
+                highlight=False,
+            )
+        return 0
+
+    if args.batch_size < 1:
+        raise CliError("--batch-size is at least 1")
+    return asyncio.run(_with_conn(run))
+
+
 # ───────────────────────────── worker ─────────────────────────────
 
 
@@ -657,6 +732,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser(
+        "prune",
+        help="delete processed events, finished executions and jobs older than a duration",
+    )
+    p.add_argument(
+        "--older-than",
+        required=True,
+        type=_duration_arg,
+        metavar="DURATION",
+        help="age of what is deleted: 30d, 12h, 90m, or seconds",
+    )
+    p.add_argument("--dry-run", action="store_true", help="count what would be deleted")
+    p.add_argument("--batch-size", type=int, default=1000, help="rows per transaction")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("worker", help="run matcher, scheduler and job worker in one process")
     p.add_argument("--concurrency", type=int, default=10)

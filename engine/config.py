@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -78,6 +78,24 @@ class Settings(BaseSettings):
 
     # Scheduler: smallest allowed interval between two cron fires, in seconds.
     min_schedule_interval: int = Field(60, ge=1)
+
+    # Retention (engine/retention.py), applied by one worker every retention_interval
+    # seconds: processed outbox events older than retention_outbox, finished executions
+    # (with their steps) and finished jobs older than retention_history. Durations
+    # ("30d", "12h", or seconds); None keeps them forever.
+    retention_outbox: float | None = None
+    retention_history: float | None = None
+    retention_interval: float = Field(60.0, gt=0)
+    retention_batch_size: int = Field(1000, ge=1, le=100_000)
+
+    @field_validator("retention_outbox", "retention_history", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        if value is None or value == "":
+            return None
+        from engine.model import parse_duration
+
+        return parse_duration(value)
 
 
 @lru_cache

@@ -55,7 +55,7 @@ async def ingest(
     actor: str | None = None,
 ) -> dict[str, Any]:
     """Queue a custom event; returns its outbox id and what it is about."""
-    if not EVENT_NAME_RE.match(name):
+    if not EVENT_NAME_RE.fullmatch(name):
         raise EventError([Issue("name", "an event name is 1 to 100 letters, digits or _ . : -")])
     if (entity_type is None) != (entity_id is None):
         missing = "entity_id" if entity_type else "entity_type"

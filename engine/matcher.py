@@ -134,6 +134,7 @@ class Matcher:
         self.plan: MatchPlan | None = None
         self.totals = BatchResult()
         self._since_analyze = ANALYZE_EVERY  # analyze on the first busy batch too
+        self._analyze_allowed: bool | None = None  # may this role ANALYZE? (asked once)
         self.runner = Runner(pool, self.settings)  # for steps run inline
 
     async def run_once(self) -> BatchResult:
@@ -161,9 +162,22 @@ class Matcher:
             self._since_analyze += result.claimed
             if self._since_analyze >= ANALYZE_EVERY and result.claimed >= 100:
                 self._since_analyze = 0
-                async with conn.transaction():  # committed, or the statistics roll back
-                    await conn.execute(_q("refresh_statistics"), {})
+                if await self._may_analyze(conn):
+                    async with conn.transaction():  # committed, or the statistics roll back
+                        await conn.execute(_q("refresh_statistics"), {})
         return result
+
+    async def _may_analyze(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Whether this role may ANALYZE the queue tables (it owns them); asked once."""
+        if self._analyze_allowed is None:
+            row = await (await conn.execute(_q("may_refresh_statistics"), {})).fetchone()
+            self._analyze_allowed = bool(row and row["allowed"])
+            if not self._analyze_allowed:
+                log.debug(
+                    "not refreshing the queue tables' statistics: this role does not own them "
+                    "(autovacuum's ANALYZE still runs)"
+                )
+        return self._analyze_allowed
 
     async def _claim(self, conn: psycopg.AsyncConnection[Any]) -> list[int]:
         row = await (

@@ -149,7 +149,7 @@ Duration = Annotated[float, BeforeValidator(_duration)]
 
 # ───────────────────────────── triggers ─────────────────────────────
 
-_ENTITY_RE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+_ENTITY_RE = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # fullmatch: "$" would allow a final "\n"
 
 
 class _Strict(BaseModel):
@@ -162,7 +162,7 @@ class _EntityTrigger(_Strict):
     @field_validator("entity_type")
     @classmethod
     def _entity_name(cls, v: str) -> str:
-        if not _ENTITY_RE.match(v):
+        if not _ENTITY_RE.fullmatch(v):
             raise ValueError("an entity type is lowercase letters, digits and '_' (like 'lead')")
         return v
 
@@ -440,18 +440,46 @@ class WorkflowDefinition(_Strict):
 
 
 MAX_DEFINITION_BYTES = 256_000
+MAX_DEFINITION_DEPTH = 64
+
+
+def definition_size_issue(raw: Any) -> Issue | None:
+    """Whether ``raw`` is too large or too deep, found without serialising it.
+
+    A walk that stops as soon as a limit is crossed: ``json.dumps`` of the whole value
+    would first build it, and a YAML file of nested aliases (a "billion laughs") is a
+    few hundred bytes that expand to gigabytes; a deep nesting would overflow the
+    recursion of every recursive step that follows. Sizes are those of compact JSON
+    (close enough: the limit is about memory and time, not an exact byte count).
+    """
+    size = 0
+    stack: list[tuple[Any, int]] = [(raw, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEFINITION_DEPTH:
+            return Issue("", f"the definition is nested deeper than {MAX_DEFINITION_DEPTH} levels")
+        if isinstance(value, dict):
+            size += 2 + len(value)
+            for key, item in value.items():
+                size += len(str(key)) + 3
+                stack.append((item, depth + 1))
+        elif isinstance(value, list | tuple):
+            size += 2 + len(value)
+            stack.extend((item, depth + 1) for item in value)
+        else:
+            size += len(value) + 2 if isinstance(value, str) else len(str(value))
+        if size > MAX_DEFINITION_BYTES:
+            return Issue("", f"the definition is larger than {MAX_DEFINITION_BYTES} bytes")
+    return None
 
 
 def parse_definition(raw: Any) -> WorkflowDefinition:
     """Parse and check the shape of a definition; raise :class:`DefinitionError`."""
-    import json
-
     if not isinstance(raw, dict):
         raise DefinitionError([Issue("", "a workflow is a JSON object")])
-    if len(json.dumps(raw, default=str)) > MAX_DEFINITION_BYTES:
-        raise DefinitionError(
-            [Issue("", f"the definition is larger than {MAX_DEFINITION_BYTES} bytes")]
-        )
+    too_big = definition_size_issue(raw)
+    if too_big is not None:
+        raise DefinitionError([too_big])
     issues: list[Issue] = []
     try:
         wf = WorkflowDefinition.model_validate(raw)

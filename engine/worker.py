@@ -85,6 +85,7 @@ class Worker:
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._recover_stalled(), name="stalled job recovery"),
             asyncio.create_task(self._check_alerts(), name="alerts"),
+            asyncio.create_task(self._apply_retention(), name="retention"),
         ]
         if self.run_matcher:
             self._tasks.append(
@@ -228,6 +229,18 @@ class Worker:
                     await check(conn, self.settings)
             except Exception as exc:
                 log.warning("alert check failed: %s", exc)
+
+    async def _apply_retention(self) -> None:
+        from engine.retention import apply_retention
+
+        if self.settings.retention_outbox is None and self.settings.retention_history is None:
+            return
+        while await self._every(self.settings.retention_interval):
+            try:
+                async with self.pool.connection() as conn:
+                    await apply_retention(conn, self.settings, stop=self.stop_event)
+            except Exception as exc:
+                log.warning("retention failed: %s", exc)
 
     async def stop(self) -> None:
         self.stop_event.set()

@@ -230,3 +230,12 @@ UPDATE crmflow.matcher_state SET listening = %(listening)s WHERE listening <> %(
 -- per job on a 2,000-job backlog). The matcher refreshes them itself after pushing a few
 -- thousand rows through; ANALYZE samples, so it costs milliseconds.
 ANALYZE crmflow.outbox, crmflow.executions, crmflow.execution_steps, procrastinate_jobs;
+
+-- name: may_refresh_statistics
+-- ANALYZE needs the tables' ownership (PostgreSQL 15; 17 adds a MAINTAIN privilege): a
+-- least-privilege runtime role is not the owner, and PostgreSQL would only warn and
+-- skip. Asked once per matcher, so such a role skips the refresh quietly.
+SELECT coalesce(bool_and(pg_has_role(current_user, c.relowner, 'USAGE')), false) AS allowed
+  FROM pg_class AS c
+ WHERE c.oid IN ('crmflow.outbox'::regclass, 'crmflow.executions'::regclass,
+                 'crmflow.execution_steps'::regclass, 'procrastinate_jobs'::regclass);
