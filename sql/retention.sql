@@ -8,29 +8,39 @@ SELECT now() - make_interval(secs => %(older_than)s) AS cutoff;
 
 -- name: prune_outbox_batch
 -- Processed events only. An event stays while an execution it enrolled is live or
--- failed: the step runner and a retry read the event (templates' event.*).
-WITH doomed AS (
+-- failed: the step runner and a retry read the event (templates' event.*). Those
+-- executions are few and indexed by status; one hashed list per batch, not a lookup
+-- per event. captured_at (BRIN-indexed) bounds the scan: processed_at >= captured_at.
+WITH kept AS (
+    SELECT x.event_id FROM crmflow.executions AS x
+     WHERE x.status IN ('pending', 'running', 'waiting') AND x.event_id IS NOT NULL
+    UNION ALL
+    SELECT x.event_id FROM crmflow.executions AS x
+     WHERE x.status = 'failed' AND x.event_id IS NOT NULL
+), doomed AS (
     SELECT o.id
       FROM crmflow.outbox AS o
-     WHERE o.processed_at < %(cutoff)s
-       AND NOT EXISTS (
-           SELECT 1 FROM crmflow.executions AS x
-            WHERE x.event_id = o.id
-              AND x.status IN ('pending', 'running', 'waiting', 'failed'))
-     ORDER BY o.processed_at
+     WHERE o.captured_at < %(cutoff)s
+       AND o.processed_at < %(cutoff)s
+       AND o.id NOT IN (SELECT event_id FROM kept)
      LIMIT %(batch_size)s
        FOR UPDATE OF o SKIP LOCKED
 )
 DELETE FROM crmflow.outbox WHERE id IN (SELECT id FROM doomed);
 
 -- name: count_prunable_outbox
+WITH kept AS (
+    SELECT x.event_id FROM crmflow.executions AS x
+     WHERE x.status IN ('pending', 'running', 'waiting') AND x.event_id IS NOT NULL
+    UNION ALL
+    SELECT x.event_id FROM crmflow.executions AS x
+     WHERE x.status = 'failed' AND x.event_id IS NOT NULL
+)
 SELECT count(*) AS n
   FROM crmflow.outbox AS o
- WHERE o.processed_at < %(cutoff)s
-   AND NOT EXISTS (
-       SELECT 1 FROM crmflow.executions AS x
-        WHERE x.event_id = o.id
-          AND x.status IN ('pending', 'running', 'waiting', 'failed'));
+ WHERE o.captured_at < %(cutoff)s
+   AND o.processed_at < %(cutoff)s
+   AND o.id NOT IN (SELECT event_id FROM kept);
 
 -- name: prune_executions_batch
 -- Finished executions; their steps go with them (ON DELETE CASCADE). The steps are
@@ -38,9 +48,9 @@ SELECT count(*) AS n
 WITH doomed AS (
     SELECT x.id
       FROM crmflow.executions AS x
-     WHERE x.finished_at < %(cutoff)s
+     WHERE (x.triggered_at AT TIME ZONE 'UTC')::date <= (%(cutoff)s::timestamptz AT TIME ZONE 'UTC')::date  -- executions_day_idx
+       AND x.finished_at < %(cutoff)s
        AND x.status IN ('completed', 'failed', 'cancelled', 'skipped')
-     ORDER BY x.finished_at
      LIMIT %(batch_size)s
        FOR UPDATE SKIP LOCKED
 ), gone AS (
@@ -54,10 +64,12 @@ SELECT (SELECT count(*) FROM gone) AS executions,
 SELECT count(*) AS executions,
        (SELECT count(*) FROM crmflow.execution_steps AS s
           JOIN crmflow.executions AS x ON x.id = s.execution_id
-         WHERE x.finished_at < %(cutoff)s
+         WHERE (x.triggered_at AT TIME ZONE 'UTC')::date <= (%(cutoff)s::timestamptz AT TIME ZONE 'UTC')::date
+           AND x.finished_at < %(cutoff)s
            AND x.status IN ('completed', 'failed', 'cancelled', 'skipped')) AS steps
   FROM crmflow.executions AS x
- WHERE x.finished_at < %(cutoff)s
+ WHERE (x.triggered_at AT TIME ZONE 'UTC')::date <= (%(cutoff)s::timestamptz AT TIME ZONE 'UTC')::date
+   AND x.finished_at < %(cutoff)s
    AND x.status IN ('completed', 'failed', 'cancelled', 'skipped');
 
 -- name: prune_jobs_batch

@@ -69,12 +69,12 @@ async def test_prune_deletes_only_what_it_should(
     )
     # Everything so far happened 40 days ago.
     await crm.execute(
-        "UPDATE crmflow.outbox SET processed_at = processed_at - interval '40 days'"
-        " WHERE processed_at IS NOT NULL"
+        "UPDATE crmflow.outbox SET captured_at = captured_at - interval '40 days',"
+        " processed_at = processed_at - interval '40 days' WHERE processed_at IS NOT NULL"
     )
     await crm.execute(
-        "UPDATE crmflow.executions SET finished_at = finished_at - interval '40 days'"
-        " WHERE finished_at IS NOT NULL"
+        "UPDATE crmflow.executions SET triggered_at = triggered_at - interval '40 days',"
+        " finished_at = finished_at - interval '40 days' WHERE finished_at IS NOT NULL"
     )
     assert (await drive(runner, crm, x5))["status"] == "completed"  # finished just now
     await crm.execute("DELETE FROM crmflow.outbox WHERE depth > 0")  # its write's event
@@ -151,9 +151,10 @@ def cli_db(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_crmflow_prune_command(cli_db: str, capsys: pytest.CaptureFixture[str]) -> None:
     with psycopg.connect(cli_db, autocommit=True) as c:
         c.execute(
-            "INSERT INTO crmflow.outbox (entity_type, op, pk, processed_at)"
-            " SELECT 'lead', 'insert', jsonb_build_object('id', i),"
-            " now() - make_interval(hours => i) FROM generate_series(1, 48) AS i"
+            "INSERT INTO crmflow.outbox (entity_type, op, pk, captured_at, processed_at)"
+            " SELECT 'lead', 'insert', jsonb_build_object('id', i), t, t"
+            " FROM generate_series(1, 48) AS i,"
+            " LATERAL (SELECT now() - make_interval(hours => i) AS t) AS at"
         )
         c.execute(
             "INSERT INTO crmflow.outbox (entity_type, op, pk)"
