@@ -72,11 +72,17 @@ async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
     procrastinate's functions name their tables without a schema, so its schema is
     appended to the session's search_path, after the database's own default: the
     user's tables keep resolving first, exactly as in their own sessions.
+
+    JIT is off: the engine runs short statements, and the match statement of many
+    workflows (one CASE per workflow, a sub-select per entity type) is estimated above
+    jit_above_cost although it runs in milliseconds. Measured with 1,000 workflows over
+    50 tables: 11.2 s of JIT compilation for a 500-event batch that runs in 0.1 s
+    without it (P5 fell to 40 events/s).
     """
     schema = get_settings().procrastinate_schema
     await conn.execute(
         "SELECT set_config('search_path', current_setting('search_path') || ', ' || "
-        "quote_ident(%s), false)",
+        "quote_ident(%s), false), set_config('jit', 'off', false)",
         [schema],
     )
     if not conn.autocommit:

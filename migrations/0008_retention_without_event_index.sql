@@ -1,0 +1,11 @@
+-- Retention with less hot-path cost. 0006's executions (event_id) index cost an index
+-- entry on every enrollment, paid by the matcher, for a question retention asks once
+-- a minute ("is this event still needed by a live or failed execution?"). Those
+-- executions are few and found through the status indexes instead, as one hashed list
+-- per batch (sql/retention.sql).
+--
+-- Measured and rejected: a BRIN index on outbox (captured_at) in place of 0006's
+-- outbox (processed_at) index. BRIN is maintained by the writer's insert, ~0.6 s per
+-- million captured rows here, while the processed_at index is only touched by the
+-- matcher's update (an index entry on a non-HOT update that happens anyway).
+DROP INDEX crmflow.executions_event_idx;
