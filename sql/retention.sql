@@ -10,7 +10,7 @@ SELECT now() - make_interval(secs => %(older_than)s) AS cutoff;
 -- Processed events only. An event stays while an execution it enrolled is live or
 -- failed: the step runner and a retry read the event (templates' event.*). Those
 -- executions are few and indexed by status; one hashed list per batch, not a lookup
--- per event. captured_at (BRIN-indexed) bounds the scan: processed_at >= captured_at.
+-- per event (and no index on executions.event_id for every enrollment to maintain).
 WITH kept AS (
     SELECT x.event_id FROM crmflow.executions AS x
      WHERE x.status IN ('pending', 'running', 'waiting') AND x.event_id IS NOT NULL
@@ -20,9 +20,9 @@ WITH kept AS (
 ), doomed AS (
     SELECT o.id
       FROM crmflow.outbox AS o
-     WHERE o.captured_at < %(cutoff)s
-       AND o.processed_at < %(cutoff)s
+     WHERE o.processed_at < %(cutoff)s
        AND o.id NOT IN (SELECT event_id FROM kept)
+     ORDER BY o.processed_at
      LIMIT %(batch_size)s
        FOR UPDATE OF o SKIP LOCKED
 )
@@ -38,8 +38,7 @@ WITH kept AS (
 )
 SELECT count(*) AS n
   FROM crmflow.outbox AS o
- WHERE o.captured_at < %(cutoff)s
-   AND o.processed_at < %(cutoff)s
+ WHERE o.processed_at < %(cutoff)s
    AND o.id NOT IN (SELECT event_id FROM kept);
 
 -- name: prune_executions_batch
@@ -48,9 +47,9 @@ SELECT count(*) AS n
 WITH doomed AS (
     SELECT x.id
       FROM crmflow.executions AS x
-     WHERE (x.triggered_at AT TIME ZONE 'UTC')::date <= (%(cutoff)s::timestamptz AT TIME ZONE 'UTC')::date  -- executions_day_idx
-       AND x.finished_at < %(cutoff)s
+     WHERE x.finished_at < %(cutoff)s
        AND x.status IN ('completed', 'failed', 'cancelled', 'skipped')
+     ORDER BY x.finished_at
      LIMIT %(batch_size)s
        FOR UPDATE SKIP LOCKED
 ), gone AS (
@@ -64,12 +63,10 @@ SELECT (SELECT count(*) FROM gone) AS executions,
 SELECT count(*) AS executions,
        (SELECT count(*) FROM crmflow.execution_steps AS s
           JOIN crmflow.executions AS x ON x.id = s.execution_id
-         WHERE (x.triggered_at AT TIME ZONE 'UTC')::date <= (%(cutoff)s::timestamptz AT TIME ZONE 'UTC')::date
-           AND x.finished_at < %(cutoff)s
+         WHERE x.finished_at < %(cutoff)s
            AND x.status IN ('completed', 'failed', 'cancelled', 'skipped')) AS steps
   FROM crmflow.executions AS x
- WHERE (x.triggered_at AT TIME ZONE 'UTC')::date <= (%(cutoff)s::timestamptz AT TIME ZONE 'UTC')::date
-   AND x.finished_at < %(cutoff)s
+ WHERE x.finished_at < %(cutoff)s
    AND x.status IN ('completed', 'failed', 'cancelled', 'skipped');
 
 -- name: prune_jobs_batch
