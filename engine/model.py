@@ -229,7 +229,11 @@ class Scheduled(_Strict):
         from croniter import croniter
 
         fields = v.split()
-        if len(fields) not in (5, 6) or not croniter.is_valid(v):
+        # Six fields are seconds first, as the scheduler reads them (cron_iter).
+        # croniter's default puts the seconds last, which would read "0 30 9 * * *"
+        # (09:30:00 daily) as hour 30 and refuse it.
+        seconds_first = len(fields) == 6
+        if len(fields) not in (5, 6) or not croniter.is_valid(v, second_at_beginning=seconds_first):
             raise ValueError(f"{v!r} is not a cron expression (5 fields, or 6 with seconds)")
         return v
 

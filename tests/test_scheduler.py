@@ -45,6 +45,13 @@ def test_next_fire_follows_the_time_zone() -> None:
     assert next_fire(seconds, datetime(2026, 7, 1, 12, 0, 10, tzinfo=UTC)) == datetime(
         2026, 7, 1, 12, 0, 30, tzinfo=UTC
     )
+    # A minute field past 23 (it would be an hour with the seconds last) is accepted.
+    daily = Scheduled(type="scheduled", schedule="0 30 9 * * *")
+    assert next_fire(daily, datetime(2026, 7, 1, 8, 0, tzinfo=UTC)) == datetime(
+        2026, 7, 1, 9, 30, tzinfo=UTC
+    )
+    with pytest.raises(ValueError, match="not a cron expression"):
+        Scheduled(type="scheduled", schedule="0 61 9 * * *")
 
 
 async def make_due(conn: psycopg.AsyncConnection[Any]) -> None:
