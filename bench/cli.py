@@ -36,6 +36,8 @@ def render(results: list[Result], seconds: float, console: Console) -> None:
         verdict = "[green]pass[/]" if r.passed else "[red]miss[/]"
         if "p99_pass" in r.detail and not r.detail["p99_pass"]:
             verdict = "[red]miss (p99)[/]"
+        if "lost_pass" in r.detail and not r.detail["lost_pass"]:
+            verdict = "[red]miss (events lost)[/]"
         table.add_row(r.id, r.what, f"{sign} {r.target:g} {r.unit}", measured, verdict)
     console.print(table)
 

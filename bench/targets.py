@@ -41,7 +41,10 @@ class Result:
 
     @property
     def passed(self) -> bool:
-        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+        """The main figure against its target, and every secondary condition
+        (``*_pass`` in the detail: P3's p99, P6's lost events)."""
+        main = self.value >= self.target if self.higher_is_better else self.value <= self.target
+        return main and all(v for k, v in self.detail.items() if k.endswith("_pass"))
 
     def as_json(self) -> dict[str, Any]:
         return {
