@@ -97,6 +97,20 @@ def db_url(server_url: str, template_db: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def empty_db(server_url: str) -> Iterator[str]:
+    """A database with nothing in it (not cloned from the migrated template), as on a
+    fresh machine."""
+    name = f"crmflow_empty_{RUN_ID}_{uuid.uuid4().hex[:10]}"
+    with _admin(server_url) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield with_dbname(server_url, name)
+    with _admin(server_url) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
 def settings(db_url: str) -> Settings:
     return Settings(
         database_url=db_url,

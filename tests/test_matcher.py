@@ -240,7 +240,10 @@ async def test_custom_events(crm: psycopg.AsyncConnection[Any], matcher: Matcher
 
 
 async def _hammer(pool: AsyncConnectionPool, settings: Settings, stop: asyncio.Event) -> int:
-    matcher = Matcher(pool, settings.model_copy(update={"matcher_batch_size": 7}))
+    # Batches of 2 over 5 entities: a matcher holding a batch leaves other entities'
+    # events to the other one (a batch of 7 covered all five, and the other matcher
+    # had to wait for one to commit; with fast batches it could miss every turn).
+    matcher = Matcher(pool, settings.model_copy(update={"matcher_batch_size": 2}))
     claimed = 0
     while not stop.is_set():
         claimed += (await matcher.run_once()).claimed
@@ -396,3 +399,13 @@ async def test_a_new_user_table_with_the_seed_workflow(
     } <= set(listed[0])
     shown = json.loads(crmflow(db_url, "executions", "show", str(listed[0]["id"]), "--json").stdout)
     assert shown["steps"] == []  # steps are created when the execution starts
+
+
+async def test_engine_sessions_run_without_jit(db_url: str, pool: AsyncConnectionPool) -> None:
+    """The match statement of many workflows is estimated above jit_above_cost; JIT
+    compiling it took seconds per batch (engine/db.py configure)."""
+    async with await db.connect(db_url) as conn:
+        assert await value(conn, "SELECT current_setting('jit')") == "off"
+    async with pool.connection() as conn:
+        assert await value(conn, "SELECT current_setting('jit')") == "off"
+        assert "procrastinate" in await value(conn, "SELECT current_setting('search_path')")

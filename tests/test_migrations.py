@@ -11,11 +11,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from engine import db
 from engine.migrations import MigrationError, migrate, migration_files
-from tests.conftest import with_dbname
 
 SNAPSHOT = Path(__file__).parent / "schema.txt"
 
@@ -67,21 +65,6 @@ async def schema_of(url: str) -> str:
     async with await db.connect(url, autocommit=True) as conn:
         rows = await (await conn.execute(SCHEMA_QUERY)).fetchall()
     return "\n".join(r["line"] for r in rows) + "\n"
-
-
-@pytest.fixture
-def empty_db(server_url: str) -> Any:
-    """A database with nothing in it (not cloned from the migrated template)."""
-    import uuid
-
-    name = f"crmflow_empty_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield with_dbname(server_url, name)
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
 
 
 async def test_replaying_the_migrations_gives_the_expected_schema(
