@@ -862,9 +862,12 @@ class Runner:
     async def _compensate(
         self, ex: dict[str, Any], plan: Plan, rows: dict[str, dict[str, Any]]
     ) -> None:
-        """Undo completed steps in reverse order; each undo commits with its record."""
+        """Undo completed steps in the reverse order of their completion (with
+        ``depends_on`` a step listed later may have run earlier); each undo commits with
+        its record. Steps run one at a time, so finish times order them."""
         actions = registry()
         done = [s for s in plan.ids if rows[s]["status"] == "succeeded"]
+        done.sort(key=lambda s: rows[s]["finished_at"])
         for sid in reversed(done):
             step = plan.steps[sid]
             action = actions.get(step.type)

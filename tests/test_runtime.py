@@ -195,6 +195,53 @@ async def test_compensation_undoes_completed_steps_in_reverse(
     assert await value(crm, "SELECT count(*) FROM tasks") == 0
 
 
+async def test_compensation_follows_completion_order_in_a_dag(
+    crm: psycopg.AsyncConnection[Any], worker: Worker
+) -> None:
+    """ "first" is listed first but depends on "second": undoing in reverse list order
+    would restore "new" and then "qualified"; reverse completion order ends at "new"."""
+    await apply(
+        crm,
+        on_new_lead(
+            [
+                {
+                    "id": "first",
+                    "type": "update_field",
+                    "field": "status",
+                    "value": "contacted",
+                    "depends_on": ["second"],
+                },
+                {
+                    "id": "second",
+                    "type": "update_field",
+                    "field": "status",
+                    "value": "qualified",
+                    "depends_on": [],
+                },
+                {
+                    "id": "boom",
+                    "type": "update_field",
+                    "field": "score",
+                    "value": "{{ entity.name }}",
+                    "retry": 1,
+                    "on_failure": "compensate",
+                    "depends_on": ["first"],
+                },
+            ]
+        ),
+    )
+    await crm.execute("INSERT INTO leads (name) VALUES ('zed')")
+    [ex] = await wait_executions_settled(crm, expected=1)
+    assert ex["status"] == "failed"
+    steps = await steps_of(crm, ex["id"])
+    assert {k: s["status"] for k, s in steps.items()} == {
+        "first": "compensated",
+        "second": "compensated",
+        "boom": "failed",
+    }
+    assert await value(crm, "SELECT status FROM leads") == "new"
+
+
 async def test_continue_past_a_failure(crm: psycopg.AsyncConnection[Any], worker: Worker) -> None:
     await apply(
         crm,
