@@ -460,6 +460,8 @@ async def run_all(quick: bool, only: set[str] | None = None, progress: Any = Non
     for key, fn in steps:
         if not _wanted(key, only):
             continue
+        if quick and key == "S" and not only:
+            continue  # scale-out starts seven worker processes: full runs, or --only S1,S2
         if progress:
             progress(key)
         out = await fn(quick)
