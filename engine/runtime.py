@@ -394,7 +394,7 @@ class Runner:
             return "failed"
 
     async def _run(self, execution_id: int, job_lock: str | None) -> str:
-        async with self.pool.connection() as conn:
+        async with db.autocommit(self.pool) as conn:
             ex = await self._load(conn, execution_id)
         if ex is None or ex["status"] not in LIVE:
             return "nothing to do"
@@ -502,7 +502,7 @@ class Runner:
 
     async def _run_steps(self, execution_id: int) -> str:
         while True:
-            async with self.pool.connection() as conn:
+            async with db.autocommit(self.pool) as conn:
                 ex = await self._load(conn, execution_id)
                 if ex is None or ex["status"] not in LIVE:
                     return "stopped"
@@ -528,11 +528,11 @@ class Runner:
             if not ready:
                 if all(rows[s]["status"] in (*DONE_STEP, "failed") for s in plan.ids):
                     error = f"continued past failed steps: {', '.join(failed)}" if failed else None
-                    async with self.pool.connection() as conn:
+                    async with db.autocommit(self.pool) as conn:
                         await self._set_status(conn, execution_id, "completed", error)
                     return "completed"
                 blocked = [s for s in plan.ids if rows[s]["status"] == "pending"]
-                async with self.pool.connection() as conn:
+                async with db.autocommit(self.pool) as conn:
                     await self._set_status(
                         conn, execution_id, "failed", f"steps can never run: {', '.join(blocked)}"
                     )
@@ -557,7 +557,7 @@ class Runner:
                 ran = True
                 break
             if not ran:
-                async with self.pool.connection() as conn:
+                async with db.autocommit(self.pool) as conn:
                     await self._set_status(conn, execution_id, "waiting", None)
                 return "waiting"
 
@@ -603,7 +603,7 @@ class Runner:
         step = plan.steps[sid]
         action = registry().get(step.type)
         steps_view = {s: {"status": r["status"], "result": r["result"]} for s, r in rows.items()}
-        async with self.pool.connection() as conn:
+        async with db.autocommit(self.pool) as conn:  # reads, then at most one write
             entity = await self._entity(conn, ex["entity_type"])
             row = await self._entity_row(conn, ex, entity)
             if sid in plan.when_sql and not await self.evaluate(
