@@ -131,7 +131,8 @@ async def autocommit(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncCo
     COMMIT, two more round trips around work that needs no transaction of its own (in
     READ COMMITTED each statement takes its own snapshot anyway; one statement is
     atomic by itself). The queued step runner reads an execution and its steps several
-    times per job (measured: a 3,000-execution queued drain 16.5 s -> 14.4 s).
+    times per job and sets its status in one statement (measured: a 3,000-execution
+    queued drain went from 16.5 s to 13.3-13.9 s).
     Autocommit is a client-side flag in psycopg; it is put back before the connection
     returns to the pool.
     """

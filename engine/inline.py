@@ -151,10 +151,8 @@ async def _run(
         # group: a round trip per workflow was a quarter of the matcher's time with
         # many workflows. The actor names the executions of this level at that depth.
         members_at: dict[int, list[int]] = {}
-        for _, _, ex_depth in groups:
-            members_at.setdefault(ex_depth, [])
         for (_, _, ex_depth), group in groups.items():
-            members_at[ex_depth].extend(c.execution_id for c in group)
+            members_at.setdefault(ex_depth, []).extend(c.execution_id for c in group)
         context_depth: int | None = None
         for (_, sid, ex_depth), group in groups.items():
             step = group[0].step
