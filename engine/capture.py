@@ -8,6 +8,7 @@ schema, with a single or composite key.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,8 @@ from engine import catalog, db
 from engine.sqlexpr import UnsafeExpression, render_expression, validate_expression
 
 OPERATIONS = ("insert", "update", "delete")
-_DOLLAR_TAG = "$crmflow_capture$"
 TRIGGER_PREFIX = "tg_crmflow__"
+log = logging.getLogger(__name__)
 
 
 class CaptureError(ValueError):
@@ -66,63 +67,32 @@ def function_name(entity_type: str, op: str) -> sql.Identifier:
     return sql.Identifier("crmflow", f"tg_{entity_type}__{op}")
 
 
-def _pk_object(pk_columns: list[str], alias: str) -> sql.Composable:
-    return sql.SQL("jsonb_build_object({})").format(
-        sql.SQL(", ").join(
-            sql.SQL("{}, {}").format(sql.Literal(c), sql.Identifier(alias, c)) for c in pk_columns
-        )
-    )
-
-
-def _pk_join(pk_columns: list[str]) -> sql.Composable:
-    return sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier("n", c), sql.Identifier("o", c))
-        for c in pk_columns
-    )
-
-
-def capture_ddl(w: Watched) -> list[sql.Composable]:
-    """CREATE OR REPLACE the three functions and (re)create the three triggers."""
-    table = sql.Identifier(w.table_schema, w.table_name)
-    parts = {
-        "entity_type": sql.Literal(w.entity_type),
-        "pk_new": _pk_object(w.pk_columns, "n"),
-        "pk_old": _pk_object(w.pk_columns, "o"),
-        "pk_join": _pk_join(w.pk_columns),
-    }
+def drop_ddl(w: Watched, relations: list[str]) -> list[sql.Composable]:
+    """Drop the triggers from ``relations`` (the table and its partitions), then the functions."""
     statements: list[sql.Composable] = []
+    for relation in relations:
+        for op in OPERATIONS:
+            statements.append(
+                db.template("drop_trigger", "capture.sql").format(
+                    trigger=sql.Identifier(TRIGGER_PREFIX + op), table=sql.SQL(relation)
+                )
+            )
     for op in OPERATIONS:
-        function = function_name(w.entity_type, op)
-        body = db.template(f"{op}_function", "capture.sql").format(function=function, **parts)
-        # The body is dollar-quoted; a name that contained the tag would end it early.
-        rendered = body.as_string(None)
-        if rendered.count(_DOLLAR_TAG) != 2:
-            raise CaptureError(f"the table or key names of {w.table_name!r} cannot be captured")
-        trigger = sql.Identifier(TRIGGER_PREFIX + op)
-        statements += [
-            body,
-            db.template("drop_trigger", "capture.sql").format(trigger=trigger, table=table),
-            db.template(f"{op}_trigger", "capture.sql").format(
-                trigger=trigger, table=table, function=function
-            ),
-        ]
-    return statements
-
-
-def drop_ddl(w: Watched) -> list[sql.Composable]:
-    table = sql.Identifier(w.table_schema, w.table_name)
-    statements: list[sql.Composable] = []
-    for op in OPERATIONS:
-        trigger = sql.Identifier(TRIGGER_PREFIX + op)
-        statements.append(
-            db.template("drop_trigger", "capture.sql").format(trigger=trigger, table=table)
-        )
         statements.append(
             db.template("drop_function", "capture.sql").format(
                 function=function_name(w.entity_type, op)
             )
         )
     return statements
+
+
+async def install(conn: psycopg.AsyncConnection[Any], w: Watched, relid: int) -> None:
+    """Generate the entity's capture functions and put its triggers on the table and its
+    partitions (crmflow.install_capture in sql/capture.sql)."""
+    await conn.execute(
+        db.query("install_capture", "capture.sql"),
+        {"entity_type": w.entity_type, "relid": relid, "pk_columns": w.pk_columns},
+    )
 
 
 # crmflow's own table that it does capture: its alerts, delivered by ordinary workflows.
@@ -205,8 +175,7 @@ async def watch(
         w = Watched(entity, found["table_schema"], found["table_name"], pk)
         try:
             async with conn.transaction():
-                for statement in capture_ddl(w):
-                    await conn.execute(statement)
+                await install(conn, w, found["relid"])
         except psycopg.Error as exc:  # a privilege the role lacks, a table locked away...
             raise CaptureError(
                 f"cannot capture {w.table_schema}.{w.table_name}: {exc.diag.message_primary or exc}"
@@ -265,6 +234,10 @@ async def unwatch(conn: psycopg.AsyncConnection[Any], table: str, force: bool = 
             else _split_name(table)
         )
         row = await (await conn.execute(db.query("watched_by_table"), lookup)).fetchone()
+        if row is None and found is None:  # a table renamed or dropped: its entity name
+            row = await (
+                await conn.execute(db.query("watched_by_entity"), {"entity_type": table})
+            ).fetchone()
         if row is None:
             raise CaptureError(f"{table!r} is not watched")
         w = Watched(
@@ -283,16 +256,17 @@ async def unwatch(conn: psycopg.AsyncConnection[Any], table: str, force: bool = 
             await conn.execute(
                 db.query("pause_workflows_of_entity"), {"entity_type": w.entity_type}
             )
-        if found is not None:
-            for statement in drop_ddl(w):
-                await conn.execute(statement)
-        else:  # the table is gone already; drop the functions only
-            for op in OPERATIONS:
+        # Wherever its triggers are now: the table under any name, and its partitions.
+        relations = [
+            r["relation"]
+            for r in await (
                 await conn.execute(
-                    db.template("drop_function", "capture.sql").format(
-                        function=function_name(w.entity_type, op)
-                    )
+                    db.query("captured_relations", "capture.sql"), {"entity_type": w.entity_type}
                 )
+            ).fetchall()
+        ]
+        for statement in drop_ddl(w, relations):
+            await conn.execute(statement)
         await conn.execute(db.query("unwatch_table"), {"entity_type": w.entity_type})
         return w
 
@@ -307,16 +281,45 @@ async def list_watched(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any
 
 
 async def reinstall_all(conn: psycopg.AsyncConnection[Any]) -> int:
-    """Regenerate every watched table's capture code (after an upgrade of sql/capture.sql)."""
+    """Regenerate every watched table's capture functions (after an upgrade of
+    sql/capture.sql), then heal: follow renames and key changes, capture new partitions."""
     rows = await (await conn.execute(db.query("watched_tables_with_oid"), {})).fetchall()
     count = 0
     for row in rows:
-        if row["relid"] is None:
-            continue
-        w = Watched(
-            row["entity_type"], row["table_schema"], row["table_name"], list(row["pk_columns"])
+        await conn.execute(
+            db.query("generate_capture", "capture.sql"),
+            {"entity_type": row["entity_type"], "pk_columns": list(row["pk_columns"])},
         )
-        for statement in capture_ddl(w):
-            await conn.execute(statement)
         count += 1
+    for change in await heal(conn):
+        log.warning("capture of %s: %s", change["entity_type"], change["change"])
     return count
+
+
+async def heal(
+    conn: psycopg.AsyncConnection[Any], lock_timeout: str = "200ms"
+) -> list[dict[str, Any]]:
+    """Bring capture in line with the catalog (crmflow.heal_capture); what it changed or
+    found wrong, one row per entity and finding."""
+    async with conn.transaction():
+        bound = await (
+            await conn.execute(
+                db.query("bound_lock_wait", "capture.sql"), {"lock_timeout": lock_timeout}
+            )
+        ).fetchone()
+        assert bound is not None
+        changes = await (await conn.execute(db.query("heal_capture", "capture.sql"))).fetchall()
+        await conn.execute(
+            db.query("restore_lock_wait", "capture.sql"), {"lock_timeout": bound["previous"]}
+        )
+        return changes
+
+
+async def install_event_trigger(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """The DDL event trigger that heals capture in the DDL's own transaction. Only a
+    superuser may create one; without it the worker's periodic heal does the job."""
+    row = await (await conn.execute(db.query("may_create_event_trigger", "capture.sql"))).fetchone()
+    if not (row and row["allowed"]):
+        return False
+    await conn.execute(db.query("install_event_trigger", "capture.sql").encode())
+    return True

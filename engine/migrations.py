@@ -117,6 +117,7 @@ async def migrate(
             path = db.resource_dir("sql") / filename
             if path.exists():
                 await conn.execute(db.query("install", filename).encode())
+        await capture.install_event_trigger(conn)
         report.recaptured_tables = await capture.reinstall_all(conn)
         if (
             await (

@@ -3,10 +3,24 @@
 -- nothing). One INSERT ... SELECT per statement, so a 100k-row INSERT ... SELECT
 -- pays one trigger call, not 100k.
 --
--- The "install" block is (re)applied by `crmflow migrate`. The other blocks are
--- templates completed by engine/capture.py with psycopg.sql (identifiers quoted,
--- literals escaped) into one function and one trigger per table and operation:
--- crmflow.tg_<schema>_<table>__<op>() and the trigger tg_<table>__<op>.
+-- The capture code lives in the writer's transaction, so it must never be the reason a
+-- write fails (docs/design.md, "The host comes first"). The generated functions:
+--   * name no column of the table: a row is read whole (`t.*`, which PostgreSQL
+--     resolves as the relation, never as a column), keys are read out of its JSON, so
+--     no column name (`n`, `o`, `j`, a plpgsql variable's name) can collide, and a
+--     renamed, retyped or dropped column cannot make the trigger fail;
+--   * declare no plpgsql variable, for the same reason;
+--   * fall back to the table's current primary key, read from the catalog, for a row
+--     that lacks the key columns they were generated with (the key was renamed; the
+--     worker's heal regenerates them within seconds, crmflow.heal_capture below);
+--   * turn each row into JSON once (MATERIALIZED CTEs): an update's `changed` list
+--     costs one pass over the row's keys, linear in the number of columns.
+-- Partitions carry the same triggers as their root (a write straight into a partition
+-- fires only the partition's statement triggers), and partitions created or attached
+-- later get them from crmflow.heal_capture.
+--
+-- Everything here is the "install" block, (re)applied by `crmflow migrate`;
+-- engine/capture.py calls crmflow.install_capture and crmflow.heal_capture.
 
 -- name: install
 -- The depth and actor of the current write, set by the engine with set_config(..., true)
@@ -34,95 +48,311 @@ BEGIN
 END
 $$;
 
--- name: insert_function
-CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-    LANGUAGE plpgsql AS $crmflow_capture$
+-- The primary key of a table as it is now, in key order.
+CREATE OR REPLACE FUNCTION crmflow.primary_key_of(relid oid) RETURNS text[]
+    LANGUAGE sql STABLE AS $$
+    SELECT array_agg(a.attname::text ORDER BY k.position)
+      FROM pg_index AS i
+     CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
+      JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = relid AND i.indisprimary
+$$;
+
+-- A captured row's key by the table's current primary key: the capture functions' slow
+-- path, taken only for rows that lack the key columns the functions were generated
+-- with. NULL when the table has no primary key any more.
+CREATE OR REPLACE FUNCTION crmflow.capture_key(relid oid, captured jsonb) RETURNS jsonb
+    LANGUAGE sql STABLE AS $$
+    SELECT jsonb_object_agg(k.name, captured -> k.name)
+      FROM unnest(crmflow.primary_key_of(relid)) AS k(name)
+$$;
+
+-- (Re)generate the three capture functions of an entity. Replacing a function takes no
+-- lock on the table (writers pick up the new body at their next statement), but every
+-- session recompiles it, so it is done only when something changed.
+CREATE OR REPLACE FUNCTION crmflow.generate_capture(entity text, key_columns text[])
+    RETURNS void LANGUAGE plpgsql AS $generate$
 DECLARE
-    -- The depth and actor of this write (see crmflow.current_depth), read once per
-    -- statement, not per row; plain code, not function calls, on the writer's path.
-    write_depth integer := coalesce(nullif(current_setting('crmflow.depth', true), '')::integer, 0);
-    write_actor text := coalesce(nullif(current_setting('crmflow.actor', true), ''), session_user);
+    key_expr text;
+    depth_expr constant text :=
+        '(SELECT coalesce(nullif(current_setting(''crmflow.depth'', true), '''')::integer, 0))';
+    actor_expr constant text :=
+        '(SELECT coalesce(nullif(current_setting(''crmflow.actor'', true), ''''), session_user::text))';
+    wake constant text :=
+        'IF (SELECT listening FROM crmflow.matcher_state) THEN '
+        'PERFORM pg_notify(''crmflow_outbox'', ''''); END IF; RETURN NULL;';
+    rows_json constant text := '(SELECT to_jsonb(t.*) AS j FROM %s AS t OFFSET 0) AS r';
+    body text;
 BEGIN
-    INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, depth, actor)
-    SELECT {entity_type}, 'insert', {pk_new}, to_jsonb(n), write_depth, write_actor
-      FROM new_rows AS n;
-    IF (SELECT listening FROM crmflow.matcher_state) THEN  -- crmflow.wake_matcher, inlined
-        PERFORM pg_notify('crmflow_outbox', '');
+    IF entity !~ '^[a-z_][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'entity name % cannot be captured', entity;
     END IF;
-    RETURN NULL;
-END
-$crmflow_capture$;
+    IF coalesce(cardinality(key_columns), 0) = 0 THEN
+        RAISE EXCEPTION 'entity % has no key columns', entity;
+    END IF;
+    -- {"id": r.j -> 'id'} when the row has the key it was generated with, else the
+    -- table's key now (TG_RELID: the partition or table the statement wrote).
+    key_expr := format(
+        'CASE WHEN r.j ?& %L::text[] THEN jsonb_build_object(%s) '
+        'ELSE crmflow.capture_key(TG_RELID, r.j) END',
+        key_columns,
+        (SELECT string_agg(format('%L, r.j -> %L', c, c), ', ' ORDER BY i)
+           FROM unnest(key_columns) WITH ORDINALITY AS u(c, i)));
 
--- name: update_function
--- Rows are paired old/new by primary key. A row whose key itself changed has no
--- pair: it is captured as the delete of the old key and the insert of the new one.
--- Updates that change no column are not captured.
-CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-    LANGUAGE plpgsql AS $crmflow_capture$
+    body := format(
+        'BEGIN INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, depth, actor) '
+        'SELECT %L, ''insert'', %s, r.j, %s, %s FROM %s; %s END',
+        entity, key_expr, depth_expr, actor_expr, format(rows_json, 'new_rows'), wake);
+    EXECUTE format('CREATE OR REPLACE FUNCTION crmflow.%I() RETURNS trigger '
+                   'LANGUAGE plpgsql AS %L', 'tg_' || entity || '__insert', body);
+
+    body := format(
+        'BEGIN INSERT INTO crmflow.outbox (entity_type, op, pk, old_row, depth, actor) '
+        'SELECT %L, ''delete'', %s, r.j, %s, %s FROM %s; %s END',
+        entity, key_expr, depth_expr, actor_expr, format(rows_json, 'old_rows'), wake);
+    EXECUTE format('CREATE OR REPLACE FUNCTION crmflow.%I() RETURNS trigger '
+                   'LANGUAGE plpgsql AS %L', 'tg_' || entity || '__delete', body);
+
+    -- Rows are paired old/new by primary key. A row whose key itself changed has no
+    -- pair: it is captured as the delete of the old key and the insert of the new one.
+    -- Updates that change no column are not captured.
+    body := format(
+        'BEGIN WITH n AS MATERIALIZED (SELECT r.j, %1$s AS k FROM %2$s), '
+        '           o AS MATERIALIZED (SELECT r.j, %1$s AS k FROM %3$s) '
+        'INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, old_row, changed, depth, actor) '
+        'SELECT %4$L, c.op, c.pk, c.new_row, c.old_row, c.changed, %5$s, %6$s FROM ('
+        '  SELECT ''update'' AS op, n.k AS pk, n.j AS new_row, o.j AS old_row, '
+        '         ARRAY(SELECT e.key FROM jsonb_each(n.j) AS e '
+        '                WHERE e.value IS DISTINCT FROM o.j -> e.key ORDER BY e.key) AS changed, '
+        '         0 AS part '
+        '    FROM n JOIN o ON o.k = n.k WHERE n.j IS DISTINCT FROM o.j '
+        '  UNION ALL '
+        '  SELECT ''delete'', o.k, NULL, o.j, NULL, 1 FROM o '
+        '   WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k = o.k) '
+        '  UNION ALL '
+        '  SELECT ''insert'', n.k, n.j, NULL, NULL, 2 FROM n '
+        '   WHERE NOT EXISTS (SELECT 1 FROM o WHERE o.k = n.k) '
+        ') AS c ORDER BY c.part; %7$s END',
+        key_expr, format(rows_json, 'new_rows'), format(rows_json, 'old_rows'),
+        entity, depth_expr, actor_expr, wake);
+    EXECUTE format('CREATE OR REPLACE FUNCTION crmflow.%I() RETURNS trigger '
+                   'LANGUAGE plpgsql AS %L', 'tg_' || entity || '__update', body);
+
+END
+$generate$;
+
+-- The table and every partition below it (partitioned ones too: a statement may name
+-- any level of the tree).
+CREATE OR REPLACE FUNCTION crmflow.capture_tree(root regclass) RETURNS SETOF regclass
+    LANGUAGE sql STABLE AS $$
+    SELECT tree.rel::regclass
+      FROM (SELECT root::oid AS rel
+            UNION
+            SELECT p.relid FROM pg_partition_tree(root) AS p) AS tree
+      JOIN pg_class AS c ON c.oid = tree.rel
+     WHERE c.relkind IN ('r', 'p')
+     ORDER BY tree.rel
+$$;
+
+-- An entity's functions, and its triggers on the table and all its partitions. A
+-- trigger is only created where it is missing (CREATE TRIGGER locks the table against
+-- writers, so callers bound the wait with lock_timeout).
+CREATE OR REPLACE FUNCTION crmflow.install_capture(entity text, root regclass, key_columns text[])
+    RETURNS void LANGUAGE plpgsql AS $install$
+BEGIN
+    PERFORM crmflow.generate_capture(entity, key_columns);
+    PERFORM crmflow.attach_capture(entity, rel) FROM crmflow.capture_tree(root) AS rel;
+END
+$install$;
+
+-- The three triggers of an entity on one table or partition, where missing.
+CREATE OR REPLACE FUNCTION crmflow.attach_capture(entity text, rel regclass)
+    RETURNS boolean LANGUAGE plpgsql AS $attach$
 DECLARE
-    write_depth integer := coalesce(nullif(current_setting('crmflow.depth', true), '')::integer, 0);
-    write_actor text := coalesce(nullif(current_setting('crmflow.actor', true), ''), session_user);
+    op text;
+    created boolean := false;
 BEGIN
-    INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, old_row, changed, depth, actor)
-    SELECT {entity_type}, c.op, c.pk, c.new_row, c.old_row, c.changed, write_depth, write_actor
-      FROM (
-            SELECT 'update' AS op, {pk_new} AS pk, j.new_row, j.old_row,
-                   ARRAY(SELECT k.key FROM jsonb_each(j.new_row) AS k
-                          WHERE k.value IS DISTINCT FROM j.old_row -> k.key
-                          ORDER BY k.key) AS changed,
-                   0 AS part
-              FROM new_rows AS n
-              JOIN old_rows AS o ON {pk_join}
-             CROSS JOIN LATERAL (SELECT to_jsonb(n) AS new_row, to_jsonb(o) AS old_row) AS j
-             WHERE j.new_row IS DISTINCT FROM j.old_row
-            UNION ALL
-            SELECT 'delete', {pk_old}, NULL, to_jsonb(o), NULL, 1
-              FROM old_rows AS o
-             WHERE NOT EXISTS (SELECT 1 FROM new_rows AS n WHERE {pk_join})
-            UNION ALL
-            SELECT 'insert', {pk_new}, to_jsonb(n), NULL, NULL, 2
-              FROM new_rows AS n
-             WHERE NOT EXISTS (SELECT 1 FROM old_rows AS o WHERE {pk_join})
-           ) AS c
-     ORDER BY c.part;
-    IF (SELECT listening FROM crmflow.matcher_state) THEN  -- crmflow.wake_matcher, inlined
-        PERFORM pg_notify('crmflow_outbox', '');
-    END IF;
-    RETURN NULL;
+    FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                        WHERE tgrelid = rel AND tgname = 'tg_crmflow__' || op) THEN
+            EXECUTE format(
+                'CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s FOR EACH STATEMENT '
+                'EXECUTE FUNCTION crmflow.%I()',
+                'tg_crmflow__' || op, upper(op), rel,
+                CASE op WHEN 'insert' THEN 'NEW TABLE AS new_rows'
+                        WHEN 'update' THEN 'OLD TABLE AS old_rows NEW TABLE AS new_rows'
+                        ELSE 'OLD TABLE AS old_rows' END,
+                'tg_' || entity || '__' || op);
+            created := true;
+        END IF;
+    END LOOP;
+    RETURN created;
 END
-$crmflow_capture$;
+$attach$;
 
--- name: delete_function
-CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-    LANGUAGE plpgsql AS $crmflow_capture$
+-- The table an entity's capture is on now: found by its triggers, so a renamed table
+-- (or one restored under new OIDs) is still found. The root of the tree when the
+-- triggers are on partitions too.
+CREATE OR REPLACE FUNCTION crmflow.captured_table(entity text) RETURNS regclass
+    LANGUAGE sql STABLE AS $$
+    WITH carriers AS (
+        SELECT t.tgrelid AS rel
+          FROM pg_trigger AS t
+         WHERE t.tgname = 'tg_crmflow__insert'
+           AND t.tgfoid = to_regprocedure(format('crmflow.%I()', 'tg_' || entity || '__insert'))
+    )
+    SELECT c.rel::regclass
+      FROM carriers AS c
+     WHERE NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(c.rel) AS a
+                        WHERE a.relid <> c.rel AND a.relid IN (SELECT rel FROM carriers))
+     ORDER BY c.rel
+     LIMIT 1
+$$;
+
+-- Capture heals itself: for every watched table, follow a rename, regenerate the
+-- functions when the primary key changed, capture partitions created or attached since,
+-- stop capturing partitions detached since. Called by the worker every few seconds, by
+-- `crmflow migrate`, and (when crmflow was installed by a superuser) by an event trigger
+-- at the end of every ALTER/CREATE TABLE, in the DDL's own transaction, so there is no
+-- window at all. Returns what it did or found; nothing when all is well.
+-- It never waits long for a table lock: a partition it cannot lock now is tried again.
+CREATE OR REPLACE FUNCTION crmflow.heal_capture()
+    RETURNS TABLE (entity_type text, change text) LANGUAGE plpgsql AS $heal$
 DECLARE
-    write_depth integer := coalesce(nullif(current_setting('crmflow.depth', true), '')::integer, 0);
-    write_actor text := coalesce(nullif(current_setting('crmflow.actor', true), ''), session_user);
+    w record;
+    root regclass;
+    key_now text[];
+    schema_now text;
+    name_now text;
+    rel regclass;
 BEGIN
-    INSERT INTO crmflow.outbox (entity_type, op, pk, old_row, depth, actor)
-    SELECT {entity_type}, 'delete', {pk_old}, to_jsonb(o), write_depth, write_actor
-      FROM old_rows AS o;
-    IF (SELECT listening FROM crmflow.matcher_state) THEN  -- crmflow.wake_matcher, inlined
-        PERFORM pg_notify('crmflow_outbox', '');
-    END IF;
-    RETURN NULL;
+    FOR w IN SELECT x.entity_type, x.table_schema, x.table_name, x.pk_columns
+               FROM crmflow.watched_tables AS x ORDER BY x.entity_type LOOP
+        entity_type := w.entity_type;
+        root := crmflow.captured_table(w.entity_type);
+        IF root IS NULL THEN
+            -- No trigger left: the table was dropped (perhaps made anew under its name).
+            root := to_regclass(format('%I.%I', w.table_schema, w.table_name));
+            IF root IS NULL THEN
+                change := 'table missing';
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+        SELECT n.nspname, c.relname INTO STRICT schema_now, name_now
+          FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+         WHERE c.oid = root;
+        IF (schema_now, name_now) IS DISTINCT FROM (w.table_schema, w.table_name) THEN
+            UPDATE crmflow.watched_tables AS x
+               SET table_schema = schema_now, table_name = name_now
+             WHERE x.entity_type = w.entity_type;
+            change := format('table is now %I.%I', schema_now, name_now);
+            RETURN NEXT;
+        END IF;
+        key_now := crmflow.primary_key_of(root);
+        IF key_now IS NULL THEN
+            change := 'no primary key';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        IF key_now IS DISTINCT FROM w.pk_columns THEN
+            UPDATE crmflow.watched_tables AS x SET pk_columns = key_now
+             WHERE x.entity_type = w.entity_type;
+            PERFORM crmflow.generate_capture(w.entity_type, key_now);
+            change := format('primary key is now (%s)', array_to_string(key_now, ', '));
+            RETURN NEXT;
+        END IF;
+        -- Partitions (and a table made anew under the name) without the triggers.
+        FOR rel IN SELECT t.rel FROM crmflow.capture_tree(root) AS t(rel)
+                    WHERE NOT EXISTS (SELECT 1 FROM pg_trigger AS g
+                                       WHERE g.tgrelid = t.rel AND g.tgname = 'tg_crmflow__insert')
+        LOOP
+            BEGIN
+                PERFORM crmflow.attach_capture(w.entity_type, rel);
+                change := format('%s captured', rel);
+            EXCEPTION WHEN lock_not_available OR query_canceled THEN
+                change := format('%s is busy; its capture will be retried', rel);
+            END;
+            RETURN NEXT;
+        END LOOP;
+        -- Tables that still carry this entity's triggers but left the tree (detached
+        -- partitions, a table renamed away and another made under the name).
+        FOR rel IN
+            SELECT t.tgrelid::regclass FROM pg_trigger AS t
+             WHERE t.tgname = 'tg_crmflow__insert'
+               AND t.tgfoid = to_regprocedure(format('crmflow.%I()', 'tg_' || w.entity_type || '__insert'))
+               AND t.tgrelid <> root
+               AND t.tgrelid NOT IN (SELECT p.relid FROM pg_partition_tree(root) AS p)
+        LOOP
+            BEGIN
+                EXECUTE format('DROP TRIGGER IF EXISTS tg_crmflow__insert ON %s; '
+                               'DROP TRIGGER IF EXISTS tg_crmflow__update ON %1$s; '
+                               'DROP TRIGGER IF EXISTS tg_crmflow__delete ON %1$s', rel);
+                change := format('%s is no longer captured (not part of %s)', rel, root);
+                RETURN NEXT;
+            EXCEPTION WHEN lock_not_available OR query_canceled THEN
+                NULL;  -- next time
+            END;
+        END LOOP;
+    END LOOP;
 END
-$crmflow_capture$;
+$heal$;
 
--- name: insert_trigger
-CREATE TRIGGER {trigger} AFTER INSERT ON {table}
-    REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION {function}();
+-- name: install_event_trigger
+-- Only a superuser may create event triggers; crmflow works without one (the worker
+-- heals within seconds). Whatever goes wrong in it is a warning: a user's DDL never
+-- fails because of crmflow.
+CREATE OR REPLACE FUNCTION crmflow.heal_capture_on_ddl() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM crmflow.watched_tables) THEN
+        PERFORM set_config('lock_timeout', '1s', true);
+        PERFORM crmflow.heal_capture();
+    END IF;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'crmflow could not update capture after this change (%); '
+                  'the worker will retry', SQLERRM;
+END
+$$;
 
--- name: update_trigger
-CREATE TRIGGER {trigger} AFTER UPDATE ON {table}
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION {function}();
+DROP EVENT TRIGGER IF EXISTS crmflow_heal_capture;
+CREATE EVENT TRIGGER crmflow_heal_capture ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+    EXECUTE FUNCTION crmflow.heal_capture_on_ddl();
 
--- name: delete_trigger
-CREATE TRIGGER {trigger} AFTER DELETE ON {table}
-    REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION {function}();
+-- name: install_capture
+SELECT crmflow.install_capture(%(entity_type)s, %(relid)s::oid::regclass, %(pk_columns)s::text[]);
+
+-- name: generate_capture
+SELECT crmflow.generate_capture(%(entity_type)s, %(pk_columns)s::text[]);
+
+-- name: bound_lock_wait
+-- Heal's lock waits are short: a partition busy now is captured on the next round, and
+-- writers never queue behind a trigger creation for long. Returns the setting it
+-- replaced, put back after the heal (the caller's transaction may go on).
+SELECT current_setting('lock_timeout') AS previous,
+       set_config('lock_timeout', %(lock_timeout)s, true) AS now;
+
+-- name: restore_lock_wait
+SELECT set_config('lock_timeout', %(lock_timeout)s, true);
+
+-- name: heal_capture
+SELECT entity_type, change FROM crmflow.heal_capture();
+
+-- name: capture_tree
+SELECT rel::text AS relation FROM crmflow.capture_tree(%(relid)s::oid::regclass) AS rel;
+
+-- name: captured_relations
+-- Every relation carrying an entity's triggers (the table, its partitions, and any that
+-- drifted away), so unwatch removes them all.
+SELECT t.tgrelid::regclass::text AS relation
+  FROM pg_trigger AS t
+ WHERE t.tgname = 'tg_crmflow__insert'
+   AND t.tgfoid = to_regprocedure(format('crmflow.%%I()', 'tg_' || %(entity_type)s || '__insert'))
+ ORDER BY t.tgrelid;
+
+-- name: may_create_event_trigger
+SELECT rolsuper AS allowed FROM pg_roles WHERE rolname = current_user;
 
 -- name: drop_trigger
 DROP TRIGGER IF EXISTS {trigger} ON {table};

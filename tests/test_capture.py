@@ -195,12 +195,16 @@ async def test_watch_refuses_what_it_cannot_capture(
 
 
 async def test_hostile_names_are_quoted(conn: psycopg.AsyncConnection[Any]) -> None:
-    # A key column carrying the function body's dollar-quote tag would end the body early.
+    # A key column carrying a dollar-quote tag: the generated bodies are quoted as
+    # literals (format %L), never dollar-quoted around names.
     await conn.execute(
         'CREATE TABLE tagged ("k$crmflow_capture$; DROP TABLE leads; --" int PRIMARY KEY)'
     )
-    with pytest.raises(capture.CaptureError, match="cannot be captured"):
-        await capture.watch(conn, "tagged")
+    await capture.watch(conn, "tagged")
+    await conn.execute("INSERT INTO tagged VALUES (7)")
+    [event] = await outbox(conn)
+    assert event["pk"] == {"k$crmflow_capture$; DROP TABLE leads; --": 7}
+    await conn.execute("DELETE FROM crmflow.outbox")
     await conn.execute('CREATE TABLE "x""; DROP TABLE leads; --" (id int PRIMARY KEY, v text)')
     await capture.watch(conn, '"x""; DROP TABLE leads; --"', entity="weird")
     await conn.execute("""INSERT INTO "x""; DROP TABLE leads; --" VALUES (1, 'ok')""")
