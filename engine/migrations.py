@@ -75,6 +75,9 @@ async def migrate(
     report = MigrationReport()
     settings = get_settings()
     async with conn.transaction():
+        # Migrations may run long and wait for a concurrent migrate: the engine
+        # session's statement and lock timeouts (engine.db.configure) do not apply.
+        await conn.execute("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK])
         await conn.execute(db.query("bootstrap_migrations"))
         rows = await (await conn.execute(db.query("applied_migrations"), {})).fetchall()
