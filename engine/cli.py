@@ -772,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (
         CliError,
         capture.CaptureError,
+        db.Busy,
         workflows.WorkflowNotFound,
         executions.ExecutionNotFound,
     ) as exc:

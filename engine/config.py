@@ -21,6 +21,14 @@ class Settings(BaseSettings):
     queue_name: str = "crmflow"
     pool_min_size: int = 1
     pool_max_size: int = 10
+    # Session bounds of every engine connection (seconds; 0 turns one off), so that no
+    # engine session holds a lock that stops the others for long: a statement, a wait
+    # for a lock, a transaction left open by a frozen process (the server ends it).
+    statement_timeout: float = Field(30.0, ge=0)
+    lock_timeout: float = Field(2.0, ge=0)
+    idle_in_transaction_timeout: float = Field(10.0, ge=0)
+    # libpq connect_timeout: an unreachable server fails a connection attempt this fast.
+    connect_timeout: int = Field(5, ge=0)
 
     # Matcher: events claimed per transaction, and the poll that backs up LISTEN/NOTIFY.
     matcher_batch_size: int = Field(500, ge=1, le=10_000)

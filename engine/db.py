@@ -6,14 +6,17 @@ the way procrastinate keeps its queries. :func:`queries` loads them into a dict.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import logging
+import random
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator
-from functools import cache
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, LiteralString, cast
+from typing import Any, LiteralString, TypeVar, cast
 
 import psycopg
 from psycopg import sql
@@ -22,6 +25,9 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from engine.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _NAME_RE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 
@@ -46,7 +52,7 @@ def parse_named_queries(text: str) -> dict[str, str]:
     return blocks
 
 
-@cache
+@functools.cache
 def sql_file(filename: str) -> dict[str, str]:
     return parse_named_queries((resource_dir("sql") / filename).read_text(encoding="utf-8"))
 
@@ -63,12 +69,21 @@ def template(name: str, filename: str) -> sql.SQL:
 
 def engine_conninfo(url: str, settings: Settings | None = None) -> str:
     """The URL, with an application name so operators can tell crmflow's sessions apart."""
+    settings = settings or get_settings()
     params = conninfo_to_dict(url)
     params.setdefault("application_name", "crmflow")
+    # An unreachable server (a host down, packets dropped) fails fast instead of hanging
+    # for the kernel's TCP timeout: reconnect loops and shutdown stay bounded.
+    if settings.connect_timeout:
+        params.setdefault("connect_timeout", str(settings.connect_timeout))
     return make_conninfo("", **params)
 
 
-async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+def _ms(seconds: float) -> str:
+    return f"{round(seconds * 1000)}ms" if seconds > 0 else "0"
+
+
+async def configure(conn: psycopg.AsyncConnection[Any], settings: Settings | None = None) -> None:
     """Session set-up of every engine connection.
 
     procrastinate's functions name their tables without a schema, so its schema is
@@ -80,22 +95,38 @@ async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
     jit_above_cost although it runs in milliseconds. Measured with 1,000 workflows over
     50 tables: 11.2 s of JIT compilation for a 500-event batch that runs in 0.1 s
     without it (P5 fell to 40 events/s).
+
+    Timeouts (DESIGN 4b: no engine session may stop the others for long):
+    ``statement_timeout``, ``lock_timeout`` (a wait for a row lock, such as the
+    ``crmflow.matcher_state`` row a workflow save bumps, fails with 55P03 instead of
+    waiting without end; the callers retry), and ``idle_in_transaction_session_timeout``:
+    a process frozen inside a transaction (SIGSTOP, a paused VM) has its session ended
+    by the server, which frees every lock it held.
     """
-    schema = get_settings().procrastinate_schema
+    settings = settings or get_settings()
     await conn.execute(
         "SELECT set_config('search_path', current_setting('search_path') || ', ' || "
-        "quote_ident(%s), false), set_config('jit', 'off', false)",
-        [schema],
+        "quote_ident(%s), false), set_config('jit', 'off', false), "
+        "set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false), "
+        "set_config('idle_in_transaction_session_timeout', %s, false)",
+        [
+            settings.procrastinate_schema,
+            _ms(settings.statement_timeout),
+            _ms(settings.lock_timeout),
+            _ms(settings.idle_in_transaction_timeout),
+        ],
     )
     if not conn.autocommit:
         await conn.commit()
 
 
-async def connect(url: str, **kwargs: Any) -> psycopg.AsyncConnection[dict[str, Any]]:
+async def connect(
+    url: str, settings: Settings | None = None, **kwargs: Any
+) -> psycopg.AsyncConnection[dict[str, Any]]:
     conn = await psycopg.AsyncConnection.connect(
-        engine_conninfo(url), row_factory=dict_row, **kwargs
+        engine_conninfo(url, settings), row_factory=dict_row, **kwargs
     )
-    await configure(conn)
+    await configure(conn, settings)
     return conn
 
 
@@ -153,7 +184,7 @@ def create_pool(url: str, settings: Settings | None = None, **kwargs: Any) -> As
     return AsyncConnectionPool(
         engine_conninfo(url, settings),
         kwargs={"row_factory": dict_row},
-        configure=configure,
+        configure=functools.partial(configure, settings=settings),
         # Hand out only live connections: after a PostgreSQL restart the pool
         # replaces dead ones instead of failing the next query.
         check=check_unless_just_used,
@@ -161,3 +192,40 @@ def create_pool(url: str, settings: Settings | None = None, **kwargs: Any) -> As
         open=False,
         **kwargs,
     )
+
+
+class Busy(Exception):
+    """A row lock stayed taken through every attempt (``lock_timeout`` each)."""
+
+
+# Attempts of a save whose lock wait timed out (lock_timeout each, 2 s by default): a
+# frozen session holding the lock is ended by the server's
+# idle_in_transaction_session_timeout (10 s) within them.
+LOCK_ATTEMPTS = 6
+
+
+async def retry_lock_timeouts(
+    conn: psycopg.AsyncConnection[Any],
+    body: Callable[[], Awaitable[T]],
+    what: str,
+    attempts: int = LOCK_ATTEMPTS,
+) -> T:
+    """``body`` in a transaction (a savepoint inside one), run again when a lock wait
+    times out (55P03); after ``attempts`` tries, :class:`Busy` with a clear message.
+
+    A workflow save bumps ``crmflow.matcher_state``, whose row a matcher holds for the
+    length of a batch: the wait is bounded by lock_timeout, and a stuck holder is freed
+    by the server's idle-in-transaction timeout."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with conn.transaction():
+                return await body()
+        except psycopg.errors.LockNotAvailable as exc:
+            if attempt == attempts:
+                raise Busy(
+                    f"{what}: a lock stayed taken by another session through {attempts} "
+                    f"attempts ({exc.diag.message_primary or exc}); try again"
+                ) from exc
+            log.info("%s: lock wait timed out (attempt %d); retrying", what, attempt)
+            await asyncio.sleep(random.uniform(0.05, 0.25) * attempt)
+    raise AssertionError("unreachable")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -322,12 +323,14 @@ class Matcher:
     async def run(self, stop: asyncio.Event, url: str) -> None:
         """Drain, then wait for a hint or the poll interval; until ``stop`` is set."""
         listener = _Listener(url, [OUTBOX_CHANNEL, WORKFLOWS_CHANNEL])
+        conflicts = 0  # in a row
         try:
             while not stop.is_set():
                 try:
                     # A claim that finds work also tells writers to stop hinting, in the
                     # same transaction: a wake-up costs one commit, not two.
                     await self.drain()
+                    conflicts = 0
                     await self._set_listening(True)
                     # Writers that checked the flag just before it flipped did not notify:
                     # one more look closes that window (the poll covers what is left).
@@ -335,13 +338,58 @@ class Matcher:
                         continue
                     await listener.wait(self.settings.matcher_poll_interval, stop)
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                    log.warning("matcher lost the database (%s); retrying", exc)
-                    await _sleep_or_stop(stop, 1.0)
+                    kind = conflict_kind(exc)
+                    if kind is None:
+                        log.warning("matcher lost the database (%s); retrying", exc)
+                        await _sleep_or_stop(stop, 1.0)
+                        continue
+                    # The batch was rolled back whole (nothing of it happened): redo it
+                    # at once, after a short jittered pause so two colliding matchers
+                    # do not collide again.
+                    conflicts += 1
+                    metrics.MATCHER_CONFLICTS.labels(kind).inc()
+                    delay = conflict_backoff(conflicts)
+                    log.warning(
+                        "matcher batch rolled back by a %s (%s); retrying in %.0f ms",
+                        kind.replace("_", " "),
+                        (exc.diag.message_primary if isinstance(exc, psycopg.Error) else None)
+                        or exc,
+                        delay * 1000,
+                    )
+                    await _sleep_or_stop(stop, delay)
                 except Exception:
                     log.exception("matcher batch failed; retrying")
                     await _sleep_or_stop(stop, 1.0)
         finally:
             await listener.close()
+
+
+def conflict_kind(exc: BaseException) -> str | None:
+    """What kind of lock conflict rolled back a transaction: ``deadlock`` (40P01),
+    ``serialization`` (the rest of class 40), ``lock_timeout`` (55P03),
+    ``statement_timeout`` (57014); None for anything else (a lost connection...)."""
+    state = getattr(exc, "sqlstate", None)
+    if not state:
+        return None
+    if state == "40P01":
+        return "deadlock"
+    if state.startswith("40"):
+        return "serialization"
+    if state == "55P03":
+        return "lock_timeout"
+    if state == "57014":
+        return "statement_timeout"
+    return None
+
+
+CONFLICT_BACKOFF = 0.01  # s, the first retry after a conflict
+CONFLICT_BACKOFF_MAX = 1.0
+
+
+def conflict_backoff(in_a_row: int) -> float:
+    """10 ms, doubling with each conflict in a row up to 1 s, jittered by ±50 %."""
+    base = min(CONFLICT_BACKOFF_MAX, CONFLICT_BACKOFF * 2 ** min(in_a_row - 1, 10))
+    return base * random.uniform(0.5, 1.5)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -48,6 +48,17 @@ BATCH_SECONDS = Histogram(
 STEPS_RUN = Counter(
     "crmflow_worker_steps", "Steps run by this process", ["action", "status", "path"]
 )
+MATCHER_CONFLICTS = Counter(
+    "crmflow_matcher_conflicts",
+    "Matcher batches rolled back by a lock conflict and retried at once "
+    "(kind: deadlock, serialization, lock_timeout, statement_timeout)",
+    ["kind"],
+)
+INLINE_FALLBACKS = Counter(
+    "crmflow_inline_busy_rows",
+    "Executions sent to the queue instead of running inline because their entity's row "
+    "was locked by another transaction (the CRM's own, usually)",
+)
 
 
 class DatabaseCollector(Collector):

@@ -309,7 +309,8 @@ class SaveResult:
 async def apply(conn: psycopg.AsyncConnection[Any], raw: Any) -> SaveResult:
     """Create or update a workflow by name; a changed definition becomes a new version."""
     compiled = await compile_workflow(conn, raw)
-    async with conn.transaction():
+
+    async def save() -> SaveResult:
         existing = await (
             await conn.execute(
                 db.query("lock_workflow_by_name"), {"name": compiled.definition.name}
@@ -319,11 +320,14 @@ async def apply(conn: psycopg.AsyncConnection[Any], raw: Any) -> SaveResult:
             return await _create(conn, compiled, raw)
         return await _new_version(conn, existing["id"], compiled, raw)
 
+    return await db.retry_lock_timeouts(conn, save, f"saving workflow {compiled.definition.name!r}")
+
 
 async def update(conn: psycopg.AsyncConnection[Any], workflow_id: int, raw: Any) -> SaveResult:
     """Replace the definition of workflow ``workflow_id`` (a rename included)."""
     compiled = await compile_workflow(conn, raw)
-    async with conn.transaction():
+
+    async def save() -> SaveResult:
         existing = await (
             await conn.execute(db.query("lock_workflow"), {"id": workflow_id})
         ).fetchone()
@@ -331,12 +335,15 @@ async def update(conn: psycopg.AsyncConnection[Any], workflow_id: int, raw: Any)
             raise WorkflowNotFound(workflow_id)
         return await _new_version(conn, workflow_id, compiled, raw)
 
+    return await db.retry_lock_timeouts(conn, save, f"saving workflow {workflow_id}")
+
 
 async def create(conn: psycopg.AsyncConnection[Any], raw: Any) -> SaveResult:
     """Create a new workflow; its name must be free."""
     compiled = await compile_workflow(conn, raw)
-    async with conn.transaction():
-        return await _create(conn, compiled, raw)
+    return await db.retry_lock_timeouts(
+        conn, lambda: _create(conn, compiled, raw), f"saving workflow {compiled.definition.name!r}"
+    )
 
 
 class NameTaken(ValueError):
@@ -421,9 +428,14 @@ async def _insert_version(
 async def set_status(
     conn: psycopg.AsyncConnection[Any], workflow_id: int, status: str
 ) -> dict[str, Any]:
-    row = await (
-        await conn.execute(db.query("set_workflow_status"), {"id": workflow_id, "status": status})
-    ).fetchone()
+    async def save() -> Any:
+        return await (
+            await conn.execute(
+                db.query("set_workflow_status"), {"id": workflow_id, "status": status}
+            )
+        ).fetchone()
+
+    row = await db.retry_lock_timeouts(conn, save, f"setting workflow {workflow_id} {status}")
     if row is None:
         raise WorkflowNotFound(workflow_id)
     return row

@@ -29,9 +29,14 @@ WITH candidates AS MATERIALIZED (
        AND o.id NOT IN (SELECT id FROM candidates)
 ), busy AS (
     -- A matcher at work: writers need not NOTIFY. (Writes only when the flag is set and
-    -- there is work, so the idle check after announcing "listening" keeps it.)
-    UPDATE crmflow.matcher_state SET listening = false
-     WHERE listening AND EXISTS (SELECT 1 FROM candidates)
+    -- there is work, so the idle check after announcing "listening" keeps it.) Never
+    -- waits for the row: when another session holds it (a matcher, a workflow save, a
+    -- frozen worker), the flag is only a hint and stays as it is.
+    UPDATE crmflow.matcher_state AS s SET listening = false
+      FROM (SELECT singleton FROM crmflow.matcher_state
+             WHERE listening AND EXISTS (SELECT 1 FROM candidates)
+               FOR NO KEY UPDATE SKIP LOCKED) AS free
+     WHERE s.singleton = free.singleton
 )
 SELECT (SELECT generation FROM crmflow.matcher_state) AS generation,
        ARRAY(
@@ -222,7 +227,13 @@ UPDATE crmflow.outbox
  WHERE id = ANY(%(ids)s);
 
 -- name: set_listening
-UPDATE crmflow.matcher_state SET listening = %(listening)s WHERE listening <> %(listening)s;
+-- Without waiting for the row (see claim_events): if it is taken, writers go on not
+-- notifying and the poll finds their events.
+UPDATE crmflow.matcher_state AS s SET listening = %(listening)s
+  FROM (SELECT singleton FROM crmflow.matcher_state
+         WHERE listening <> %(listening)s
+           FOR NO KEY UPDATE SKIP LOCKED) AS free
+ WHERE s.singleton = free.singleton;
 
 -- name: refresh_statistics
 -- After a burst the planner still believes the queue tables are nearly empty, and picks
