@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from engine import db, metrics
@@ -62,10 +63,102 @@ async def run_inline(
 ) -> set[int]:
     """Run the inline-able leading steps of ``enrolled`` (in id order); returns the ids of
     the executions that completed (they need no job). Each row carries ``entity_busy``
-    and ``current_row`` from the match statement (sql/matcher.sql)."""
-    queued: set[tuple[str, str]] = set()  # entities with an execution going to the queue
-    chosen: list[tuple[dict[str, Any], Plan]] = []
+    and ``current_row`` from the match statement (sql/matcher.sql).
+
+    The CRM rows these steps write are locked first, without waiting (``FOR UPDATE SKIP
+    LOCKED``, in key order): an execution whose row another transaction holds (the
+    CRM's own, usually) goes to the queue, where its job waits for the row in a short
+    transaction of its own. The matcher's transaction, which holds the rows it wrote
+    until it commits, thus never waits for a row lock: it cannot be part of a deadlock
+    with the CRM's writers."""
     plans: dict[int, Plan | None] = {}  # per version: plan_for's cache key is a dumps
+    chosen = _choose(enrolled, versions, entities, plans, set())
+    if not chosen:
+        return set()
+
+    async def lock_then_run() -> set[int]:
+        busy = await _lock_rows(conn, chosen, entities)
+        final = chosen
+        if busy:
+            final = _choose(enrolled, versions, entities, plans, busy)
+            metrics.INLINE_FALLBACKS.inc(len(chosen) - len(final))
+            log.debug(
+                "%d executions go to the queue: their rows are locked by another transaction",
+                len(chosen) - len(final),
+            )
+        if not final:
+            return set()
+        return await _run(conn, runner, final, versions, entities)
+
+    if not careful:  # the matcher redoes the whole batch carefully if this raises
+        return await lock_then_run()
+    try:
+        async with conn.transaction():  # a savepoint: on any error, nothing of this happened
+            return await lock_then_run()
+    except Exception as exc:
+        log.warning("inline steps failed (%s); %d executions go to the queue", exc, len(chosen))
+        return set()
+
+
+def _writes_entity(plan: Plan) -> bool:
+    """Whether one of the plan's inline steps writes the entity's row (update_field,
+    qualify_lead, assign_owner: the actions that need an entity)."""
+    actions = registry()
+    return any(actions[plan.steps[sid].type].needs_entity for sid in plan.inline_prefix)
+
+
+async def _lock_rows(
+    conn: psycopg.AsyncConnection[Any],
+    chosen: list[tuple[dict[str, Any], Plan]],
+    entities: dict[str, EntitySchema],
+) -> set[tuple[str, str]]:
+    """Lock the entity rows the chosen executions' inline steps write, skipping those
+    another transaction holds; returns the keys not locked (busy, or gone)."""
+    wanted: dict[str, dict[str, Any]] = {}  # entity type -> key -> pk
+    for ex, plan in chosen:
+        key = _key(ex)
+        if key is None or ex["entity_type"] not in entities or not _writes_entity(plan):
+            continue
+        wanted.setdefault(ex["entity_type"], {})[key[1]] = ex["entity_pk"]
+    missing: set[tuple[str, str]] = set()
+    for entity_type in sorted(wanted):
+        entity = entities[entity_type]
+        pks = wanted[entity_type]
+        columns = [sql.Identifier("t", c) for c in entity.pk_columns]
+        query = sql.SQL(
+            "SELECT jsonb_build_object({pairs}) AS pk FROM {table} AS t"
+            " WHERE ({t_cols}) IN (SELECT {p_cols}"
+            " FROM jsonb_populate_recordset(NULL::{table}, %(pks)s) AS p)"
+            " ORDER BY {t_cols} FOR UPDATE OF t SKIP LOCKED"
+        ).format(
+            pairs=sql.SQL(", ").join(
+                sql.SQL("{}, {}").format(sql.Literal(c), col)
+                for c, col in zip(entity.pk_columns, columns, strict=True)
+            ),
+            table=entity.table,
+            t_cols=sql.SQL(", ").join(columns),
+            p_cols=sql.SQL(", ").join(sql.Identifier("p", c) for c in entity.pk_columns),
+        )
+        rows = await (
+            await conn.execute(query, {"pks": Jsonb(sorted(pks.values(), key=_dumps))})
+        ).fetchall()
+        locked = {json.dumps(r["pk"], sort_keys=True) for r in rows}
+        missing |= {(entity_type, k) for k in pks if k not in locked}
+    return missing
+
+
+def _choose(
+    enrolled: list[dict[str, Any]],
+    versions: dict[int, dict[str, Any]],
+    entities: dict[str, EntitySchema],
+    plans: dict[int, Plan | None],
+    unavailable: set[tuple[str, str]],
+) -> list[tuple[dict[str, Any], Plan]]:
+    """The executions whose leading steps can run inline, in id order; none of an
+    entity in ``unavailable`` (its row is locked elsewhere) or after one of its entity
+    that goes to the queue."""
+    queued: set[tuple[str, str]] = set(unavailable)  # entities going to the queue
+    chosen: list[tuple[dict[str, Any], Plan]] = []
     for ex in enrolled:
         if ex["status"] != "pending":
             continue
@@ -92,16 +185,7 @@ async def run_inline(
         chosen.append((ex, plan))
         if key is not None and len(plan.inline_prefix) < len(plan.ids):
             queued.add(key)  # the rest of it goes to the queue: later ones follow
-    if not chosen:
-        return set()
-    if not careful:  # the matcher redoes the whole batch carefully if this raises
-        return await _run(conn, runner, chosen, versions, entities)
-    try:
-        async with conn.transaction():  # a savepoint: on any error, nothing of this happened
-            return await _run(conn, runner, chosen, versions, entities)
-    except Exception as exc:
-        log.warning("inline steps failed (%s); %d executions go to the queue", exc, len(chosen))
-        return set()
+    return chosen
 
 
 async def _run(
