@@ -132,6 +132,63 @@ async def p2(quick: bool) -> Result:
     )
 
 
+def _wide_tables_sql(columns: int) -> str:
+    cols = ", ".join(f"c{i:03d} int DEFAULT {i}" for i in range(columns))
+    return (
+        f"CREATE TABLE bench_wide_plain (id int PRIMARY KEY, {cols});"
+        "CREATE TABLE bench_wide_watched (LIKE bench_wide_plain INCLUDING ALL);"
+    )
+
+
+async def _wide_case(url: str, columns: int, rounds: int) -> tuple[float, float]:
+    """Median seconds of a 1,000-row UPDATE of one column, unwatched and watched."""
+    async with await db.connect(url, autocommit=True) as conn:
+        await conn.execute("DROP TABLE IF EXISTS bench_wide_plain, bench_wide_watched")
+        await conn.execute(_wide_tables_sql(columns))
+        await capture.watch(conn, "bench_wide_watched", entity="bench_wide")
+        for table in ("bench_wide_plain", "bench_wide_watched"):
+            await conn.execute(
+                sql.SQL("INSERT INTO {} (id) SELECT i FROM generate_series(1, 1000) i").format(
+                    sql.Identifier(table)
+                )
+            )
+        await conn.execute("VACUUM ANALYZE bench_wide_plain, bench_wide_watched")
+        timings: dict[str, list[float]] = {"bench_wide_plain": [], "bench_wide_watched": []}
+        for r in range(rounds):
+            for table in timings:  # alternate, so drift hits both
+                await conn.execute("TRUNCATE crmflow.outbox")
+                start = time.perf_counter()
+                await conn.execute(
+                    sql.SQL("UPDATE {} SET c001 = %s").format(sql.Identifier(table)), [r + 10]
+                )
+                timings[table].append(time.perf_counter() - start)
+        await capture.unwatch(conn, "bench_wide_watched")
+    return median(timings["bench_wide_plain"]), median(timings["bench_wide_watched"])
+
+
+async def w1(quick: bool) -> Result:
+    """W1: capture cost on wide tables, linear in the number of columns; the 500-column
+    case is the target, the narrower ones show the slope."""
+    rounds = 3 if quick else 7
+    detail: dict[str, Any] = {}
+    with scratch_database() as url:
+        await prepare(url, crm=False)
+        for columns in (50, 100, 200, 500):
+            plain, watched = await _wide_case(url, columns, rounds)
+            detail[f"ratio_{columns}"] = round(watched / plain, 2)
+            detail[f"ms_unwatched_{columns}"] = round(plain * 1000, 1)
+            detail[f"ms_watched_{columns}"] = round(watched * 1000, 1)
+    return Result(
+        "W1",
+        "1,000-row UPDATE of a 500-column table, watched ÷ unwatched",
+        detail["ratio_500"],
+        5.0,
+        "x",
+        False,
+        detail,
+    )
+
+
 EFFECT_TRIGGER = """
 CREATE FUNCTION bench_effect() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -453,6 +510,7 @@ async def run_all(quick: bool, only: set[str] | None = None, progress: Any = Non
         ("P3", p3),
         ("P4", p4_p6),
         ("P5", p5),
+        ("W1", w1),
         ("S", scale_out),
         ("V", views),
     ]

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     alert_min_executions: int = Field(10, ge=1)  # finished executions before judging a rate
     alert_outbox_age: float = Field(60.0, gt=0)  # seconds the oldest unmatched event may wait
 
+    # Capture heals itself (engine/capture.py heal): every capture_heal_interval seconds
+    # a worker follows renamed tables and keys and captures new partitions. With the DDL
+    # event trigger (installed when a superuser runs `crmflow migrate`) that happens in
+    # the DDL's own transaction and this is only the safety net.
+    capture_heal_interval: float = Field(5.0, gt=0)
+
     # Scheduler: smallest allowed interval between two cron fires, in seconds.
     min_schedule_interval: int = Field(60, ge=1)
 

@@ -86,6 +86,7 @@ class Worker:
             asyncio.create_task(self._recover_stalled(), name="stalled job recovery"),
             asyncio.create_task(self._check_alerts(), name="alerts"),
             asyncio.create_task(self._apply_retention(), name="retention"),
+            asyncio.create_task(self._heal_capture(), name="capture heal"),
         ]
         if self.run_matcher:
             self._tasks.append(
@@ -229,6 +230,23 @@ class Worker:
                     await check(conn, self.settings)
             except Exception as exc:
                 log.warning("alert check failed: %s", exc)
+
+    async def _heal_capture(self) -> None:
+        """Keep capture in line with the CRM's schema (renames, key changes, partitions);
+        a finding is logged when it first appears, not every round."""
+        from engine.capture import heal
+
+        seen: set[tuple[str, str]] = set()
+        while await self._every(self.settings.capture_heal_interval):
+            try:
+                async with self.pool.connection() as conn:
+                    found = {(c["entity_type"], c["change"]) for c in await heal(conn)}
+            except Exception as exc:
+                log.warning("capture heal failed: %s", exc)
+                continue
+            for entity_type, change in sorted(found - seen):
+                log.warning("capture of %s: %s", entity_type, change)
+            seen = found
 
     async def _apply_retention(self) -> None:
         from engine.retention import apply_retention

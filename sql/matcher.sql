@@ -165,7 +165,7 @@ WITH batch AS (
 -- queued or running (then this one queues behind it). (Data-modifying CTEs always run
 -- to completion, read or not; their own inserts are not visible here.)
 SELECT x.*, b.op AS event_op, b.new_row AS event_new_row, b.old_row AS event_old_row,
-       b.changed AS event_changed, b.event_name, b.payload AS event_payload,
+       coalesce(b.changed, crmflow.changed_columns(b.new_row, b.old_row)) AS event_changed, b.event_name, b.payload AS event_payload,
        {current_row} AS current_row,
        (x.entity_pk IS NOT NULL AND EXISTS (
             SELECT 1 FROM crmflow.executions AS p

@@ -4,7 +4,7 @@
 SELECT x.*, v.definition, v.limits,
        crmflow.execution_lock(x.entity_type, x.entity_pk, x.id) AS lock,
        ev.op AS event_op, ev.new_row AS event_new_row, ev.old_row AS event_old_row,
-       ev.changed AS event_changed, ev.event_name, ev.payload AS event_payload,
+       coalesce(ev.changed, crmflow.changed_columns(ev.new_row, ev.old_row)) AS event_changed, ev.event_name, ev.payload AS event_payload,
        w.name AS workflow_name
   FROM crmflow.executions AS x
   JOIN crmflow.workflow_versions AS v ON v.id = x.workflow_version_id

@@ -16,7 +16,9 @@ from tests.helpers import fetch, value
 
 async def events(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
     rows = await fetch(
-        conn, "SELECT entity_type, op, pk, new_row, old_row, changed FROM crmflow.outbox ORDER BY id"
+        conn,
+        "SELECT entity_type, op, pk, new_row, old_row,"
+        " crmflow.changed_columns(new_row, old_row) AS changed FROM crmflow.outbox ORDER BY id",
     )
     await conn.execute("DELETE FROM crmflow.outbox")
     return rows
@@ -29,8 +31,26 @@ async def without_event_trigger(conn: psycopg.AsyncConnection[Any]) -> None:
 
 # Names the capture code uses or used itself: transition-table aliases, plpgsql
 # variables, the aliases of its sub-queries.
-COLLIDING = ["n", "o", "j", "k", "r", "t", "c", "e", "write_depth", "write_actor", "tg_relid",
-             "new_rows", "old_rows", "found", "op", "pk", "changed", "part"]
+COLLIDING = [
+    "n",
+    "o",
+    "j",
+    "k",
+    "r",
+    "t",
+    "c",
+    "e",
+    "write_depth",
+    "write_actor",
+    "tg_relid",
+    "new_rows",
+    "old_rows",
+    "found",
+    "op",
+    "pk",
+    "changed",
+    "part",
+]
 
 
 async def test_column_names_cannot_collide_with_capture(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -183,10 +203,14 @@ async def test_partitions_present_created_and_attached_later(
     await capture.unwatch(conn, "events")
     await conn.execute("INSERT INTO events_eu VALUES (13, 'eu', 1)")
     assert await events(conn) == []
-    assert await value(
-        conn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tg_crmflow__%%'"
-        " AND tgrelid::regclass::text LIKE 'events%%'"
-    ) == 0
+    assert (
+        await value(
+            conn,
+            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tg_crmflow__%%'"
+            " AND tgrelid::regclass::text LIKE 'events%%'",
+        )
+        == 0
+    )
 
 
 async def test_renamed_table_is_followed(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -218,9 +242,7 @@ async def test_recreated_table_is_captured_again(conn: psycopg.AsyncConnection[A
     await conn.execute("CREATE TABLE things (id int PRIMARY KEY)")
     await capture.watch(conn, "things")
     await conn.execute("DROP TABLE things; CREATE TABLE things (id int PRIMARY KEY, x int)")
-    assert await capture.heal(conn) == [
-        {"entity_type": "thing", "change": "things captured"}
-    ]
+    assert await capture.heal(conn) == [{"entity_type": "thing", "change": "things captured"}]
     await conn.execute("INSERT INTO things VALUES (1, 2)")
     [event] = await events(conn)
     assert event["new_row"] == {"id": 1, "x": 2}
@@ -240,6 +262,38 @@ async def test_heal_does_not_wait_for_a_busy_table(
     async with await psycopg.AsyncConnection.connect(db_url) as writer:
         await writer.execute("INSERT INTO parts VALUES (1, 'a')")  # open transaction
         changes = await capture.heal(conn, lock_timeout="50ms")
-        assert {"entity_type": "part", "change": "parts_a is busy; its capture will be retried"} in changes
+        assert {
+            "entity_type": "part",
+            "change": "parts_a is busy; its capture will be retried",
+        } in changes
         await writer.commit()
     assert {"entity_type": "part", "change": "parts_a captured"} in await capture.heal(conn)
+
+
+async def test_the_worker_heals_capture(
+    conn: psycopg.AsyncConnection[Any], db_url: str, settings: Any
+) -> None:
+    """Without the DDL event trigger, a running worker notices a key rename and a new
+    partition within a few heal rounds."""
+    from engine.worker import running_worker
+    from tests.helpers import wait_until
+
+    await without_event_trigger(conn)
+    await conn.execute(
+        "CREATE TABLE shards (id int, r text, PRIMARY KEY (id, r)) PARTITION BY LIST (r)"
+    )
+    await capture.watch(conn, "shards")
+    quick = settings.model_copy(update={"capture_heal_interval": 0.2})
+    async with running_worker(db_url, settings=quick, concurrency=1):
+        await conn.execute("ALTER TABLE shards RENAME COLUMN id TO shard_id")
+        await conn.execute("CREATE TABLE shards_a PARTITION OF shards FOR VALUES IN ('a')")
+
+        async def healed() -> bool:
+            return await value(
+                conn,
+                "SELECT pk_columns = '{shard_id,r}' AND EXISTS (SELECT 1 FROM pg_trigger"
+                " WHERE tgrelid = 'shards_a'::regclass AND tgname = 'tg_crmflow__insert')"
+                " FROM crmflow.watched_tables WHERE entity_type = 'shard'",
+            )
+
+        await wait_until(healed, timeout=10)
