@@ -36,6 +36,14 @@ RESTART_BACKOFF_MAX = 10.0
 RESTART_BACKOFF_RESET = 60.0
 
 
+# Shutdown bounds (seconds): the loops' grace, the wait for cancelled ones, the "worker
+# stopped" write's wait for a connection, the pool's close. At most ~9 s in all.
+STOP_GRACE = 3.0
+STOP_CANCEL_WAIT = 2.0
+STOP_WRITE_TIMEOUT = 1.5
+STOP_POOL_CLOSE = 2.0
+
+
 def _q(name: str) -> str:
     return db.query(name, "runtime.sql")
 
@@ -261,20 +269,32 @@ class Worker:
                 log.warning("retention failed: %s", exc)
 
     async def stop(self) -> None:
+        """Stop within seconds, the database reachable or not (orchestrators kill at
+        10-30 s): the loops get STOP_GRACE to finish what they are doing (a matcher
+        batch commits), then are cancelled; the last writes wait briefly for a
+        connection. With the database away, every loop would otherwise wait out the
+        pool's 30 s connection timeout, and then the "stopped" write another 30 s."""
         self.stop_event.set()
         procrastinate_task = self._tasks[0] if self._tasks else None
         if procrastinate_task is not None:
             procrastinate_task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=STOP_GRACE)
+            for task in pending:
+                log.info("stopping %s: cancelled after %.0f s", task.get_name(), STOP_GRACE)
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=STOP_CANCEL_WAIT)
+            for task in self._tasks:
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: a loop's failure is not logged at exit
         try:
-            async with self.pool.connection() as conn:
+            async with self.pool.connection(timeout=STOP_WRITE_TIMEOUT) as conn:
                 await conn.execute(_q("worker_stopped"), {"id": self.worker_id})
-        except psycopg.Error:
-            pass
+        except psycopg.Error as exc:  # PoolTimeout included
+            log.warning("could not record this worker's stop: %s", exc)
         await self.app.close_async()
-        await self.pool.close()
+        await self.pool.close(timeout=STOP_POOL_CLOSE)
 
     async def wait(self) -> None:
         await self.stop_event.wait()
