@@ -62,6 +62,18 @@ class WorkflowSummary(BaseModel):
     priority: int
     created_at: datetime
     updated_at: datetime
+    broken: bool = Field(
+        False,
+        description="its conditions no longer compile against the database (schema drift): "
+        "it matches nothing until fixed",
+    )
+    broken_reason: str | None = Field(None, description="why it is broken")
+    broken_at: datetime | None = Field(None, description="when it was found broken")
+    broken_since_event_id: int | None = Field(
+        None,
+        description="the first event it may have missed; POST /workflows/{id}/replay-events "
+        "matches it on them once it compiles again",
+    )
 
 
 class Workflow(WorkflowSummary):
@@ -123,6 +135,13 @@ class RunIn(_In):
 class RunOut(BaseModel):
     workflow_id: int
     execution_ids: list[int]
+
+
+class ReplayOut(BaseModel):
+    workflow_id: int
+    since_event_id: int | None = Field(description="the first missed event; null: none")
+    events: int = Field(description="events matched again")
+    enrolled: int = Field(description="executions enrolled by the replay")
 
 
 # ───────────────────────────── executions ─────────────────────────────
@@ -232,11 +251,21 @@ class OutboxHealth(BaseModel):
     oldest_age_seconds: float | None
 
 
+class BrokenWorkflow(BaseModel):
+    id: int
+    name: str
+    reason: str
+    since: datetime | None
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded", "down"]
     database: DatabaseHealth
     workers: WorkerHealth | None
     outbox: OutboxHealth | None
+    broken_workflows: list[BrokenWorkflow] = Field(
+        [], description="active workflows that no longer compile (status degraded)"
+    )
 
 
 # ───────────────────────────── API keys ─────────────────────────────

@@ -2,10 +2,12 @@
 
 Every ``alert_interval`` seconds one worker (advisory lock) compares each workflow's
 failure rate over the last ``alert_window`` and the outbox's oldest pending event with
-their thresholds. Crossing one inserts a row in ``crmflow.alerts`` (at most one open
-per kind and subject); going back under resolves it. crmflow watches that table as
-entity ``crmflow_alert``, so an ordinary workflow delivers the alert — a notification,
-an email, a webhook (examples/workflows/05_alert_managers.json).
+their thresholds, and lists the active workflows broken by schema drift (the matcher
+raises those at once, when it finds one). Crossing one inserts a row in
+``crmflow.alerts`` (at most one open per kind and subject); going back under resolves
+it. crmflow watches that table as entity ``crmflow_alert``, so an ordinary workflow
+delivers the alert — a notification, an email, a webhook
+(examples/workflows/05_alert_managers.json).
 """
 
 from __future__ import annotations
@@ -45,6 +47,38 @@ async def _set(
         )
     ).fetchone()
     return AlertChange(params["kind"], params["subject"], False) if row else None
+
+
+async def _broken_workflows(conn: psycopg.AsyncConnection[Any]) -> list[AlertChange]:
+    """One alert per broken active workflow (the matcher raises it when it finds one;
+    this catches up and resolves those that compile again or were paused)."""
+    from engine.matcher import broken_workflows
+
+    changes = []
+    broken = {b["name"]: b for b in await broken_workflows(conn)}
+    for name, b in broken.items():
+        change = await _set(
+            conn,
+            True,
+            {
+                "kind": "workflow_broken",
+                "subject": name,
+                "workflow_id": b["id"],
+                "value": 1,
+                "threshold": 0,
+                "message": f"Workflow '{name}' ({b['id']}) is broken and matches nothing: "
+                f"{b['reason']}",
+            },
+        )
+        if change:
+            changes.append(change)
+    opened = await (await conn.execute(_q("open_alerts"), {})).fetchall()
+    for a in opened:
+        if a["kind"] == "workflow_broken" and a["subject"] not in broken:
+            change = await _set(conn, False, {"kind": a["kind"], "subject": a["subject"]})
+            if change:
+                changes.append(change)
+    return changes
 
 
 async def check(conn: psycopg.AsyncConnection[Any], settings: Settings) -> list[AlertChange]:
@@ -96,6 +130,7 @@ async def check(conn: psycopg.AsyncConnection[Any], settings: Settings) -> list[
         )
         if change:
             changes.append(change)
+        changes += await _broken_workflows(conn)
     for c in changes:
         log.warning("alert %s: %s %s", "raised" if c.raised else "resolved", c.kind, c.subject)
     return changes

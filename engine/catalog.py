@@ -6,13 +6,16 @@ A :class:`FieldSpec` tells the condition compiler how to read a field from a typ
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg import sql
 
 from engine import db
+
+log = logging.getLogger(__name__)
 
 # Type categories of pg_type.typcategory mapped onto the kinds the compiler knows.
 _CATEGORY_KIND = {
@@ -169,8 +172,80 @@ async def load_entities(conn: psycopg.AsyncConnection[Any]) -> dict[str, EntityS
         entity = entities.get(d["entity_type"])
         if entity is None:
             continue
-        entity.derived[d["name"]] = derived_spec(d["name"], d["source"], d)
+        facts: dict[str, Any] | None = d
+        if d["type_sql"] is None:  # its type was renamed or dropped since it was declared
+            facts = await _derived_type_now(conn, entity, d)
+            if facts is None:
+                continue  # the expression no longer compiles: workflows using it break
+        entity.derived[d["name"]] = derived_spec(d["name"], d["source"], facts)
     return entities
+
+
+async def _derived_type_now(
+    conn: psycopg.AsyncConnection[Any], entity: EntitySchema, d: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The type a derived field's expression has now (after ``ALTER TYPE ... RENAME``,
+    say), asked of PostgreSQL the way ``watch --derived`` asked it; None if it no longer
+    compiles."""
+    probe = sql.SQL("SELECT ({}) FROM {} AS n LIMIT 0").format(
+        sql.SQL(d["expression"]), entity.table
+    )
+    try:
+        async with conn.transaction():
+            cur = await conn.execute(probe)
+    except (psycopg.ProgrammingError, psycopg.DataError, psycopg.NotSupportedError) as exc:
+        log.warning(
+            "derived field %s.%s does not compile: %s",
+            entity.entity_type,
+            d["name"],
+            exc.diag.message_primary or exc,
+        )
+        return None
+    assert cur.description is not None
+    return await (
+        await conn.execute(db.query("type_facts"), {"type_oid": cur.description[0].type_code})
+    ).fetchone()
+
+
+# Where each watched entity stands against the catalog: the table under its stored name,
+# else the relation its capture triggers are on now (renamed), and the primary key.
+_ENTITY_STATES: LiteralString = """
+SELECT w.entity_type, w.table_schema, w.table_name, w.pk_columns,
+       to_regclass(format('%I.%I', w.table_schema, w.table_name)) IS NOT NULL AS present,
+       (SELECT format('%s.%s', ns.nspname, c.relname)
+          FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
+          JOIN pg_namespace AS ns ON ns.oid = c.relnamespace
+         WHERE t.tgname = 'tg_crmflow__insert' AND NOT c.relispartition
+           AND t.tgfoid = to_regprocedure(format('crmflow.%I()', 'tg_' || w.entity_type
+                                                  || '__insert'))
+         ORDER BY t.tgrelid LIMIT 1) AS captured_on,
+       ARRAY(SELECT a.attname::text
+               FROM pg_index AS i
+              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
+               JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = to_regclass(format('%I.%I', w.table_schema, w.table_name))
+                AND i.indisprimary
+              ORDER BY k.position) AS key_now
+  FROM crmflow.watched_tables AS w
+ ORDER BY w.entity_type
+"""
+
+
+async def entity_states(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
+    """Each watched entity with ``state``: ``ok``, ``table missing``, ``table renamed
+    (now X)`` or ``key changed (now ...)`` (``crmflow entities``)."""
+    rows = await (await conn.execute(_ENTITY_STATES)).fetchall()
+    for r in rows:
+        if not r["present"]:
+            r["state"] = (
+                f"table renamed (now {r['captured_on']})" if r["captured_on"] else "table missing"
+            )
+        elif list(r["key_now"]) != list(r["pk_columns"]):
+            now = ", ".join(r["key_now"]) or "none"
+            r["state"] = f"key changed (now {now})"
+        else:
+            r["state"] = "ok"
+    return rows
 
 
 def derived_spec(name: str, source: str, type_row: dict[str, Any]) -> FieldSpec:

@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from engine import capture, db, executions, workflows
@@ -107,17 +108,23 @@ def cmd_unwatch(args: argparse.Namespace) -> int:
 
 def cmd_entities(args: argparse.Namespace) -> int:
     async def run(conn: psycopg.AsyncConnection[Any]) -> int:
+        from engine.catalog import entity_states
+
         rows = await capture.list_watched(conn)
+        states = {s["entity_type"]: s["state"] for s in await entity_states(conn)}
+        for r in rows:
+            r["state"] = states.get(r["entity_type"], "ok")
         if args.json:
             dump_json(rows)
             return 0
-        table = Table("entity", "table", "key", "derived fields")
+        table = Table("entity", "table", "key", "derived fields", "state")
         for r in rows:
             table.add_row(
                 r["entity_type"],
                 f"{r['table_schema']}.{r['table_name']}",
                 ", ".join(r["pk_columns"]),
                 ", ".join(r["derived_fields"]),
+                r["state"] if r["state"] == "ok" else f"[red]{escape(r['state'])}[/]",
             )
         console.print(table)
         return 0
@@ -157,6 +164,8 @@ def load_definitions(path: Path) -> list[Any]:
 def cmd_workflow_apply(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
+    from engine.matcher import refresh_broken
+
     definitions = [
         (Path(f), i, d) for f in args.files for i, d in enumerate(load_definitions(Path(f)))
     ]
@@ -192,6 +201,7 @@ def cmd_workflow_apply(args: argparse.Namespace) -> int:
                 highlight=False,
                 soft_wrap=True,  # one line per workflow, however long its path
             )
+        _warn_broken(await refresh_broken(conn))
         return 0
 
     try:
@@ -202,6 +212,42 @@ def cmd_workflow_apply(args: argparse.Namespace) -> int:
 
 class _Rollback(Exception):
     pass
+
+
+def _warn_broken(broken: list[dict[str, Any]]) -> None:
+    for b in broken:
+        err.print(
+            f"[yellow]warning[/] workflow {b['id']} {escape(b['name'])} is broken (matches "
+            f"nothing): {escape(b['reason'])}; once fixed: crmflow workflow replay-events "
+            f"{b['id']}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def cmd_workflow_replay_events(args: argparse.Namespace) -> int:
+    from engine.matcher import replay_events
+
+    async def run(conn: psycopg.AsyncConnection[Any]) -> int:
+        wf = await workflows.find_workflow(conn, args.id)
+        report = await replay_events(conn, wf["id"])
+        if args.json:
+            dump_json(report)
+            return 0
+        since = report["since_event_id"]
+        console.print(
+            f"workflow {wf['id']} {wf['name']}: "
+            + (
+                f"replayed {report['events']} event(s) since event {since}, "
+                f"{report['enrolled']} enrolled"
+                if since is not None
+                else "no missed events to replay"
+            ),
+            highlight=False,
+        )
+        return 0
+
+    return asyncio.run(_with_conn(run))
 
 
 def cmd_workflow_list(args: argparse.Namespace) -> int:
@@ -215,13 +261,20 @@ def cmd_workflow_list(args: argparse.Namespace) -> int:
             table.add_row(
                 str(r["id"]),
                 r["name"],
-                r["status"],
+                r["status"] + (" [red](broken)[/]" if r["broken"] else ""),
                 r["trigger_type"],
                 r["entity_type"] or "-",
                 str(r["version"]),
                 str(r["execution_count"]),
             )
         console.print(table)
+        for r in rows:
+            if r["broken"]:
+                err.print(
+                    f"workflow {r['id']} is broken: {r['broken_reason']}",
+                    highlight=False,
+                    markup=False,
+                )
         return 0
 
     return asyncio.run(_with_conn(run))
@@ -238,6 +291,18 @@ def cmd_workflow_show(args: argparse.Namespace) -> int:
             f"{wf['execution_count']} executions)",
             highlight=False,
         )
+        if wf["broken"]:
+            console.print(
+                f"[red]broken[/] since {wf['broken_at']:%Y-%m-%d %H:%M:%S}: "
+                f"{escape(wf['broken_reason'])}",
+                highlight=False,
+            )
+        if wf["broken_since_event_id"] is not None:
+            console.print(
+                f"missed events from event {wf['broken_since_event_id']} on: "
+                f"crmflow workflow replay-events {wf['id']}",
+                highlight=False,
+            )
         console.print_json(json.dumps(wf["definition"]))
         console.print("[dim]compiled predicate:[/]")
         console.print(wf["predicate"], highlight=False, markup=False)
@@ -662,6 +727,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", help="workflow id or name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_workflow_versions)
+    p = wf.add_parser("replay-events", help="match a fixed broken workflow on the events it missed")
+    p.add_argument("id", help="workflow id or name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_workflow_replay_events)
     p = wf.add_parser("run", help="run a manual or scheduled workflow now")
     p.add_argument("id", help="workflow id or name")
     p.add_argument("--entity-id", help="run for this entity only")
@@ -774,6 +843,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         capture.CaptureError,
         db.Busy,
         workflows.WorkflowNotFound,
+        workflows.ReplayRefused,
         executions.ExecutionNotFound,
     ) as exc:
         message = str(exc)

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     # Matcher: events claimed per transaction, and the poll that backs up LISTEN/NOTIFY.
     matcher_batch_size: int = Field(500, ge=1, le=10_000)
     matcher_poll_interval: float = Field(0.5, gt=0)
+    # Bounds per match batch: statement timeout of its statements (s, 0: none; a batch
+    # that times out is matched event by event, a slow event recorded as an error), and
+    # the captured rows' total size (new_row + old_row; a batch always takes one event).
+    matcher_statement_timeout: float = Field(10.0, ge=0)
+    matcher_batch_bytes: int = Field(16_000_000, ge=1)
     # Loop protection: writes made by actions carry the execution's depth + 1;
     # an event at this depth or deeper ends the chain with a recorded error.
     max_depth: int = Field(5, ge=1)

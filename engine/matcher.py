@@ -45,6 +45,14 @@ def _escape(text: str) -> str:
     return text.replace("%", "%%")
 
 
+def catalog_error(exc: BaseException) -> bool:
+    """Whether an error names a catalog problem (class 42: a table, column, type,
+    function or operator missing or mismatched; 0A000: a cached plan whose row type
+    changed): the plan is rebuilt and re-probed, never the events consumed."""
+    state = getattr(exc, "sqlstate", None) or ""
+    return state.startswith("42") or state == "0A000"
+
+
 @dataclass
 class MatchPlan:
     """The match statement for one generation of active workflows."""
@@ -55,38 +63,48 @@ class MatchPlan:
     entity_types: list[str] = field(default_factory=list)
     versions: dict[int, dict[str, Any]] = field(default_factory=dict)  # id → definition, name
     entities: dict[str, catalog.EntitySchema] = field(default_factory=dict)
+    broken: dict[int, str] = field(default_factory=dict)  # workflow id → why, left out
+    # Broken states that changed at this build (workflow id, reason or None), to record.
+    changes: list[tuple[int, str | None]] = field(default_factory=list)
 
 
-async def build_plan(conn: psycopg.AsyncConnection[Any], generation: int) -> MatchPlan:
-    rows = await (await conn.execute(_q("active_event_workflows"), {})).fetchall()
-    entities = await catalog.load_entities(conn)
+def _branch(
+    entity_type: str | None,
+    versions: list[dict[str, Any]],
+    entities: dict[str, catalog.EntitySchema],
+) -> sql.Composable:
+    cases = sql.SQL(", ").join(
+        sql.SQL(_q("match_case")).format(
+            predicate=sql.SQL(_escape(v["predicate"])), version_id=sql.Literal(v["version_id"])
+        )
+        for v in versions
+    )
+    if entity_type is None:
+        return sql.SQL(_q("match_branch_no_entity")).format(cases=cases)
+    return sql.SQL(_q("match_branch")).format(
+        table=entities[entity_type].table, cases=cases, entity_type=sql.Literal(entity_type)
+    )
+
+
+def _by_entity(rows: list[dict[str, Any]]) -> dict[str | None, list[dict[str, Any]]]:
     by_entity: dict[str | None, list[dict[str, Any]]] = {}
     for row in rows:
         by_entity.setdefault(row["entity_type"], []).append(row)
+    return by_entity
 
-    branches: list[sql.Composable] = []
-    for entity_type, versions in by_entity.items():
-        cases = sql.SQL(", ").join(
-            sql.SQL(_q("match_case")).format(
-                predicate=sql.SQL(_escape(v["predicate"])), version_id=sql.Literal(v["version_id"])
-            )
-            for v in versions
-        )
-        if entity_type is None:
-            branches.append(sql.SQL(_q("match_branch_no_entity")).format(cases=cases))
-            continue
-        entity = entities.get(entity_type)
-        if entity is None:
-            log.warning("workflows on %r are active but it is not watched", entity_type)
-            continue
-        branches.append(
-            sql.SQL(_q("match_branch")).format(
-                table=entity.table, cases=cases, entity_type=sql.Literal(entity_type)
-            )
-        )
-    versions = {r["version_id"]: r for r in rows}
-    if not branches:
-        return MatchPlan(generation, None, versions=versions, entities=entities)
+
+def compose(
+    conn: psycopg.AsyncConnection[Any],
+    rows: list[dict[str, Any]],
+    entities: dict[str, catalog.EntitySchema],
+    processed: str = "mark_batch_processed",
+) -> str | None:
+    """The match statement of these workflow versions (all on watched entities);
+    ``processed`` names its last step (``count_replayed`` for replay-events)."""
+    by_entity = _by_entity(rows)
+    if not by_entity:
+        return None
+    branches = [_branch(et, versions, entities) for et, versions in by_entity.items()]
     cases = [
         sql.SQL(_q("current_row_case")).format(
             entity_type=sql.Literal(e.entity_type),
@@ -105,16 +123,219 @@ async def build_plan(conn: psycopg.AsyncConnection[Any], generation: int) -> Mat
         else sql.SQL("NULL::jsonb")
     )
     statement = sql.SQL(_q("match_and_enroll")).format(
-        branches=sql.SQL("\nUNION ALL\n").join(branches), current_row=current_row
+        branches=sql.SQL("\nUNION ALL\n").join(branches),
+        current_row=current_row,
+        processed=sql.SQL(_q(processed)),
     )
+    return statement.as_string(conn)
+
+
+async def _compiles(
+    conn: psycopg.AsyncConnection[Any], branches: list[sql.Composable]
+) -> str | None:
+    """None if these branches compile against the catalog now, else PostgreSQL's reason."""
+    probe = sql.SQL(_q("match_probe")).format(branches=sql.SQL("\nUNION ALL\n").join(branches))
+    try:
+        async with conn.transaction():  # a savepoint inside the batch's transaction
+            await conn.execute(probe, {})
+    except psycopg.OperationalError:
+        raise  # a lock or statement timeout, a lost connection: not the workflow's fault
+    except psycopg.DatabaseError as exc:
+        return exc.diag.message_primary or str(exc)
+    return None
+
+
+async def find_broken(
+    conn: psycopg.AsyncConnection[Any],
+    rows: list[dict[str, Any]],
+    entities: dict[str, catalog.EntitySchema],
+) -> dict[int, str]:
+    """The workflow versions among ``rows`` that do not compile against the catalog as it
+    is now: workflow id → reason. One probe when all compile (the common case); else
+    one per entity, then one per workflow of the entities that fail."""
+    broken: dict[int, str] = {}
+    healthy: list[dict[str, Any]] = []
+    missing: dict[str, str] | None = None
+    for row in rows:
+        et = row["entity_type"]
+        if et is not None and et not in entities:
+            if missing is None:
+                missing = {
+                    s["entity_type"]: f"{s['table_schema']}.{s['table_name']} ({s['state']})"
+                    for s in await catalog.entity_states(conn)
+                }
+            where = missing.get(et)
+            broken[row["workflow_id"]] = (
+                f"the table {where} of entity {et!r} is gone: dropped, or renamed "
+                f"(rename it back or `crmflow watch` it again)"
+                if where
+                else f"{et!r} is no longer a watched entity"
+            )
+        else:
+            healthy.append(row)
+    by_entity = _by_entity(healthy)
+    if not by_entity:
+        return broken
+    if await _compiles(conn, [_branch(et, v, entities) for et, v in by_entity.items()]) is None:
+        return broken
+    for et, versions in by_entity.items():
+        if await _compiles(conn, [_branch(et, versions, entities)]) is None:
+            continue
+        for v in versions:
+            reason = await _compiles(conn, [_branch(et, [v], entities)])
+            if reason is not None:
+                broken[v["workflow_id"]] = f"its conditions no longer compile: {reason}"
+    return broken
+
+
+async def build_plan(conn: psycopg.AsyncConnection[Any], generation: int) -> MatchPlan:
+    """The match statement of the active workflows that compile; the others are left
+    out, their broken state in ``changes`` (see :func:`record_broken`)."""
+    rows = await (await conn.execute(_q("active_event_workflows"), {})).fetchall()
+    entities = await catalog.load_entities(conn)
+    broken = await find_broken(conn, rows, entities)
+    healthy = [r for r in rows if r["workflow_id"] not in broken]
+    changes = [
+        (r["workflow_id"], broken.get(r["workflow_id"]))
+        for r in rows
+        if r["broken_reason"] != broken.get(r["workflow_id"])
+    ]
+    for wf_id, reason in changes:
+        if reason:
+            log.warning("workflow %d is broken and left out of matching: %s", wf_id, reason)
+        else:
+            log.warning("workflow %d compiles again and is matched", wf_id)
     return MatchPlan(
         generation,
-        statement.as_string(conn),
-        workflows=len(rows),
-        entity_types=sorted(e for e in by_entity if e),
-        versions=versions,
+        compose(conn, healthy, entities),
+        workflows=len(healthy),
+        entity_types=sorted({e for r in healthy if (e := r["entity_type"])}),
+        versions={r["version_id"]: r for r in rows},
         entities=entities,
+        broken=broken,
+        changes=changes,
     )
+
+
+async def record_broken(conn: psycopg.AsyncConnection[Any], plan: MatchPlan) -> None:
+    """Record the plan's broken-state changes (and their alerts), in the caller's
+    transaction: a workflow found broken misses events from the oldest pending one on,
+    the batch being matched included (``broken_since_event_id``). Saving bumps the
+    generation; the plan takes the new one, so it is not rebuilt for its own change."""
+    if not plan.changes:
+        return
+    first = await (await conn.execute(_q("first_unmatched_event"), {})).fetchone()
+    assert first is not None
+    await conn.execute(
+        _q("set_broken"),
+        {
+            "ids": [wf_id for wf_id, _ in plan.changes],
+            "reasons": [reason for _, reason in plan.changes],
+            "since": [first["id"]] * len(plan.changes),
+        },
+    )
+    plan.changes = []
+    now = await (await conn.execute(_q("first_unmatched_event"), {})).fetchone()
+    if now is not None and now["generation"] == plan.generation + 1:
+        plan.generation = now["generation"]
+
+
+async def refresh_broken(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
+    """Probe the active workflows now (as a plan build does), record which are broken,
+    and return the broken ones (``workflow apply`` warns about them)."""
+    async with conn.transaction():
+        row = await (await conn.execute(_q("first_unmatched_event"), {})).fetchone()
+        assert row is not None
+        await record_broken(conn, await build_plan(conn, row["generation"]))
+    return await (await conn.execute(_q("broken_workflows"), {})).fetchall()
+
+
+async def broken_workflows(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
+    """Active workflows marked broken (health, metrics, alerts)."""
+    return await (await conn.execute(_q("broken_workflows"), {})).fetchall()
+
+
+async def replay_events(
+    conn: psycopg.AsyncConnection[Any], workflow_id: int, settings: Settings | None = None
+) -> dict[str, Any]:
+    """Re-match workflow ``workflow_id`` alone over the events it may have missed while
+    broken (its entity's events since ``broken_since_event_id``), once it compiles again.
+
+    Clears its broken state first, in a transaction of its own, so that matchers take it
+    into their plans from then on; then waits for batches still matching its entity's
+    events with an older plan, and enrolls it on the processed events since the break, in
+    chunks. Idempotent: the enrollment key (version, event) lets no event enroll twice.
+    Raises :class:`workflows.StillBroken` while it does not compile."""
+    from engine import workflows
+
+    settings = settings or get_settings()
+    async with conn.transaction():
+        wf = await (await conn.execute(_q("replay_workflow"), {"id": workflow_id})).fetchone()
+        if wf is None or wf["status"] == "archived":
+            raise workflows.WorkflowNotFound(workflow_id)
+        if wf["status"] != "active":
+            raise workflows.ReplayRefused(
+                f"workflow {workflow_id} is {wf['status']}: activate it to replay its events"
+            )
+        rows = [
+            r
+            for r in await (await conn.execute(_q("active_event_workflows"), {})).fetchall()
+            if r["workflow_id"] == workflow_id
+        ]
+        if not rows:
+            raise workflows.ReplayRefused(
+                f"workflow {workflow_id} is not triggered by events: nothing to replay"
+            )
+        entities = await catalog.load_entities(conn)
+        reason = (await find_broken(conn, rows, entities)).get(workflow_id)
+        plan = MatchPlan(0, None, changes=[(workflow_id, reason)])
+        if reason != wf["broken_reason"]:
+            await record_broken(conn, plan)
+    if reason is not None:
+        raise workflows.StillBroken(f"workflow {workflow_id} is still broken: {reason}")
+    since = wf["broken_since_event_id"]
+    report = {"workflow_id": workflow_id, "since_event_id": since, "events": 0, "enrolled": 0}
+    if since is None:
+        return report  # nothing missed (or replayed already)
+    statement = compose(conn, rows, entities, processed="count_replayed")
+    assert statement is not None
+    entity_type = rows[0]["entity_type"]
+    async with conn.transaction():
+        await conn.execute(
+            _q("replay_wait_for_matchers"), {"since": since, "entity_type": entity_type}
+        )
+        after = since
+        while True:
+            chunk = await (
+                await conn.execute(
+                    _q("replay_event_ids"),
+                    {"after": after, "entity_type": entity_type, "limit": 500},
+                )
+            ).fetchone()
+            ids = list(chunk["ids"] or []) if chunk else []
+            if not ids:
+                break
+            enrolled = await (
+                await conn.execute(
+                    statement,
+                    {"ids": ids, "queue": settings.queue_name, "max_depth": settings.max_depth},
+                )
+            ).fetchall()
+            waiting = [e["id"] for e in enrolled if e["status"] == "pending"]
+            if waiting:
+                await conn.execute(_q("defer_jobs"), {"ids": waiting, "queue": settings.queue_name})
+            report["events"] += len(ids)
+            report["enrolled"] += len(enrolled)
+            after = ids[-1] + 1
+        await conn.execute(_q("replay_done"), {"id": workflow_id})
+    log.warning(
+        "workflow %d: replayed %d events since event %d, %d enrolled",
+        workflow_id,
+        report["events"],
+        since,
+        report["enrolled"],
+    )
+    return report
 
 
 @dataclass
@@ -126,6 +347,8 @@ class BatchResult:
 
 # Rows through the queue tables after which the matcher refreshes their statistics.
 ANALYZE_EVERY = 5_000
+# Seconds between two probes of broken workflows (fixed schema: they compile again).
+BROKEN_RECHECK = 10.0
 
 
 class Matcher:
@@ -137,6 +360,8 @@ class Matcher:
         self._since_analyze = ANALYZE_EVERY  # analyze on the first busy batch too
         self._analyze_allowed: bool | None = None  # may this role ANALYZE? (asked once)
         self.runner = Runner(pool, self.settings)  # for steps run inline
+        self.broken_recheck = BROKEN_RECHECK
+        self._built_at = 0.0
 
     async def run_once(self) -> BatchResult:
         """Claim and process one batch; returns what it did (claimed 0: nothing pending)."""
@@ -146,11 +371,21 @@ class Matcher:
                 # The common case first, without savepoints: each costs two round trips.
                 async with conn.transaction():
                     result = await self._batch(conn, careful=False)
+            except psycopg.errors.QueryCanceled as exc:
+                # The batch's statement timeout: redo it step by step, where the slow
+                # event is matched alone (under the same timeout) and recorded.
+                log.info("batch timed out (%s); redoing it step by step", exc)
+                async with conn.transaction():
+                    result = await self._batch(conn, careful=True)
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 raise
             except Exception as exc:
                 # Rolled back whole; redo the batch with savepoints, so that a broken
                 # predicate or inline step is isolated instead of failing everything.
+                # A catalog error (a column, table or type gone) means schema drift:
+                # rebuild the plan, whose probes leave the broken workflows out.
+                if catalog_error(exc):
+                    self.plan = None
                 log.info("batch failed (%s); redoing it step by step", exc)
                 async with conn.transaction():
                     result = await self._batch(conn, careful=True)
@@ -181,18 +416,37 @@ class Matcher:
         return self._analyze_allowed
 
     async def _claim(self, conn: psycopg.AsyncConnection[Any]) -> list[int]:
+        timeout = self.settings.matcher_statement_timeout
         row = await (
-            await conn.execute(_q("claim_events"), {"batch_size": self.settings.matcher_batch_size})
+            await conn.execute(
+                _q("claim_events"),
+                {
+                    "batch_size": self.settings.matcher_batch_size,
+                    "batch_bytes": self.settings.matcher_batch_bytes,
+                    "statement_timeout": f"{max(1, round(timeout * 1000))}ms" if timeout else None,
+                },
+            )
         ).fetchone()
         assert row is not None
-        if self.plan is None or self.plan.generation != row["generation"]:
-            self.plan = await build_plan(conn, row["generation"])
-            log.info(
-                "matching %d active workflows on %s",
-                self.plan.workflows,
-                ", ".join(self.plan.entity_types) or "custom events",
-            )
+        if (
+            self.plan is None
+            or self.plan.generation != row["generation"]
+            # A schema fix bumps no generation: probe broken workflows again now and then.
+            or (self.plan.broken and time.monotonic() - self._built_at >= self.broken_recheck)
+        ):
+            await self._rebuild(conn, row["generation"])
         return list(row["ids"])
+
+    async def _rebuild(self, conn: psycopg.AsyncConnection[Any], generation: int) -> None:
+        self.plan = await build_plan(conn, generation)
+        self._built_at = time.monotonic()
+        await record_broken(conn, self.plan)
+        log.info(
+            "matching %d active workflows on %s%s",
+            self.plan.workflows,
+            ", ".join(self.plan.entity_types) or "custom events",
+            f" ({len(self.plan.broken)} broken, left out)" if self.plan.broken else "",
+        )
 
     def _params(self, ids: list[int]) -> dict[str, Any]:
         return {"ids": ids, "queue": self.settings.queue_name, "max_depth": self.settings.max_depth}
@@ -209,19 +463,34 @@ class Matcher:
             enrolled = await (await conn.execute(self.plan.statement, self._params(ids))).fetchall()
             await self._start(conn, enrolled, careful=False)
             return BatchResult(claimed=len(ids), enrolled=len(enrolled))
-        try:
-            async with conn.transaction():  # a savepoint: a failure keeps the claim's locks
-                enrolled = await (
-                    await conn.execute(self.plan.statement, self._params(ids))
-                ).fetchall()
-        except psycopg.OperationalError:
-            raise
-        except psycopg.DatabaseError as exc:
-            # One event or workflow broke the set-based statement (a sql condition dividing
-            # by zero, say). Match this batch event by event so the others still enroll
-            # and the culprits are recorded instead of blocking the outbox forever.
-            log.warning("batch match failed (%s); matching one event at a time", exc)
-            return await self._batch_slowly(conn, ids)
+        for attempt in (1, 2):
+            try:
+                async with conn.transaction():  # a savepoint: a failure keeps the claim's locks
+                    enrolled = await (
+                        await conn.execute(self.plan.statement, self._params(ids))
+                    ).fetchall()
+                break
+            except psycopg.errors.QueryCanceled:
+                log.warning("batch match timed out; matching one event at a time")
+                return await self._batch_slowly(conn, ids)
+            except psycopg.OperationalError:
+                raise
+            except psycopg.DatabaseError as exc:
+                if attempt == 1 and catalog_error(exc):
+                    # Schema drift since the plan was built: probe again (the broken
+                    # workflows leave the plan) and match the batch with the new one.
+                    log.warning("batch match failed (%s); re-probing the workflows", exc)
+                    await self._rebuild(conn, self.plan.generation)
+                    if self.plan.statement is None:
+                        await conn.execute(_q("mark_processed"), {"ids": ids, "error": None})
+                        return BatchResult(claimed=len(ids))
+                    continue
+                # One event or workflow broke the set-based statement (a sql condition
+                # dividing by zero, say). Match this batch event by event so the others
+                # still enroll and the culprits are recorded instead of blocking the
+                # outbox forever.
+                log.warning("batch match failed (%s); matching one event at a time", exc)
+                return await self._batch_slowly(conn, ids)
         await self._start(conn, enrolled, careful=True)
         return BatchResult(claimed=len(ids), enrolled=len(enrolled))
 
@@ -255,6 +524,12 @@ class Matcher:
                     await self._start(conn, enrolled, careful=True)
                 result.enrolled += len(enrolled)
                 continue
+            except psycopg.errors.QueryCanceled:
+                error = (
+                    "matching this event took longer than the batch statement timeout "
+                    f"({self.settings.matcher_statement_timeout:g}s, setting "
+                    "CRMFLOW_MATCHER_STATEMENT_TIMEOUT); it enrolled in no workflow"
+                )
             except psycopg.OperationalError:
                 raise
             except psycopg.DatabaseError as exc:

@@ -146,6 +146,15 @@ class DatabaseCollector(Collector):
         open_alerts.add_metric([], alerts["n"])
         yield open_alerts
 
+        broken = conn.execute(db.query("broken_workflows", "matcher.sql"), {}).fetchall()
+        gauge = GaugeMetricFamily(
+            "crmflow_workflows_broken",
+            "Active workflows whose conditions no longer compile (schema drift): they match "
+            "nothing until fixed",
+        )
+        gauge.add_metric([], len(broken))
+        yield gauge
+
 
 def render(url: str, include_process: bool = False) -> bytes:
     """The text exposition of the database metrics (and this process's, if asked)."""

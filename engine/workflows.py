@@ -48,6 +48,14 @@ class WorkflowNotFound(LookupError):
     pass
 
 
+class ReplayRefused(ValueError):
+    """``replay-events`` cannot run for this workflow (paused, not event-triggered)."""
+
+
+class StillBroken(ReplayRefused):
+    """``replay-events`` on a workflow whose predicate still does not compile."""
+
+
 @dataclass
 class CompiledWorkflow:
     definition: WorkflowDefinition
@@ -380,7 +388,12 @@ async def _new_version(
     ).fetchone()
     assert current is not None
     version = current["version"]
-    changed = current["definition_hash"] != compiled.definition_hash
+    # The same definition compiled against a changed catalog (a type renamed, say) is a
+    # new version too: re-applying is how a broken workflow is repaired.
+    changed = (
+        current["definition_hash"] != compiled.definition_hash
+        or current["predicate"] != compiled.predicate
+    )
     if changed:
         version += 1
         await _insert_version(conn, workflow_id, version, compiled)

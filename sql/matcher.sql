@@ -11,13 +11,22 @@
 -- Events whose entity has an earlier pending event that we could not lock (another
 -- matcher holds it) stay for the next round: one entity's events are enrolled, and
 -- their jobs deferred, in capture order.
+-- A batch is bounded in bytes as well as rows: it keeps the oldest events whose captured
+-- rows (new_row + old_row, as stored) add up to batch_bytes, and always the first one.
+-- The events cut off are a suffix in id order (so an entity's order holds); their locks
+-- go with this transaction. The statement timeout of the batch's later statements is
+-- set here too (SET LOCAL, no round trip of its own).
 WITH candidates AS MATERIALIZED (
-    SELECT id, entity_type, pk
+    SELECT id, entity_type, pk,
+           coalesce(pg_column_size(new_row), 0) + coalesce(pg_column_size(old_row), 0) AS bytes
       FROM crmflow.outbox
      WHERE processed_at IS NULL
      ORDER BY id
      LIMIT %(batch_size)s
        FOR UPDATE SKIP LOCKED
+), sized AS (
+    SELECT id, sum(bytes) OVER (ORDER BY id) - bytes AS before
+      FROM candidates
 ), held_elsewhere AS MATERIALIZED (
     -- Pending events below our batch that we could not lock: another matcher holds
     -- them. A short range scan of the pending index (no per-entity index to maintain
@@ -39,23 +48,27 @@ WITH candidates AS MATERIALIZED (
      WHERE s.singleton = free.singleton
 )
 SELECT (SELECT generation FROM crmflow.matcher_state) AS generation,
+       CASE WHEN %(statement_timeout)s::text IS NOT NULL
+            THEN set_config('statement_timeout', %(statement_timeout)s::text, true) END
+           AS statement_timeout,
        ARRAY(
            SELECT c.id
              FROM candidates AS c
-            WHERE c.pk IS NULL
+            WHERE c.id IN (SELECT id FROM sized WHERE before < %(batch_bytes)s)
+              AND (c.pk IS NULL
                OR NOT EXISTS (
                     SELECT 1
                       FROM held_elsewhere AS earlier
                      WHERE earlier.entity_type = c.entity_type
                        AND earlier.pk = c.pk
-                       AND earlier.id < c.id)
+                       AND earlier.id < c.id))
             ORDER BY c.id
        ) AS ids;
 
 -- name: active_event_workflows
 SELECT v.id AS version_id, v.workflow_id, v.version, v.entity_type, v.trigger_type,
        v.priority, v.predicate, v.limits, v.definition,
-       w.name
+       w.name, w.broken_reason, w.broken_since_event_id
   FROM crmflow.workflows AS w
   JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
  WHERE w.status = 'active'
@@ -154,11 +167,7 @@ WITH batch AS (
 ), counts AS (
     SELECT event_id, count(*) AS n FROM enrolled GROUP BY event_id
 ), processed AS (
-    UPDATE crmflow.outbox AS o
-       SET processed_at = clock_timestamp(), matched = coalesce(c.n, 0)
-      FROM batch AS b
-      LEFT JOIN counts AS c ON c.event_id = b.id
-     WHERE o.id = b.id
+    {processed}
 )
 -- The new executions, with what steps run inline need (engine/inline.py): the event,
 -- the entity as it is now, and whether an earlier execution of the entity is still
@@ -175,6 +184,106 @@ SELECT x.*, b.op AS event_op, b.new_row AS event_new_row, b.old_row AS event_old
   FROM enrolled AS x
   JOIN batch AS b ON b.id = x.event_id
  ORDER BY x.id;
+
+-- name: mark_batch_processed
+-- match_and_enroll's last step when matching: every event of the batch is processed.
+UPDATE crmflow.outbox AS o
+   SET processed_at = clock_timestamp(), matched = coalesce(c.n, 0)
+  FROM batch AS b
+  LEFT JOIN counts AS c ON c.event_id = b.id
+ WHERE o.id = b.id
+
+-- name: count_replayed
+-- match_and_enroll's last step when replaying events (already processed) for one
+-- workflow: their matched counts grow by what the replay enrolled.
+UPDATE crmflow.outbox AS o
+   SET matched = coalesce(o.matched, 0) + c.n
+  FROM counts AS c
+ WHERE o.id = c.event_id
+
+-- name: match_probe
+-- Does this set of branches compile against the catalog as it is now? Parse analysis
+-- resolves every table, column, type, operator and constant; nothing is read.
+WITH batch AS (SELECT * FROM crmflow.outbox WHERE false)
+SELECT * FROM ({branches}) AS m LIMIT 0
+
+-- name: first_unmatched_event
+-- Where a workflow found broken now starts missing events: the oldest pending event
+-- (the batch being matched included), else the next event to be captured.
+SELECT coalesce((SELECT min(id) FROM crmflow.outbox WHERE processed_at IS NULL),
+                (SELECT coalesce(max(id), 0) + 1 FROM crmflow.outbox)) AS id,
+       (SELECT generation FROM crmflow.matcher_state) AS generation;
+
+-- name: set_broken
+-- Mark workflows broken (reason) or compiling again (NULL). broken_since_event_id keeps
+-- the earliest event missed until replay-events clears it. The alert of each change is
+-- raised or resolved in the same statement (an ordinary workflow delivers it).
+WITH changes AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(reasons)s::text[], %(since)s::bigint[])
+           AS u(id, reason, since)
+), updated AS (
+    UPDATE crmflow.workflows AS w
+       SET broken_reason = c.reason,
+           broken_at = CASE WHEN c.reason IS NOT NULL THEN coalesce(w.broken_at, now()) END,
+           broken_since_event_id = CASE WHEN c.reason IS NULL THEN w.broken_since_event_id
+                                        ELSE least(w.broken_since_event_id, c.since) END
+      FROM changes AS c
+     WHERE w.id = c.id AND w.broken_reason IS DISTINCT FROM c.reason
+    RETURNING w.id, w.name, w.broken_reason
+), raised AS (
+    INSERT INTO crmflow.alerts (kind, subject, workflow_id, value, threshold, message)
+    SELECT 'workflow_broken', u.name, u.id, 1, 0,
+           format('Workflow ''%%s'' (%%s) is broken and matches nothing: %%s', u.name, u.id,
+                  u.broken_reason)
+      FROM updated AS u
+     WHERE u.broken_reason IS NOT NULL
+    ON CONFLICT (kind, subject) WHERE resolved_at IS NULL DO NOTHING
+), resolved AS (
+    UPDATE crmflow.alerts AS a SET resolved_at = now()
+      FROM updated AS u
+     WHERE u.broken_reason IS NULL AND a.kind = 'workflow_broken' AND a.subject = u.name
+       AND a.resolved_at IS NULL
+)
+SELECT id, name, broken_reason FROM updated ORDER BY id;
+
+-- name: broken_workflows
+-- Active workflows that do not compile (health, metrics, alerts, `workflow apply`).
+SELECT w.id, w.name, w.broken_reason AS reason, w.broken_at AS since,
+       w.broken_since_event_id
+  FROM crmflow.workflows AS w
+ WHERE w.status = 'active' AND w.broken_reason IS NOT NULL
+ ORDER BY w.id;
+
+-- name: replay_workflow
+SELECT w.id, w.name, w.status, w.broken_reason, w.broken_since_event_id,
+       v.id AS version_id, v.entity_type
+  FROM crmflow.workflows AS w
+  JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
+ WHERE w.id = %(id)s
+   FOR NO KEY UPDATE OF w;
+
+-- name: replay_wait_for_matchers
+-- Events of the entity still pending: wait for matchers that hold them (a batch with a
+-- plan from before the workflow compiled again), so the replay then sees them processed.
+-- The ones nobody holds are matched by the matchers with the new plan after this commits.
+SELECT count(*) AS n FROM (
+    SELECT id FROM crmflow.outbox
+     WHERE id >= %(since)s AND processed_at IS NULL
+       AND (entity_type = %(entity_type)s OR (%(entity_type)s::text IS NULL AND op = 'event'))
+       FOR UPDATE) AS held;
+
+-- name: replay_event_ids
+-- The next chunk of events the workflow may have missed: processed, of its entity
+-- (custom events of any entity for a workflow on custom events without one).
+SELECT array_agg(id ORDER BY id) AS ids FROM (
+    SELECT id FROM crmflow.outbox
+     WHERE id >= %(after)s AND processed_at IS NOT NULL
+       AND (entity_type = %(entity_type)s OR (%(entity_type)s::text IS NULL AND op = 'event'))
+     ORDER BY id
+     LIMIT %(limit)s) AS chunk;
+
+-- name: replay_done
+UPDATE crmflow.workflows SET broken_since_event_id = NULL WHERE id = %(id)s;
 
 -- name: current_row_case
 -- The entity's row now, as JSON, for one entity type: one WHEN of the CASE that

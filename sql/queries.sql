@@ -69,14 +69,18 @@ SELECT w.entity_type, w.table_schema, w.table_name, w.pk_columns,
  ORDER BY w.entity_type;
 
 -- name: derived_fields
-SELECT d.entity_type, d.name, d.source, d.data_type,
-       format('%%I.%%I', tn.nspname, t.typname) AS type_sql,
+-- A type renamed or dropped since the field was declared gives NULL facts (to_regtype,
+-- not ::regtype, which would fail the whole query): engine/catalog.py asks again.
+SELECT d.entity_type, d.name, d.source, d.data_type, d.expression,
+       CASE WHEN t.oid IS NOT NULL THEN format('%%I.%%I', tn.nspname, t.typname) END
+           AS type_sql,
        bt.typcategory AS category,
        bt.typname AS base_typname
   FROM crmflow.derived_fields AS d
-  JOIN pg_type AS t ON t.oid = d.data_type::regtype
-  JOIN pg_namespace AS tn ON tn.oid = t.typnamespace
-  JOIN pg_type AS bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+  LEFT JOIN pg_type AS t ON t.oid = to_regtype(d.data_type)
+  LEFT JOIN pg_namespace AS tn ON tn.oid = t.typnamespace
+  LEFT JOIN pg_type AS bt
+         ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
  ORDER BY d.entity_type, d.name;
 
 -- ───────────────────────────── capture ─────────────────────────────
@@ -178,7 +182,7 @@ VALUES (%(workflow_id)s, %(version)s, %(definition)s, %(definition_hash)s, %(tri
         %(entity_type)s, %(priority)s, %(limits)s, %(predicate)s);
 
 -- name: current_version
-SELECT v.version, v.definition_hash
+SELECT v.version, v.definition_hash, v.predicate
   FROM crmflow.workflows AS w
   JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
  WHERE w.id = %(id)s;
@@ -202,7 +206,8 @@ RETURNING id, name, status;
 SELECT w.id, w.name, w.status,
        (SELECT count(*) FROM crmflow.executions AS x WHERE x.workflow_id = w.id) AS execution_count,
        w.current_version AS version, v.trigger_type, v.entity_type, v.priority,
-       w.created_at, w.updated_at
+       w.created_at, w.updated_at, w.broken_reason IS NOT NULL AS broken, w.broken_reason,
+       w.broken_at, w.broken_since_event_id
   FROM crmflow.workflows AS w
   JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
  WHERE %(include_archived)s OR w.status <> 'archived'
@@ -212,7 +217,9 @@ SELECT w.id, w.name, w.status,
 SELECT w.id, w.name, w.status,
        (SELECT count(*) FROM crmflow.executions AS x WHERE x.workflow_id = w.id) AS execution_count,
        w.current_version AS version, v.id AS version_id, v.trigger_type, v.entity_type,
-       v.priority, v.definition, v.predicate, w.created_at, w.updated_at
+       v.priority, v.definition, v.predicate, w.created_at, w.updated_at,
+       w.broken_reason IS NOT NULL AS broken, w.broken_reason, w.broken_at,
+       w.broken_since_event_id
   FROM crmflow.workflows AS w
   JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
  WHERE w.id = %(id)s;
@@ -221,7 +228,9 @@ SELECT w.id, w.name, w.status,
 SELECT w.id, w.name, w.status,
        (SELECT count(*) FROM crmflow.executions AS x WHERE x.workflow_id = w.id) AS execution_count,
        w.current_version AS version, v.id AS version_id, v.trigger_type, v.entity_type,
-       v.priority, v.definition, v.predicate, w.created_at, w.updated_at
+       v.priority, v.definition, v.predicate, w.created_at, w.updated_at,
+       w.broken_reason IS NOT NULL AS broken, w.broken_reason, w.broken_at,
+       w.broken_since_event_id
   FROM crmflow.workflows AS w
   JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
  WHERE w.name = %(name)s AND w.status <> 'archived';

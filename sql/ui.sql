@@ -6,7 +6,7 @@
 SELECT w.id, w.name, w.status, w.current_version AS version, v.priority, v.trigger_type,
        v.entity_type, coalesce(c.total, 0) AS total, coalesce(c.completed, 0) AS completed,
        coalesce(c.failed, 0) AS failed, coalesce(c.in_progress, 0) AS in_progress,
-       coalesce(c.other, 0) AS other
+       coalesce(c.other, 0) AS other, w.broken_reason, w.broken_at, w.broken_since_event_id
   FROM crmflow.workflows AS w
   JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
   LEFT JOIN LATERAL (

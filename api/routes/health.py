@@ -1,7 +1,7 @@
 """``GET /health`` (no key needed): database, worker heartbeats, outbox backlog.
 
-200 while the database answers (``degraded`` when no worker heartbeats or migrations
-are pending), 503 when it does not.
+200 while the database answers (``degraded`` when no worker heartbeats, migrations
+are pending or active workflows are broken by schema drift), 503 when it does not.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from api.deps import PoolDep, SettingsDep
 from api.problems import problem_responses
 from api.schemas import Health
 from engine import db
+from engine.matcher import broken_workflows
 from engine.migrations import pending_migrations
 
 router = APIRouter(tags=["health"])
@@ -47,6 +48,7 @@ async def health(pool: PoolDep, settings: SettingsDep) -> Any:
                 )
             ).fetchone()
             outbox = await (await conn.execute(_q("health_outbox"), {})).fetchone()
+            broken = await broken_workflows(conn)
     except (PoolTimeout, psycopg.Error) as exc:
         down = Health(
             status="down",
@@ -56,7 +58,7 @@ async def health(pool: PoolDep, settings: SettingsDep) -> Any:
         )
         return JSONResponse(down.model_dump(mode="json"), status_code=503)
     assert workers is not None and outbox is not None
-    degraded = bool(pending) or workers["alive"] == 0
+    degraded = bool(pending) or workers["alive"] == 0 or bool(broken)
     return {
         "status": "degraded" if degraded else "ok",
         "database": {"ok": True, "migrations_pending": pending},
@@ -66,4 +68,5 @@ async def health(pool: PoolDep, settings: SettingsDep) -> Any:
             "last_heartbeat_age_seconds": workers["last_heartbeat_age"],
         },
         "outbox": {"pending": outbox["pending"], "oldest_age_seconds": outbox["oldest_age"]},
+        "broken_workflows": broken,
     }

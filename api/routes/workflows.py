@@ -1,5 +1,5 @@
 """``/workflows``: create, read, replace, patch, archive, activate/pause, versions,
-executions, dry run and manual runs.
+executions, dry run, manual runs and replaying the events a broken workflow missed.
 
 Definitions go through :mod:`engine.workflows`, the implementation behind ``crmflow
 workflow apply``: the same checks, the same error paths (``conditions[1].operator``).
@@ -19,6 +19,7 @@ from api.schemas import (
     DryRunIn,
     DryRunOut,
     ExecutionItem,
+    ReplayOut,
     RunIn,
     RunOut,
     Workflow,
@@ -26,7 +27,7 @@ from api.schemas import (
     WorkflowVersion,
     definition_schema,
 )
-from engine import dryrun, executions, scheduler, workflows
+from engine import dryrun, executions, matcher, scheduler, workflows
 from engine.model import DefinitionError, Issue, WorkflowDefinition
 
 router = APIRouter(
@@ -251,3 +252,21 @@ async def run_workflow(
         conn, workflow_id, settings=settings, input=body.input, entity_id=body.entity_id
     )
     return {"workflow_id": workflow_id, "execution_ids": ids}
+
+
+@router.post(
+    "/{workflow_id}/replay-events",
+    response_model=ReplayOut,
+    summary="Match a workflow that was broken on the events it missed",
+    responses=problem_responses(404, 409),
+)
+async def replay_events(conn: Conn, settings: SettingsDep, workflow_id: ObjectId) -> Any:
+    """Once a broken workflow compiles again (the schema fixed, or a new version saved),
+    clears its broken state and enrolls it on its entity's events since it broke
+    (``broken_since_event_id``). Idempotent: an event never enrolls twice. 409 while it
+    still does not compile, or when it is not active."""
+    await workflows.get_workflow(conn, workflow_id)
+    try:
+        return await matcher.replay_events(conn, workflow_id, settings)
+    except workflows.ReplayRefused as exc:
+        raise ApiError(409, str(exc)) from None
