@@ -164,7 +164,9 @@ async def load_entities(conn: psycopg.AsyncConnection[Any]) -> dict[str, EntityS
             entity_type=w["entity_type"],
             table_schema=w["table_schema"],
             table_name=w["table_name"],
-            pk_columns=list(w["pk_columns"]),
+            # The key as it is now: after a key rename, before capture heals, events and
+            # rows are keyed by the new columns already.
+            pk_columns=list(w["key_now"] or w["pk_columns"]),
             columns=await table_fields(conn, w["relid"]),
         )
     derived = await (await conn.execute(db.query("derived_fields"), {})).fetchall()

@@ -93,6 +93,24 @@ def _by_entity(rows: list[dict[str, Any]]) -> dict[str | None, list[dict[str, An
     return by_entity
 
 
+def _current_row(entities: list[catalog.EntitySchema]) -> sql.Composable:
+    """The entity's row now, as JSON, for each of these entities (match_and_enroll)."""
+    cases = [
+        sql.SQL(_q("current_row_case")).format(
+            entity_type=sql.Literal(e.entity_type),
+            table=e.table,
+            pk_match=sql.SQL(" AND ").join(
+                sql.SQL("{} = {}").format(sql.Identifier("t", c), sql.Identifier("p", c))
+                for c in e.pk_columns
+            ),
+        )
+        for e in entities
+    ]
+    if not cases:
+        return sql.SQL("NULL::jsonb")
+    return sql.SQL("CASE x.entity_type {} END").format(sql.SQL(" ").join(cases))
+
+
 def compose(
     conn: psycopg.AsyncConnection[Any],
     rows: list[dict[str, Any]],
@@ -105,23 +123,7 @@ def compose(
     if not by_entity:
         return None
     branches = [_branch(et, versions, entities) for et, versions in by_entity.items()]
-    cases = [
-        sql.SQL(_q("current_row_case")).format(
-            entity_type=sql.Literal(e.entity_type),
-            table=e.table,
-            pk_match=sql.SQL(" AND ").join(
-                sql.SQL("{} = {}").format(sql.Identifier("t", c), sql.Identifier("p", c))
-                for c in e.pk_columns
-            ),
-        )
-        for name, e in entities.items()
-        if name in by_entity
-    ]
-    current_row = (
-        sql.SQL("CASE x.entity_type {} END").format(sql.SQL(" ").join(cases))
-        if cases
-        else sql.SQL("NULL::jsonb")
-    )
+    current_row = _current_row([e for name, e in entities.items() if name in by_entity])
     statement = sql.SQL(_q("match_and_enroll")).format(
         branches=sql.SQL("\nUNION ALL\n").join(branches),
         current_row=current_row,
@@ -131,10 +133,17 @@ def compose(
 
 
 async def _compiles(
-    conn: psycopg.AsyncConnection[Any], branches: list[sql.Composable]
+    conn: psycopg.AsyncConnection[Any],
+    branches: list[sql.Composable],
+    current_row: sql.Composable | None = None,
 ) -> str | None:
-    """None if these branches compile against the catalog now, else PostgreSQL's reason."""
-    probe = sql.SQL(_q("match_probe")).format(branches=sql.SQL("\nUNION ALL\n").join(branches))
+    """None if these branches (and the reading of the entities' current rows) compile
+    against the catalog now, else PostgreSQL's reason."""
+    branches = branches or [sql.SQL("SELECT NULL::bigint AS event_id")]
+    probe = sql.SQL(_q("match_probe")).format(
+        branches=sql.SQL("\nUNION ALL\n").join(branches),
+        current_row=current_row or sql.SQL("NULL::jsonb"),
+    )
     try:
         async with conn.transaction():  # a savepoint inside the batch's transaction
             await conn.execute(probe, {})
@@ -176,9 +185,20 @@ async def find_broken(
     by_entity = _by_entity(healthy)
     if not by_entity:
         return broken
-    if await _compiles(conn, [_branch(et, v, entities) for et, v in by_entity.items()]) is None:
+    everything = [_branch(et, v, entities) for et, v in by_entity.items()]
+    in_use = [entities[et] for et in by_entity if et is not None]
+    if await _compiles(conn, everything, _current_row(in_use)) is None:
         return broken
     for et, versions in by_entity.items():
+        if et is not None:
+            reason = await _compiles(conn, [], _current_row([entities[et]]))
+            if reason is not None:  # its rows cannot be read by their key
+                for v in versions:
+                    broken[v["workflow_id"]] = (
+                        f"the rows of {entities[et].qualified_name} cannot be read by their "
+                        f"key: {reason}"
+                    )
+                continue
         if await _compiles(conn, [_branch(et, versions, entities)]) is None:
             continue
         for v in versions:

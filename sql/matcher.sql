@@ -202,10 +202,13 @@ UPDATE crmflow.outbox AS o
  WHERE o.id = c.event_id
 
 -- name: match_probe
--- Does this set of branches compile against the catalog as it is now? Parse analysis
--- resolves every table, column, type, operator and constant; nothing is read.
+-- Do these branches, and the reading of the entities' current rows, compile against the
+-- catalog as it is now? Parse analysis resolves every table, column, type, operator and
+-- constant; nothing is read.
 WITH batch AS (SELECT * FROM crmflow.outbox WHERE false)
-SELECT * FROM ({branches}) AS m LIMIT 0
+SELECT m.*, (SELECT {current_row}
+               FROM (SELECT NULL::text AS entity_type, NULL::jsonb AS entity_pk) AS x)
+  FROM ({branches}) AS m LIMIT 0
 
 -- name: first_unmatched_event
 -- Where a workflow found broken now starts missing events: the oldest pending event

@@ -63,9 +63,19 @@ SELECT format_type(t.oid, NULL) AS data_type,
  WHERE t.oid = %(type_oid)s;
 
 -- name: watched_tables_with_oid
+-- key_now: the table's primary key as it is now (it may differ from pk_columns between a
+-- key change and capture's heal; events are keyed by the current key meanwhile).
 SELECT w.entity_type, w.table_schema, w.table_name, w.pk_columns,
-       to_regclass(format('%%I.%%I', w.table_schema, w.table_name))::oid::bigint AS relid
+       t.relid::oid::bigint AS relid,
+       ARRAY(SELECT a.attname::text
+               FROM pg_index AS i
+              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
+               JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = t.relid AND i.indisprimary
+              ORDER BY k.position) AS key_now
   FROM crmflow.watched_tables AS w
+ CROSS JOIN LATERAL (SELECT to_regclass(format('%%I.%%I', w.table_schema, w.table_name))
+                            AS relid) AS t
  ORDER BY w.entity_type;
 
 -- name: derived_fields

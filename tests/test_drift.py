@@ -378,3 +378,58 @@ async def test_batches_are_bounded_in_bytes(
     tiny = Matcher(pool, settings.model_copy(update={"matcher_batch_bytes": 1}))
     await crm.execute("INSERT INTO leads (name) VALUES ('a'), ('b')")
     assert (await tiny.run_once()).claimed == 1  # always at least one event
+
+
+async def test_a_key_rename_before_capture_heals_poisons_nothing(
+    crm: psycopg.AsyncConnection[Any], matcher: Matcher
+) -> None:
+    await crm.execute("DROP EVENT TRIGGER crmflow_heal_capture")  # heal comes later
+    contact_wf = await apply(
+        crm,
+        {
+            "name": "New contact",
+            "trigger": {"type": "entity_created", "entity_type": "contact"},
+            "actions": [{"type": "send_notification", "message": "hi", "recipient": 3}],
+        },
+    )
+    deal_wf = await apply(crm, ON_DEAL)
+    await crm.execute("INSERT INTO deals (name) VALUES ('big')")
+    await crm.execute("INSERT INTO contacts (name) VALUES ('before')")
+    await matcher.drain()
+    await crm.execute("ALTER TABLE contacts RENAME COLUMN id TO contact_id")
+    await crm.execute("INSERT INTO contacts (name) VALUES ('after')")
+    await crm.execute("UPDATE deals SET status = 'won'")
+    result = await matcher.drain()
+    assert result.errors == 0
+    assert (
+        await value(crm, "SELECT count(*) FROM crmflow.outbox WHERE match_error IS NOT NULL") == 0
+    )
+    rows = await executions(crm)
+    assert sorted(r["workflow_id"] for r in rows) == sorted([contact_wf, contact_wf, deal_wf])
+    assert (await workflow(crm, contact_wf))["broken_reason"] is None
+
+
+async def test_rows_that_cannot_be_read_by_their_key_break_their_workflows_only(
+    crm: psycopg.AsyncConnection[Any], matcher: Matcher
+) -> None:
+    """The match statement reads each entity's current row by its key: a table left with
+    no primary key (and the stored key column gone) breaks its workflows, not the batch."""
+    await crm.execute("DROP EVENT TRIGGER crmflow_heal_capture")
+    contact_wf = await apply(
+        crm,
+        {
+            "name": "New contact",
+            "trigger": {"type": "entity_created", "entity_type": "contact"},
+            "actions": [{"type": "send_notification", "message": "hi", "recipient": 3}],
+        },
+    )
+    deal_wf = await apply(crm, ON_DEAL)
+    await crm.execute("INSERT INTO deals (name) VALUES ('big')")
+    await matcher.drain()
+    await crm.execute("ALTER TABLE contacts DROP COLUMN id CASCADE")
+    await crm.execute("UPDATE deals SET status = 'won'")
+    result = await matcher.drain()
+    assert result.errors == 0
+    assert [r["workflow_id"] for r in await executions(crm)] == [deal_wf]
+    reason = (await workflow(crm, contact_wf))["broken_reason"]
+    assert reason and "cannot be read by their key" in reason
