@@ -294,7 +294,7 @@ class ApiKeyCreated(ApiKey):
 
 
 def definition_schema(*, partial: bool = False) -> dict[str, Any]:
-    """The JSON schema documented for workflow definitions (DESIGN section 3).
+    """The JSON schema documented for workflow definitions (docs/workflows.md).
 
     It documents the shape only: the engine checks everything (fields, operators and
     values against the live catalog, action parameters) and its 422 names the paths.

@@ -1,1 +1,1 @@
-"""The benchmark suite: ``crmflow bench`` measures DESIGN section 6's targets P1-P6."""
+"""The benchmark suite: ``crmflow bench`` measures the targets of docs/design.md."""

@@ -1,4 +1,4 @@
-"""P1-P6 of DESIGN section 6, each measured against a baseline from the same run."""
+"""The targets of docs/design.md (P1-P6, W1), each measured against a baseline from the same run."""
 
 from __future__ import annotations
 

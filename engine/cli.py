@@ -770,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="the benchmark suite (DESIGN section 6, P1-P6)")
+    p = sub.add_parser("bench", help="the benchmark suite (docs/design.md, Targets)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, under a minute")
     p.add_argument("--json", action="store_true")
     p.add_argument("--only", help="comma-separated ids, e.g. P3,P4")

@@ -96,7 +96,8 @@ async def configure(conn: psycopg.AsyncConnection[Any], settings: Settings | Non
     50 tables: 11.2 s of JIT compilation for a 500-event batch that runs in 0.1 s
     without it (P5 fell to 40 events/s).
 
-    Timeouts (DESIGN 4b: no engine session may stop the others for long):
+    Timeouts (docs/design.md, "The host comes first": no engine session may stop the
+    others for long):
     ``statement_timeout``, ``lock_timeout`` (a wait for a row lock, such as the
     ``crmflow.matcher_state`` row a workflow save bumps, fails with 55P03 instead of
     waiting without end; the callers retry), and ``idle_in_transaction_session_timeout``:

@@ -1,4 +1,4 @@
--- Schema drift isolates (DESIGN 4b). A workflow whose compiled predicate no longer
+-- Schema drift isolates (docs/design.md). A workflow whose compiled predicate no longer
 -- compiles against the catalog (a column dropped or renamed, a type changed or renamed,
 -- its table renamed or dropped) is left out of the match statement and marked broken
 -- here, instead of failing the statement for every event of every workflow.

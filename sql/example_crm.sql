@@ -1,4 +1,4 @@
--- The example CRM used by `crmflow seed`, `crmflow demo` and the tests (DESIGN 2b).
+-- The example CRM used by `crmflow seed`, `crmflow demo` and the tests (docs/design.md).
 -- Created in the CRM schema (public by default) when missing; the engine itself works
 -- on any table with a primary key.
 

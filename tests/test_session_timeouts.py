@@ -1,4 +1,4 @@
-"""No engine session can stop the others for long (DESIGN 4b): statement, lock and
+"""No engine session can stop the others for long (docs/design.md, "The host comes first"): statement, lock and
 idle-in-transaction timeouts on every engine connection, a matcher that never waits
 for the ``crmflow.matcher_state`` row, workflow saves that retry a lock timeout, and
 conflicts (deadlocks, lock timeouts) retried by the matcher as such."""
