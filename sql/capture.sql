@@ -323,7 +323,20 @@ $heal$;
 CREATE OR REPLACE FUNCTION crmflow.heal_capture_on_ddl() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM crmflow.watched_tables) THEN
+    -- Only DDL on a captured table or below one (a partition created or attached):
+    -- the CRM's other DDL, temporary tables above all, pays one catalog look-up.
+    IF EXISTS (
+        SELECT 1
+          FROM pg_event_trigger_ddl_commands() AS cmd
+          JOIN pg_class AS rel ON rel.oid = cmd.objid
+         WHERE cmd.classid = 'pg_class'::regclass AND rel.relpersistence <> 't'
+           AND EXISTS (SELECT 1
+                         FROM (SELECT rel.oid AS relid
+                               UNION ALL
+                               SELECT a.relid FROM pg_partition_ancestors(rel.oid) AS a) AS up
+                         JOIN pg_trigger AS t
+                           ON t.tgrelid = up.relid AND t.tgname = 'tg_crmflow__insert')
+    ) THEN
         PERFORM set_config('lock_timeout', '1s', true);
         PERFORM crmflow.heal_capture(wait => true);
     END IF;

@@ -297,3 +297,39 @@ async def test_the_worker_heals_capture(
             )
 
         await wait_until(healed, timeout=10)
+
+
+async def test_migrate_repairs_capture(conn: psycopg.AsyncConnection[Any]) -> None:
+    """`crmflow migrate` heals too (it used to regenerate with the stored key)."""
+    from engine.migrations import migrate
+
+    await without_event_trigger(conn)
+    await conn.execute("CREATE TABLE gadgets (id int PRIMARY KEY, v text)")
+    await capture.watch(conn, "gadgets")
+    await conn.execute("ALTER TABLE gadgets RENAME COLUMN id TO gadget_id")
+    await migrate(conn)
+    stored = await value(
+        conn, "SELECT pk_columns FROM crmflow.watched_tables WHERE entity_type = 'gadget'"
+    )
+    assert stored == ["gadget_id"]
+    # migrate put the event trigger back (this role is a superuser), and it heals the
+    # next rename in the DDL's own transaction.
+    await conn.execute("ALTER TABLE gadgets RENAME COLUMN gadget_id TO gid")
+    stored = await value(
+        conn, "SELECT pk_columns FROM crmflow.watched_tables WHERE entity_type = 'gadget'"
+    )
+    assert stored == ["gid"]
+
+
+async def test_unrelated_ddl_does_not_heal(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The event trigger leaves the CRM's other DDL alone: a table recreated under a
+    watched name is only the worker's business."""
+    await conn.execute("CREATE TABLE things (id int PRIMARY KEY)")
+    await capture.watch(conn, "things")
+    await conn.execute("DROP TABLE things")
+    await conn.execute("CREATE TABLE things (id int PRIMARY KEY)")
+    await conn.execute("CREATE TEMP TABLE scratch (id int PRIMARY KEY)")
+    assert (
+        await value(conn, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'things'::regclass") == 0
+    )
+    assert await capture.heal(conn) == [{"entity_type": "thing", "change": "things captured"}]
