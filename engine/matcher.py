@@ -275,6 +275,9 @@ async def broken_workflows(conn: psycopg.AsyncConnection[Any]) -> list[dict[str,
     return await (await conn.execute(_q("broken_workflows"), {})).fetchall()
 
 
+REPLAY_CHUNK = 500  # events per replay transaction
+
+
 async def replay_events(
     conn: psycopg.AsyncConnection[Any], workflow_id: int, settings: Settings | None = None
 ) -> dict[str, Any]:
@@ -284,7 +287,8 @@ async def replay_events(
     Clears its broken state first, in a transaction of its own, so that matchers take it
     into their plans from then on; then waits for batches still matching its entity's
     events with an older plan, and enrolls it on the processed events since the break, in
-    chunks. Idempotent: the enrollment key (version, event) lets no event enroll twice.
+    chunks of a transaction each. Idempotent: the enrollment key (version, event) lets no
+    event enroll twice, so a replay cut short is run again.
     Raises :class:`workflows.StillBroken` while it does not compile."""
     from engine import workflows
 
@@ -320,20 +324,22 @@ async def replay_events(
     statement = compose(conn, rows, entities, processed="count_replayed")
     assert statement is not None
     entity_type = rows[0]["entity_type"]
-    async with conn.transaction():
+    async with conn.transaction():  # held only until those batches are done
         await conn.execute(
             _q("replay_wait_for_matchers"), {"since": since, "entity_type": entity_type}
         )
-        after = since
-        while True:
+    after = since
+    while True:  # a transaction per chunk; a replay cut short is simply run again
+        async with conn.transaction():
             chunk = await (
                 await conn.execute(
                     _q("replay_event_ids"),
-                    {"after": after, "entity_type": entity_type, "limit": 500},
+                    {"after": after, "entity_type": entity_type, "limit": REPLAY_CHUNK},
                 )
             ).fetchone()
             ids = list(chunk["ids"] or []) if chunk else []
             if not ids:
+                await conn.execute(_q("replay_done"), {"id": workflow_id})
                 break
             enrolled = await (
                 await conn.execute(
@@ -344,10 +350,9 @@ async def replay_events(
             waiting = [e["id"] for e in enrolled if e["status"] == "pending"]
             if waiting:
                 await conn.execute(_q("defer_jobs"), {"ids": waiting, "queue": settings.queue_name})
-            report["events"] += len(ids)
-            report["enrolled"] += len(enrolled)
-            after = ids[-1] + 1
-        await conn.execute(_q("replay_done"), {"id": workflow_id})
+        report["events"] += len(ids)
+        report["enrolled"] += len(enrolled)
+        after = ids[-1] + 1
     log.warning(
         "workflow %d: replayed %d events since event %d, %d enrolled",
         workflow_id,
