@@ -169,17 +169,22 @@ async def find_broken(
         et = row["entity_type"]
         if et is not None and et not in entities:
             if missing is None:
-                missing = {
-                    s["entity_type"]: f"{s['table_schema']}.{s['table_name']} ({s['state']})"
-                    for s in await catalog.entity_states(conn)
-                }
-            where = missing.get(et)
-            broken[row["workflow_id"]] = (
-                f"the table {where} of entity {et!r} is gone: dropped, or renamed "
-                f"(rename it back or `crmflow watch` it again)"
-                if where
-                else f"{et!r} is no longer a watched entity"
-            )
+                missing = {s["entity_type"]: s for s in await catalog.entity_states(conn)}
+            state = missing.get(et)
+            if state is None:
+                reason = f"{et!r} is no longer a watched entity"
+            elif state["captured_on"]:
+                reason = (
+                    f"its table {state['table_schema']}.{state['table_name']} (entity {et!r}) "
+                    f"was renamed to {state['captured_on']}; it compiles again once capture "
+                    "follows the rename (the worker heals it within seconds)"
+                )
+            else:
+                reason = (
+                    f"its table {state['table_schema']}.{state['table_name']} (entity {et!r}) "
+                    "no longer exists"
+                )
+            broken[row["workflow_id"]] = reason
         else:
             healthy.append(row)
     by_entity = _by_entity(healthy)
@@ -208,7 +213,9 @@ async def find_broken(
     return broken
 
 
-async def build_plan(conn: psycopg.AsyncConnection[Any], generation: int) -> MatchPlan:
+async def build_plan(
+    conn: psycopg.AsyncConnection[Any], generation: int, log_changes: bool = True
+) -> MatchPlan:
     """The match statement of the active workflows that compile; the others are left
     out, their broken state in ``changes`` (see :func:`record_broken`)."""
     rows = await (await conn.execute(_q("active_event_workflows"), {})).fetchall()
@@ -220,7 +227,7 @@ async def build_plan(conn: psycopg.AsyncConnection[Any], generation: int) -> Mat
         for r in rows
         if r["broken_reason"] != broken.get(r["workflow_id"])
     ]
-    for wf_id, reason in changes:
+    for wf_id, reason in changes if log_changes else []:
         if reason:
             log.warning("workflow %d is broken and left out of matching: %s", wf_id, reason)
         else:
@@ -266,7 +273,7 @@ async def refresh_broken(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, A
     async with conn.transaction():
         row = await (await conn.execute(_q("first_unmatched_event"), {})).fetchone()
         assert row is not None
-        await record_broken(conn, await build_plan(conn, row["generation"]))
+        await record_broken(conn, await build_plan(conn, row["generation"], log_changes=False))
     return await (await conn.execute(_q("broken_workflows"), {})).fetchall()
 
 
