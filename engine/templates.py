@@ -4,20 +4,34 @@ Jinja2's ImmutableSandboxedEnvironment refuses attribute access to internals
 (``__class__``, ``__globals__``...), method calls that mutate, and unsafe callables;
 so a template written by a workflow author cannot reach Python or the process.
 
-Templates render synchronously in the worker's event loop, so rendering is also
-bounded in work and memory: a render may run at most :data:`MAX_STEPS` loop iterations
-and calls, every string or list it builds (``*``, ``+``, ``~``, ``%``, the widening
-filters and string methods) is bounded by :data:`MAX_OUTPUT`, integers by
-:data:`MAX_INT_BITS`, ``range()`` by :data:`MAX_RANGE` items, and the output by
-:data:`MAX_OUTPUT` characters. Recursive loops are not available. A template over a
-limit fails with :class:`TemplateProblem` instead of stalling the worker.
+Templates render synchronously in the worker's event loop, where no timeout can
+interrupt them, so a render carries a work budget (:class:`_Budget`) that every piece
+of work draws on, and fails with :class:`TemplateProblem` the moment it is spent:
+
+- steps: loop iterations and calls, at most :data:`MAX_STEPS`;
+- items: every item a filter reads or produces (``map``, ``select``, ``sort``,
+  ``groupby``, ``list``, ``join``, ``sum``... every filter's input and output is
+  metered, generators item by item), at most :data:`MAX_ITEMS`;
+- characters: every string an operator, a call or a filter reads or builds, at most
+  :data:`MAX_CHARS`;
+- CPU time: the thread's CPU time, checked as work is drawn, at most
+  :data:`MAX_CPU_SECONDS` (for the filters whose work per character is large).
+
+Sizes are bounded before the work is done where they can be: every string or list
+built (``*``, ``+``, ``~``, ``%``, the widening filters and string methods) at most
+:data:`MAX_OUTPUT` items, integers :data:`MAX_INT_BITS`, ``range()``
+:data:`MAX_RANGE` items, a template's output :data:`MAX_OUTPUT` characters (and
+all the strings of one JSON value, :func:`render_value`, :data:`MAX_TOTAL_OUTPUT`).
+Recursive loops are not available. Errors name the template (its first characters).
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import re
 import string
+import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from typing import Any
@@ -25,30 +39,85 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError, filters, nodes, pass_environment
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.utils import _PassArg
 
 MAX_OUTPUT = 100_000
+MAX_TOTAL_OUTPUT = 1_000_000  # all the strings of one rendered JSON value
 MAX_TEMPLATE = 20_000
 MAX_RANGE = 1_000
 MAX_STEPS = 10_000  # loop iterations plus calls, per render
+MAX_ITEMS = 100_000  # items read or produced by filters, per render
+MAX_CHARS = 5_000_000  # characters read or built by operators, calls and filters
+MAX_CPU_SECONDS = 0.3  # the rendering thread's CPU time, per render
 MAX_WIDTH = 1_000  # field widths and precisions in format strings
 MAX_INT_BITS = 20_000
-
-_budget: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "crmflow_template_budget", default=None
-)
+_CLOCK_EVERY = 64  # draws between two looks at the CPU clock
 
 
 class TemplateProblem(ValueError):
     """A template that does not parse, or failed while rendering."""
 
 
+class _Budget:
+    """What one render (or one :func:`render_value`) may still spend."""
+
+    __slots__ = ("chars", "deadline", "items", "output", "steps", "ticks")
+
+    def __init__(self) -> None:
+        self.steps = MAX_STEPS
+        self.items = MAX_ITEMS
+        self.chars = MAX_CHARS
+        self.output = MAX_TOTAL_OUTPUT
+        self.deadline = time.thread_time() + MAX_CPU_SECONDS
+        self.ticks = 0
+
+    def tick(self, weight: int) -> None:
+        self.ticks += 1
+        if (weight >= 100 or self.ticks % _CLOCK_EVERY == 0) and (
+            time.thread_time() > self.deadline
+        ):
+            raise SecurityError(
+                f"the template does too much work (over {MAX_CPU_SECONDS} s of CPU time)"
+            )
+
+
+_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
+    "crmflow_template_budget", default=None
+)
+
+
 def _spend(steps: int = 1) -> None:
     budget = _budget.get()
     if budget is None:
         return
-    budget[0] -= steps
-    if budget[0] < 0:
+    budget.steps -= steps
+    if budget.steps < 0:
         raise SecurityError(f"the template does too much work (over {MAX_STEPS} steps)")
+    budget.tick(steps)
+
+
+def _take_items(n: int) -> None:
+    budget = _budget.get()
+    if budget is None:
+        return
+    budget.items -= n
+    if budget.items < 0:
+        raise SecurityError(
+            f"the template does too much work (over {MAX_ITEMS} items read or built)"
+        )
+    budget.tick(n)
+
+
+def _take_chars(n: int) -> None:
+    budget = _budget.get()
+    if budget is None:
+        return
+    budget.chars -= n
+    if budget.chars < 0:
+        raise SecurityError(
+            f"the template does too much work (over {MAX_CHARS} characters read or built)"
+        )
+    budget.tick(n // 100)
 
 
 def _bounded(size: int, what: str = "value") -> None:
@@ -57,15 +126,85 @@ def _bounded(size: int, what: str = "value") -> None:
 
 
 def _sized(value: Any) -> Any:
-    if isinstance(value, str | list | tuple):
+    """Bound the size of a value just built, and charge the work of building it."""
+    if isinstance(value, str):
         _bounded(len(value))
+        _take_chars(len(value))
+    elif isinstance(value, list | tuple):
+        _bounded(len(value))
+        _take_items(len(value))
     return value
 
 
 def _bounded_iter(iterable: Iterable[Any]) -> Iterator[Any]:
+    """A loop's iterable: each iteration is a step."""
     for item in iterable:
         _spend()
         yield item
+
+
+class _Metered(Iterator[Any]):
+    """An iterator whose every item is charged to the render's item budget."""
+
+    __slots__ = ("_it",)
+
+    def __init__(self, iterable: Iterable[Any]) -> None:
+        self._it = iter(iterable)
+
+    def __next__(self) -> Any:
+        item = next(self._it)
+        _take_items(1)
+        return item
+
+
+def _metered(value: Any, weight: int = 1) -> Any:
+    """A filter's input: charge what the filter will read (lazily for generators)."""
+    if isinstance(value, str):
+        _take_chars(len(value) * weight)
+    elif isinstance(value, list | tuple | dict | set | frozenset | range):
+        _take_items(len(value))
+    elif isinstance(value, Iterator) and not isinstance(value, _Metered):
+        return _Metered(value)
+    return value
+
+
+def _measured(value: Any) -> Any:
+    """A filter's output: bound it and charge it (lazily for generators)."""
+    if isinstance(value, Iterator) and not isinstance(value, _Metered):
+        return _Metered(value)
+    return _sized(value)
+
+
+# Filters that walk their text in Python (not in C), at many times the cost per
+# character of upper() or replace(): their input counts that many times.
+_SLOW_FILTERS = {
+    "urlize": 100,
+    "wordwrap": 20,
+    "title": 20,
+    "striptags": 20,
+    "wordcount": 20,
+    "pprint": 20,
+    "urlencode": 20,
+    "xmlattr": 20,
+    "truncate": 5,
+    "indent": 5,
+    "capitalize": 5,
+    "tojson": 5,
+    "format": 5,
+}
+
+
+def _budgeted(func: Callable[..., Any], weight: int = 1) -> Callable[..., Any]:
+    """Wrap a filter so that its input and output are charged to the budget."""
+    skip = 0 if _PassArg.from_obj(func) is None else 1  # context/environment first
+
+    @functools.wraps(func)  # keeps jinja_pass_arg
+    def filter_(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > skip:
+            args = (*args[:skip], _metered(args[skip], weight), *args[skip + 1 :])
+        return _measured(func(*args, **kwargs))
+
+    return filter_
 
 
 def _bounded_range(*args: int) -> range:
@@ -180,7 +319,7 @@ def _wordwrap(
 
 @filters.pass_eval_context
 def _join(eval_ctx: Any, value: Any, d: str = "", attribute: str | int | None = None) -> str:
-    items = list(_bounded_iter(value))
+    items = list(_metered(value))
     if attribute is not None:
         getter = filters.make_attrgetter(eval_ctx.environment, attribute)
         items = [getter(item) for item in items]
@@ -217,6 +356,7 @@ def _check_str_method(method: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     name = getattr(method, "__name__", "")
     if not isinstance(owner, str):
         return args
+    _take_chars(len(owner))  # every str method reads its string
     if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
         _bounded(args[0])
     elif name == "expandtabs":
@@ -229,7 +369,7 @@ def _check_str_method(method: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
             hits = min(hits, args[2])
         _bounded(len(owner) + hits * max(len(new) - len(old), 0))
     elif name == "join" and args:
-        items = list(_bounded_iter(args[0]))
+        items = list(_metered(args[0]))
         _bounded(sum(len(i) if isinstance(i, str) else 0 for i in items) + len(owner) * len(items))
         return (items, *args[1:])
     return args
@@ -293,6 +433,9 @@ def environment() -> _Environment:
     env.globals.pop("lipsum", None)
     env.globals["range"] = _bounded_range
     env.filters.update(_GUARDED_FILTERS)
+    env.filters = {
+        name: _budgeted(f, _SLOW_FILTERS.get(name, 1)) for name, f in env.filters.items()
+    }
     return env
 
 
@@ -335,39 +478,66 @@ def _checked(text: str) -> None:
     check(text)
 
 
+def _excerpt(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:60] + "…")
+
+
 def render(text: str, context: dict[str, Any]) -> str:
     if not is_template(text):
         return text
     _checked(text)
-    token = _budget.set([MAX_STEPS])
+    budget = _budget.get()
+    token = None if budget is not None else _budget.set(budget := _Budget())
     try:
         size, parts = 0, []
         for part in _compiled(text).generate(context):
             size += len(part)
             if size > MAX_OUTPUT:
                 raise TemplateProblem(f"template output exceeds {MAX_OUTPUT} characters")
+            budget.output -= len(part)
+            if budget.output < 0:
+                raise TemplateProblem(
+                    f"the rendered strings exceed {MAX_TOTAL_OUTPUT} characters in all"
+                )
             parts.append(part)
         return "".join(parts)
-    except TemplateProblem:
-        raise
+    except TemplateProblem as exc:
+        raise TemplateProblem(f"{exc} (template {_excerpt(text)})") from None
     except SecurityError as exc:
-        raise TemplateProblem(f"template refused by the sandbox: {exc}") from None
+        raise TemplateProblem(
+            f"template refused by the sandbox: {exc} (template {_excerpt(text)})"
+        ) from None
     except TemplateError as exc:
-        raise TemplateProblem(f"template failed: {exc.message or exc}") from None
+        raise TemplateProblem(
+            f"template failed: {exc.message or exc} (template {_excerpt(text)})"
+        ) from None
     except Exception as exc:  # the template's own doing (1/0, 'a' + 1, int('x'), ...)
-        raise TemplateProblem(f"template failed: {type(exc).__name__}: {exc}") from None
+        raise TemplateProblem(
+            f"template failed: {type(exc).__name__}: {exc} (template {_excerpt(text)})"
+        ) from None
+    finally:
+        if token is not None:
+            _budget.reset(token)
+
+
+def render_value(value: Any, context: dict[str, Any]) -> Any:
+    """Render every string inside a JSON-like value (webhook bodies), on one budget."""
+    if _budget.get() is not None:
+        return _render_value(value, context)
+    token = _budget.set(_Budget())
+    try:
+        return _render_value(value, context)
     finally:
         _budget.reset(token)
 
 
-def render_value(value: Any, context: dict[str, Any]) -> Any:
-    """Render every string inside a JSON-like value (webhook bodies)."""
+def _render_value(value: Any, context: dict[str, Any]) -> Any:
     if isinstance(value, str):
         return render(value, context)
     if isinstance(value, list):
-        return [render_value(v, context) for v in value]
+        return [_render_value(v, context) for v in value]
     if isinstance(value, dict):
-        return {k: render_value(v, context) for k, v in value.items()}
+        return {k: _render_value(v, context) for k, v in value.items()}
     return value
 
 

@@ -58,7 +58,8 @@ FILTER_BOMBS = [
     HOSTILE,
     # every filter that walks its input, in a loop over a 100k-item list
     *[
-        "{% set s = ('ab'*49999)|list %}{% for i in range(1000) %}{% set u = s|" + f
+        "{% set s = ('ab'*49999)|list %}{% for i in range(1000) %}{% set u = s|"
+        + f
         + " %}{% endfor %}"
         for f in (
             "map('upper')|list",
@@ -82,10 +83,22 @@ FILTER_BOMBS = [
     ],
     # string filters and string work in a loop over a 100k-character string
     *[
-        "{% set t = 'ab cd <b>x</b> '*7000 %}{% for i in range(1000) %}{% set u = t|" + f
+        "{% set t = 'ab cd <b>x</b> '*6000 %}{% for i in range(1000) %}{% set u = t|"
+        + f
         + " %}{% endfor %}"
-        for f in ("urlize", "title", "striptags", "wordcount", "upper", "replace('a', 'b')",
-                  "wordwrap(20)", "trim", "escape", "pprint", "list|length")
+        for f in (
+            "urlize",
+            "title",
+            "striptags",
+            "wordcount",
+            "upper",
+            "replace('a', 'b')",
+            "wordwrap(20)",
+            "trim",
+            "escape",
+            "pprint",
+            "list|length",
+        )
     ],
     "{% for i in range(1000) %}{% for j in range(10) %}{% set u = 'ab'*49999 %}"
     "{% endfor %}{% endfor %}",
@@ -138,17 +151,16 @@ def test_ordinary_templates_are_unaffected() -> None:
         "{{ entity.tags | unique | list | length }}": "3",
         "{{ entity.tags | map('upper') | select('ne', 'A') | join }}": "BC",
         "{{ entity.deals | sum(attribute='amount') }}": str(sum(i * 10 for i in range(200))),
-        "{{ entity.deals | selectattr('amount', 'gt', 1980) | map(attribute='name') | join }}":
-            "D199",
+        "{{ entity.deals | selectattr('amount', 'gt', 1980) | map(attribute='name') | first }}": (
+            "D199"
+        ),
         "{{ entity.deals | groupby('amount') | length }}": "200",
         "{{ entity.deals | batch(50) | list | length }}": "4",
         "{{ entity.notes | wordcount }}": "800",
         "{{ entity.notes | truncate(12) }}": "line...",
         "{{ entity.notes | truncate(12, true, '', 0) }}": "line one\nlin",
         "{{ entity.name | replace('E', 'A') | title }}": "Ave",
-        "{% for d in entity.deals %}{{ d.name }}{% endfor %}": "".join(
-            f"D{i}" for i in range(200)
-        ),
+        "{% for d in entity.deals %}{{ d.name }}{% endfor %}": "".join(f"D{i}" for i in range(200)),
     }
     plain = jinja2.Environment()
     for template, expected in cases.items():
@@ -160,8 +172,8 @@ def test_ordinary_templates_are_unaffected() -> None:
 
 
 def test_a_body_of_many_templates_shares_one_budget() -> None:
-    heavy = "{% set s = ('ab'*20000)|list %}{{ s|map('upper')|join|length }}"
-    assert templates.render(heavy, {}) == "40000"
+    heavy = "{% set s = ('ab'*5000)|list %}{{ s|map('upper')|join|length }}"
+    assert templates.render(heavy, {}) == "10000"
     started = time.perf_counter()
     with pytest.raises(templates.TemplateProblem):
         templates.render_value({"k": [heavy] * 50}, {})
@@ -196,7 +208,8 @@ async def test_hostile_template_fails_its_step_not_the_worker(
 # ───────────────────────────── regexes ─────────────────────────────
 
 BAD_REGEXES = {
-    r"^([[:alpha:]]{1,200}\s?){1,200}$": "nested",
+    r"^([[:alpha:]]{1,200}\s?){1,200}$": "repetition",
+    r"^([[:alpha:]]{1,50}\s?){1,50}$": "nested",
     r"^(a+)+$": "nested",
     r"(x*)*y": "nested",
     r"^((ab)*c)+$": "nested",
@@ -256,7 +269,7 @@ async def test_ordinary_regexes_are_accepted(crm: Conn, regex: str) -> None:
 
 async def test_regexes_in_sql_conditions_are_checked_too(crm: Conn) -> None:
     for expression, why in (
-        ("name ~ '^([[:alpha:]]{1,200}\\s?){1,200}$'", "nested"),
+        ("name ~ '^([[:alpha:]]{1,50}\\s?){1,50}$'", "nested"),
         ("name !~* '(a+)+$'", "nested"),
         ("name ~ email", "constant"),
         ("name ~ ANY(ARRAY['a', '(.*)\\1'])", "back-reference"),
@@ -301,9 +314,7 @@ async def test_an_invalid_regex_in_sql_is_refused_at_save(crm: Conn) -> None:
     assert "conditions[0].sql" in refused(exc)
 
 
-async def test_matches_reads_a_bounded_prefix_of_the_value(
-    crm: Conn, matcher: Matcher
-) -> None:
+async def test_matches_reads_a_bounded_prefix_of_the_value(crm: Conn, matcher: Matcher) -> None:
     """The regex runs on the first MAX_REGEX_INPUT characters: a needle past them is not
     seen, and matching two 40k-character values with the costliest accepted regex is quick."""
     await apply(
@@ -324,7 +335,8 @@ async def test_matches_reads_a_bounded_prefix_of_the_value(
                 {
                     "field": "title",
                     "operator": "matches",
-                    "value": r"^([[:alpha:]]{1,100}\s?){1,2}[[:alpha:]]{1,100}\s?[a-z]{1,100}x$",
+                    "value": r"^[[:alpha:]]{1,100}\s?[[:alpha:]]{1,100}\s?(ab|[[:alpha:]]){2,100}"
+                    r"\s?[a-z]{1,100}x$",
                 }
             ],
             "actions": [{"type": "qualify_lead"}],
@@ -398,9 +410,7 @@ ORDINARY_SQL = [
 ]
 
 
-async def test_ordinary_string_sql_is_accepted_and_runs(
-    crm: Conn, matcher: Matcher
-) -> None:
+async def test_ordinary_string_sql_is_accepted_and_runs(crm: Conn, matcher: Matcher) -> None:
     for i, expression in enumerate(ORDINARY_SQL):
         await apply(
             crm,
