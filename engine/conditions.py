@@ -60,6 +60,8 @@ ALLOWED_BY_KIND: dict[str, frozenset[str]] = {
 MAX_DEPTH = 20
 MAX_LEAVES = 300
 MAX_LIST = 1000
+# A ``matches`` regex runs on the first MAX_REGEX_INPUT characters of the value.
+MAX_REGEX_INPUT = 10_000
 
 # ───────────────────────────── the tree ─────────────────────────────
 
@@ -285,7 +287,12 @@ class Compiler:
     # ── leaves ──
 
     def _sql(self, cond: SqlCondition, alias: str) -> sql.Composable:
-        from engine.sqlexpr import UnsafeExpression, render_expression, validate_expression
+        from engine.sqlexpr import (
+            UnsafeExpression,
+            regex_patterns,
+            render_expression,
+            validate_expression,
+        )
 
         if self.entity is None:
             self.issues.append((cond.path, "sql conditions need an entity"))
@@ -293,9 +300,12 @@ class Compiler:
         try:
             validate_expression(cond.sql, self.entity.columns)
             rendered = render_expression(cond.sql, alias)
+            patterns = regex_patterns(cond.sql)
         except UnsafeExpression as exc:
             self.issues.append((f"{cond.path}.sql", str(exc)))
             return sql.SQL("false")
+        for pattern in patterns:
+            self.checks.append(ValueCheck(f"{cond.path}.sql", pattern, "pg_catalog.text", True))
         return sql.SQL("coalesce(({}), false)").format(sql.SQL(rendered))
 
     def _field(self, cond: FieldCondition) -> FieldSpec | None:
@@ -448,9 +458,23 @@ class Compiler:
 
     def _textual(self, op: str, f: sql.Composable, value: Any, vpath: str) -> sql.Composable:
         if op == "matches":
+            from engine.sqlexpr import regex_problem
+
             text = value_text(value)
+            problem = regex_problem(text)
+            if problem:
+                self.issues.append((vpath, f"{text!r} is refused: {problem}"))
+                return sql.SQL("false")
             self.checks.append(ValueCheck(vpath, text, "pg_catalog.text", regex=True))
-            return _false_if_null(sql.SQL("{} ~ {}").format(f, sql.Literal(text)))
+            # Bounded input: the regex reads the first MAX_REGEX_INPUT characters (values
+            # that short are matched as they are: char(n) padding, citext's own ~).
+            pattern, limit = sql.Literal(text), sql.Literal(MAX_REGEX_INPUT)
+            return _false_if_null(
+                sql.SQL(
+                    "(CASE WHEN octet_length({f}) <= {n} THEN {f} ~ {p}"
+                    " ELSE left({f}, {n}) ~ {p} END)"
+                ).format(f=f, n=limit, p=pattern)
+            )
         v = self._value(vpath, value, "pg_catalog.text")
         if op in ("contains", "not_contains"):
             test = sql.SQL("strpos(lower({}), lower({})) > 0").format(f, v)

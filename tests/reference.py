@@ -14,6 +14,7 @@ from typing import Any
 
 from engine.catalog import EntitySchema, FieldSpec
 from engine.conditions import (
+    MAX_REGEX_INPUT,
     Condition,
     FieldCondition,
     Group,
@@ -216,7 +217,7 @@ class Reference:
         if o == "ends_with":
             return f.lower().endswith(str(value).lower())
         if o == "matches":
-            return re.search(str(value), f) is not None
+            return re.search(str(value), f[:MAX_REGEX_INPUT]) is not None
         if o in ("older_than", "within_last"):
             cutoff = self.now - timedelta(seconds=parse_duration(value, default_unit="d"))
             current: Any = self.now
@@ -273,5 +274,5 @@ class Reference:
         if o == "ends_with":
             return f.lower().endswith(str(value).lower())
         if o == "matches":
-            return re.search(str(value), f) is not None
+            return re.search(str(value), f[:MAX_REGEX_INPUT]) is not None
         raise Unsupported(o)
