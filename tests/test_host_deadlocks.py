@@ -50,7 +50,9 @@ class WriterRun:
     seconds: float = 0.0
 
 
-def run_writers(url: str, writers: int, seconds: float, seed: int = 12) -> WriterRun:
+def run_writers(
+    url: str, writers: int, seconds: float, leads: int = LEADS, deals: int = DEALS, seed: int = 12
+) -> WriterRun:
     """``writers`` threads, each committing as fast as it can for ``seconds``: three leads
     in ascending id order, then a deal, in one transaction (the CRM's own connections:
     plain psycopg, no engine settings)."""
@@ -62,11 +64,11 @@ def run_writers(url: str, writers: int, seconds: float, seed: int = 12) -> Write
         rng = random.Random(seed + n)
         with psycopg.connect(url) as conn:
             while time.monotonic() < deadline:
-                leads = sorted(rng.sample(range(1, LEADS + 1), 3))
-                deal = rng.randint(1, DEALS)
+                some = sorted(rng.sample(range(1, leads + 1), 3))
+                deal = rng.randint(1, deals)
                 try:
                     with conn.transaction():
-                        for lead in leads:
+                        for lead in some:
                             conn.execute("UPDATE leads SET score = score + 1 WHERE id = %s", [lead])
                         conn.execute("UPDATE deals SET amount = amount + 1 WHERE id = %s", [deal])
                 except psycopg.Error as exc:
@@ -86,25 +88,30 @@ def run_writers(url: str, writers: int, seconds: float, seed: int = 12) -> Write
     return run
 
 
-async def setup_crm(crm: psycopg.AsyncConnection[Any]) -> None:
+async def setup_crm(
+    crm: psycopg.AsyncConnection[Any], leads: int = LEADS, deals: int = DEALS
+) -> None:
     await crm.execute(
         "INSERT INTO leads (id, name, score, owner_id)"
         " SELECT i, 'lead ' || i, 0, 1 FROM generate_series(1, %s) i",
-        [LEADS],
+        [leads],
     )
     await crm.execute(
         "INSERT INTO deals (id, name, amount, owner_id)"
         " SELECT i, 'deal ' || i, 0, 1 FROM generate_series(1, %s) i",
-        [DEALS],
+        [deals],
     )
 
 
-async def check_every_execution_ran_once(crm: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
-    """Every captured score/amount change enrolled once, completed once, effects once."""
+async def check_every_execution_ran_once(
+    crm: psycopg.AsyncConnection[Any], timeout: float = 120
+) -> dict[str, Any]:
+    """Every captured score/amount change (the writers' updates: depth 0) enrolled once,
+    completed once, effects once (the events of paused workflows, matched = 0, aside)."""
     events = await value(
         crm,
         "SELECT count(*) FROM crmflow.outbox WHERE depth = 0 AND op = 'update'"
-        " AND (changed @> ARRAY['score'] OR changed @> ARRAY['amount'])",
+        " AND entity_type IN ('lead', 'deal') AND (processed_at IS NULL OR matched > 0)",
     )
 
     async def all_done() -> bool:
@@ -113,7 +120,7 @@ async def check_every_execution_ran_once(crm: psycopg.AsyncConnection[Any]) -> d
         )
         return done >= events
 
-    await wait_until(all_done, timeout=120, interval=0.25)
+    await wait_until(all_done, timeout=timeout, interval=0.25)
     statuses = await fetch(
         crm, "SELECT status, count(*) AS n FROM crmflow.executions GROUP BY status"
     )
@@ -122,6 +129,7 @@ async def check_every_execution_ran_once(crm: psycopg.AsyncConnection[Any]) -> d
         await value(
             crm,
             "SELECT count(*) FROM crmflow.outbox o WHERE o.depth = 0 AND o.op = 'update'"
+            " AND o.matched IS DISTINCT FROM 0"
             " AND NOT EXISTS (SELECT 1 FROM crmflow.executions x WHERE x.event_id = o.id)",
         )
         == 0
