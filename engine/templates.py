@@ -37,7 +37,7 @@ from functools import lru_cache
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError, filters, nodes, pass_environment
-from jinja2.compiler import CodeGenerator, Frame
+from jinja2.compiler import CodeGenerator, Frame, operators
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.utils import _PassArg
 
@@ -192,6 +192,29 @@ _SLOW_FILTERS = {
     "tojson": 5,
     "format": 5,
 }
+
+
+def _scanned(value: Any) -> Any:
+    """An operand of a comparison or a test (``in``, ``==``): charge its scan."""
+    if isinstance(value, str):
+        _take_chars(len(value))
+    elif isinstance(value, list | tuple):
+        _take_items(len(value))
+    return value
+
+
+def _budgeted_test(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a test (``select('in', s)`` runs one per item) so its operands are charged."""
+    skip = 0 if _PassArg.from_obj(func) is None else 1
+
+    @functools.wraps(func)
+    def test(*args: Any, **kwargs: Any) -> Any:
+        for arg in args[skip:]:
+            _scanned(arg)
+        _take_items(1)
+        return func(*args, **kwargs)
+
+    return test
 
 
 def _budgeted(func: Callable[..., Any], weight: int = 1) -> Callable[..., Any]:
@@ -376,7 +399,8 @@ def _check_str_method(method: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 class _CodeGenerator(CodeGenerator):
-    """Every loop draws on the render's budget; every ``~`` result is size-checked."""
+    """Every loop draws on the render's budget; every ``~`` and slice result is sized and
+    charged, every operand of a comparison charged for its scan."""
 
     def visit_For(self, node: nodes.For, frame: Frame) -> None:
         if node.recursive:
@@ -393,6 +417,27 @@ class _CodeGenerator(CodeGenerator):
         ).set_lineno(node.lineno)
         super().visit_For(bounded, frame)
 
+    def visit_Compare(self, node: nodes.Compare, frame: Frame) -> None:
+        self.write("(environment.scanned(")
+        self.visit(node.expr, frame)
+        self.write(")")
+        for op in node.ops:
+            self.visit(op, frame)
+        self.write(")")
+
+    def visit_Operand(self, node: nodes.Operand, frame: Frame) -> None:
+        self.write(f" {operators[node.op]} environment.scanned(")
+        self.visit(node.expr, frame)
+        self.write(")")
+
+    def visit_Getitem(self, node: nodes.Getitem, frame: Frame) -> None:
+        if not isinstance(node.arg, nodes.Slice):  # slices bypass environment.getitem
+            super().visit_Getitem(node, frame)
+            return
+        self.write("environment.sized(")
+        super().visit_Getitem(node, frame)
+        self.write(")")
+
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         self.write("environment.sized(")
         super().visit_Concat(node, frame)
@@ -404,6 +449,7 @@ class _Environment(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "+", "%"})
     bounded_iter = staticmethod(_bounded_iter)
     sized = staticmethod(_sized)
+    scanned = staticmethod(_scanned)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         _binop(operator, left, right)
@@ -436,6 +482,7 @@ def environment() -> _Environment:
     env.filters = {
         name: _budgeted(f, _SLOW_FILTERS.get(name, 1)) for name, f in env.filters.items()
     }
+    env.tests = {name: _budgeted_test(f) for name, f in env.tests.items()}
     return env
 
 

@@ -110,6 +110,15 @@ FILTER_BOMBS = [
     "{% set t = 'a b '*25000 %}{% for i in range(1000) %}{% set u = t.upper() %}{% endfor %}",
     "{% set t = 'a,'*49999 %}{% for i in range(1000) %}{% set u = t.split(',')|map('upper')"
     "|join %}{% endfor %}",
+    # comparisons and tests scan their operands in C, but still count
+    "{% set s = ('ab'*49999)|list %}{% for i in range(1000) %}{% for j in range(10) %}"
+    "{% if 'z' in s %}{% endif %}{% endfor %}{% endfor %}",
+    "{% set t = 'ab'*49999 %}{% for i in range(1000) %}{% for j in range(10) %}"
+    "{% if 'zz' in t or t == t %}{% endif %}{% endfor %}{% endfor %}",
+    "{% set s = ('a'*30000)|list %}{% set t = ('b'*30000)|list %}"
+    "{{ s|select('in', t)|list|length }}",
+    "{% set t = 'ab'*49999 %}{% for i in range(1000) %}{% for j in range(10) %}"
+    "{% set u = t[::-1] %}{% endfor %}{% endfor %}",
     # a large output
     "{% for i in range(1000) %}{{ 'x' * 1000 }}{% endfor %}",
 ]
