@@ -127,7 +127,7 @@ def _bounded(size: int, what: str = "value") -> None:
 
 def _sized(value: Any) -> Any:
     """Bound the size of a value just built, and charge the work of building it."""
-    if isinstance(value, str):
+    if isinstance(value, str | bytes):
         _bounded(len(value))
         _take_chars(len(value))
     elif isinstance(value, list | tuple):
@@ -275,7 +275,7 @@ def _check_int(value: Any) -> None:
 
 def _binop(op: str, left: Any, right: Any) -> None:
     """Refuse an operation whose result would be too big, before computing it."""
-    seqs = str | list | tuple
+    seqs = str | bytes | list | tuple
     if op == "*":
         if isinstance(left, seqs) and isinstance(right, int):
             _bounded(len(left) * right)
@@ -377,6 +377,8 @@ def _check_str_method(method: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Bound the str methods that can widen a string; returns the (maybe materialised) args."""
     owner = getattr(method, "__self__", None)
     name = getattr(method, "__name__", "")
+    if isinstance(owner, bytes | bytearray):
+        raise SecurityError("bytes methods are not available in templates")
     if not isinstance(owner, str):
         return args
     _take_chars(len(owner))  # every str method reads its string
@@ -450,6 +452,12 @@ class _Environment(ImmutableSandboxedEnvironment):
     bounded_iter = staticmethod(_bounded_iter)
     sized = staticmethod(_sized)
     scanned = staticmethod(_scanned)
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        # No bytes: their methods (ljust, zfill, center...) would escape the str bounds.
+        if attr == "encode":
+            return False
+        return super().is_safe_attribute(obj, attr, value)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         _binop(operator, left, right)

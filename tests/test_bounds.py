@@ -119,6 +119,9 @@ FILTER_BOMBS = [
     "{{ s|select('in', t)|list|length }}",
     "{% set t = 'ab'*49999 %}{% for i in range(1000) %}{% for j in range(10) %}"
     "{% set u = t[::-1] %}{% endfor %}{% endfor %}",
+    # bytes would escape the bounds of str
+    "{{ ('x'.encode()) * 100000000 }}",
+    "{% set b = 'x'.encode() %}{{ b.ljust(1000000000)|length }}",
     # a large output
     "{% for i in range(1000) %}{{ 'x' * 1000 }}{% endfor %}",
 ]
@@ -133,6 +136,12 @@ def test_work_inside_filters_is_bounded(template: str) -> None:
     elapsed = time.perf_counter() - started
     assert elapsed < 0.8, (elapsed, template)
     assert "template" in str(exc.value)
+
+
+def test_bytes_from_the_context_are_bounded_too() -> None:
+    for template in ("{{ b.ljust(1000000000)|length }}", "{{ (b * 1000000000)|length }}"):
+        with pytest.raises(templates.TemplateProblem):
+            templates.render(template, {"b": b"x"})
 
 
 def test_the_hostile_template_fails_fast_and_says_why() -> None:
