@@ -689,10 +689,13 @@ class Runner:
             await self._write_context(conn, ctx)
             try:
                 async with conn.transaction():  # savepoint: a failure keeps the step record
+                    # The step's own timeout bounds its statements, and its wait for a
+                    # CRM row that one of the CRM's transactions holds: the session's 2 s
+                    # lock_timeout would fail the attempt while the CRM is merely busy.
                     await conn.execute(
-                        sql.SQL("SET LOCAL statement_timeout = {}").format(
-                            sql.Literal(int(timeout * 1000))
-                        )
+                        sql.SQL(
+                            "SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+                        ).format(ms=sql.Literal(int(timeout * 1000)))
                     )
                     result = await asyncio.wait_for(action.run(ctx, params), timeout)
             except Skip as skip:

@@ -224,3 +224,34 @@ async def test_a_row_locked_by_the_crm_sends_its_executions_to_the_queue(
         await app.rollback()
     assert metrics.INLINE_FALLBACKS._value.get() == before + 2  # executions, not rows
     assert await value(crm, "SELECT title FROM leads WHERE id = 1") == "score 1"
+
+
+async def test_a_queued_step_waits_for_a_busy_crm_row_within_its_own_timeout(
+    crm: psycopg.AsyncConnection[Any], db_url: str, settings: Settings, pool: Any
+) -> None:
+    """The step runner's wait for a row the CRM holds is bounded by the step's timeout,
+    not by the session's 2 s lock_timeout: a CRM transaction 3 s long costs no attempt."""
+    from engine.matcher import Matcher
+    from engine.runtime import Runner
+    from tests.helpers import run_job
+
+    await setup_crm(crm)
+    await apply(crm, LEAD_SCORE)
+    await crm.execute("UPDATE leads SET score = 1 WHERE id = 1")
+    async with await psycopg.AsyncConnection.connect(db_url) as app:
+        await app.execute("UPDATE leads SET name = 'held' WHERE id = 1")
+        await Matcher(pool, settings).drain()  # busy: to the queue
+        [execution_id] = [r["id"] for r in await fetch(crm, "SELECT id FROM crmflow.executions")]
+
+        async def release() -> None:
+            await asyncio.sleep(3.0)
+            await app.commit()
+
+        releasing = asyncio.create_task(release())
+        assert await run_job(Runner(pool, settings), crm, execution_id) == "completed"
+        await releasing
+    steps = await fetch(
+        crm, "SELECT status, attempts FROM crmflow.execution_steps ORDER BY position"
+    )
+    assert steps == [{"status": "succeeded", "attempts": 1}] * 2
+    assert await value(crm, "SELECT title FROM leads WHERE id = 1") == "score 1"
