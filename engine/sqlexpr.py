@@ -524,6 +524,7 @@ def _bracket_end(p: str, i: int) -> int:
 # ───────────────────────────── what an expression may build ─────────────────────────────
 
 REGEX_OPERATORS = frozenset({"~", "~*", "!~", "!~*"})
+LIKE_OPERATORS = frozenset({"~~", "~~*", "!~~", "!~~*"})
 # Functions returning text, counted for MAX_STRING_DEPTH; the others of ALLOWED_FUNCTIONS
 # return numbers, booleans, dates or JSON no larger than their input.
 _TEXT_FUNCTIONS = frozenset(
@@ -742,6 +743,17 @@ class _Bounds:
                     self.pattern(element, op)
             else:
                 self.pattern(node.rexpr, op)
+        if op in LIKE_OPERATORS and node.lexpr is not None:
+            patterns = (
+                node.rexpr.elements or ()
+                if isinstance(node.rexpr, ast.A_ArrayExpr)
+                else (node.rexpr,)
+            )
+            if any(_const_text(p) is None for p in patterns):
+                raise UnsafeExpression(
+                    "LIKE patterns must be constant strings (a pattern taken from the data"
+                    " costs the product of the two lengths)"
+                )
         if op == "||":
             inner = depth if in_concat else depth + 1
             if inner > MAX_STRING_DEPTH:

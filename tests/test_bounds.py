@@ -391,6 +391,9 @@ GROWING_SQL = {
     "length(" + "upper(lower(" * 8 + "name" + "))" * 8 + ") > 0": "nest",
     "length(replace('" + "x" * 900 + "', 'x', '" + "y" * 900 + "')) > 0": "characters",
     "length(repeat(name, 3)) > 0": "not allowed",
+    "name LIKE '%' || email || '%'": "LIKE patterns must be constant",
+    "name NOT ILIKE email": "LIKE patterns must be constant",
+    "name ~~ ANY(ARRAY['a%', email])": "LIKE patterns must be constant",
 }
 
 
@@ -425,6 +428,9 @@ ORDINARY_SQL = [
     "upper(trim(name)) = 'BOB LEAD' OR lower(left(name, 3)) = 'bob'",
     "replace(name, ' ', ', ') <> ''",
     "to_char(created_at, 'YYYY-MM-DD') <> ''",
+    "lower(email) LIKE '%.test' AND name NOT ILIKE ANY(ARRAY['x%', '%y'])",
+    "substring(name from 1 for 3) = 'Bob' AND substring(name, strpos(name, ' ') + 1) <> ''",
+    "substring(name from '^B(o)') = 'o'",
 ]
 
 
