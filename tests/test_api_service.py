@@ -198,6 +198,7 @@ async def test_routing_errors_and_openapi(client: httpx.AsyncClient) -> None:
         "/workflows/{workflow_id}/versions",
         "/workflows/{workflow_id}/test",
         "/workflows/{workflow_id}/run",
+        "/workflows/{workflow_id}/replay-events",
         "/executions",
         "/executions/{execution_id}",
         "/executions/{execution_id}/retry",
