@@ -19,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from engine import alerts, capture, catalog, workflows
 from engine.config import Settings
 from engine.matcher import Matcher, replay_events
-from tests.helpers import apply, fetch, value
+from tests.helpers import apply, fetch, value, wait_until
 
 ON_LEAD = {
     "name": "Hot leads",
@@ -433,3 +433,87 @@ async def test_rows_that_cannot_be_read_by_their_key_break_their_workflows_only(
     assert [r["workflow_id"] for r in await executions(crm)] == [deal_wf]
     reason = (await workflow(crm, contact_wf))["broken_reason"]
     assert reason and "cannot be read by their key" in reason
+
+
+async def test_drift_under_load_with_a_running_worker(
+    crm: psycopg.AsyncConnection[Any], db_url: str, worker: Any
+) -> None:
+    """Writers keep writing leads and deals while a column a workflow reads is renamed
+    away and back: no writer error, every deal event matched once, the lead workflow
+    broken meanwhile, and after the replay every lead event enrolled exactly once."""
+    lead_wf = await apply(
+        crm,
+        {
+            "name": "Unscored leads",
+            "trigger": {"type": "entity_created", "entity_type": "lead"},
+            "conditions": [{"field": "score", "operator": "is_empty"}],
+            "actions": [{"type": "send_notification", "message": "new", "recipient": 3}],
+        },
+    )
+    deal_wf = await apply(
+        crm,
+        {
+            "name": "Any deal",
+            "trigger": {"type": "entity_created", "entity_type": "deal"},
+            "actions": [{"type": "send_notification", "message": "deal", "recipient": 3}],
+        },
+    )
+    stop = asyncio.Event()
+    errors: list[str] = []
+
+    async def writer() -> None:
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as w:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    await w.execute("INSERT INTO leads (name) VALUES (%s)", [f"l{i}"])
+                    await w.execute("INSERT INTO deals (name) VALUES (%s)", [f"d{i}"])
+                except psycopg.Error as exc:
+                    errors.append(str(exc))
+                await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(writer())
+    await asyncio.sleep(1.0)
+    await crm.execute("ALTER TABLE leads RENAME COLUMN score TO points")
+
+    async def broken() -> bool:
+        return bool((await workflow(crm, lead_wf))["broken_reason"])
+
+    await wait_until(broken, timeout=10)
+    await asyncio.sleep(1.0)
+    await crm.execute("ALTER TABLE leads RENAME COLUMN points TO score")
+    await asyncio.sleep(0.5)
+    stop.set()
+    await task
+    assert errors == []
+
+    async def drained() -> bool:
+        return not await value(
+            crm, "SELECT count(*) FROM crmflow.outbox WHERE processed_at IS NULL"
+        )
+
+    await wait_until(drained, timeout=20)
+    report = await replay_events(crm, lead_wf)
+    assert report["events"] > 0
+    assert (
+        await value(crm, "SELECT count(*) FROM crmflow.outbox WHERE match_error IS NOT NULL") == 0
+    )
+    counts = await fetch(
+        crm,
+        "SELECT o.entity_type, count(x.id) AS n, count(DISTINCT o.id) AS events"
+        "  FROM crmflow.outbox AS o LEFT JOIN crmflow.executions AS x ON x.event_id = o.id"
+        " WHERE o.op = 'insert' AND o.entity_type IN ('lead', 'deal')"
+        " GROUP BY o.entity_type ORDER BY 1",
+    )
+    # every insert of both entities enrolled exactly once
+    assert [(c["entity_type"], c["n"] == c["events"]) for c in counts] == [
+        ("deal", True),
+        ("lead", True),
+    ], counts
+    per_event = await value(
+        crm,
+        "SELECT max(n) FROM (SELECT count(*) AS n FROM crmflow.executions GROUP BY event_id) AS c",
+    )
+    assert per_event == 1
+    assert {r["workflow_id"] for r in await executions(crm)} == {lead_wf, deal_wf}
