@@ -406,9 +406,9 @@ class Matcher:
             except psycopg.errors.QueryCanceled as exc:
                 # The batch's statement timeout: redo it step by step, where the slow
                 # event is matched alone (under the same timeout) and recorded.
-                log.info("batch timed out (%s); redoing it step by step", exc)
+                log.info("batch timed out (%s); redoing it one event at a time", exc)
                 async with conn.transaction():
-                    result = await self._batch(conn, careful=True)
+                    result = await self._batch(conn, careful=True, one_by_one=True)
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 raise
             except Exception as exc:
@@ -483,7 +483,9 @@ class Matcher:
     def _params(self, ids: list[int]) -> dict[str, Any]:
         return {"ids": ids, "queue": self.settings.queue_name, "max_depth": self.settings.max_depth}
 
-    async def _batch(self, conn: psycopg.AsyncConnection[Any], careful: bool) -> BatchResult:
+    async def _batch(
+        self, conn: psycopg.AsyncConnection[Any], careful: bool, one_by_one: bool = False
+    ) -> BatchResult:
         ids = await self._claim(conn)
         if not ids:
             return BatchResult()
@@ -491,6 +493,8 @@ class Matcher:
         if self.plan.statement is None:
             await conn.execute(_q("mark_processed"), {"ids": ids, "error": None})
             return BatchResult(claimed=len(ids))
+        if one_by_one:  # the batch timed out whole: do not wait for that a second time
+            return await self._batch_slowly(conn, ids)
         if not careful:
             enrolled = await (await conn.execute(self.plan.statement, self._params(ids))).fetchall()
             await self._start(conn, enrolled, careful=False)
