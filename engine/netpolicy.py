@@ -2,9 +2,11 @@
 
 With ``CRMFLOW_HTTP_ALLOWED_HOSTS`` set, only those hosts (``api.example.com``, or
 ``.example.com`` for a domain and its subdomains) are reachable, whatever their
-addresses. Without it, any host whose every address is public is; private, loopback,
-link-local, multicast and reserved addresses are refused unless
-``CRMFLOW_HTTP_ALLOW_PRIVATE`` is true. Redirects are not followed.
+addresses. Without it, any host whose every address is public is: every range of the
+IANA special-purpose address registries (IPv4 and IPv6; private, loopback, link-local,
+documentation, benchmarking, shared, reserved...), multicast, IPv6 outside global unicast,
+and IPv6 addresses that embed a refused IPv4 address (IPv4-mapped, NAT64, 6to4) are
+refused unless ``CRMFLOW_HTTP_ALLOW_PRIVATE`` is true. Redirects are not followed.
 
 Checking a name's addresses before the request is not enough on its own: the name
 can resolve to another address when the connection is made (DNS rebinding). So the
@@ -45,18 +47,94 @@ def host_listed(host: str, allowed: list[str]) -> bool:
     return False
 
 
+# Addresses outgoing HTTP may not reach unless allowed explicitly. The complete IANA
+# registries, as of 2025:
+# - "IANA IPv4 Special-Purpose Address Registry" (RFC 6890 and its updates), every row,
+#   and 224.0.0.0/4 (multicast, "IPv4 Multicast Address Space Registry");
+# - "IANA IPv6 Special-Purpose Address Registry", every row, and from the "IPv6 Address
+#   Space" registry everything outside 2000::/3 (global unicast): loopback, IPv4-compatible,
+#   fc00::/7, fe80::/10, the deprecated site-local fec0::/10, multicast ff00::/8, and the
+#   blocks reserved by the IETF.
+# Rows the registries mark "globally reachable" (anycast services such as PCP, TURN, AS112,
+# AMT, ORCHIDv2) are refused too: none of them is a webhook endpoint. The three IPv6 forms
+# that reach an IPv4 address are judged by that address: IPv4-mapped ::ffff:0:0/96 (the
+# socket connects over IPv4), the NAT64 well-known prefix 64:ff9b::/96 (RFC 6052) and
+# 6to4 2002::/16 (RFC 3056, the IPv4 address in bits 16-47). The local-use NAT64 prefix
+# 64:ff9b:1::/48 (RFC 8215) is refused whatever it embeds: where the IPv4 address sits in
+# it is the local network's choice, and it is not globally reachable. Teredo 2001::/32 is
+# refused (inside 2001::/23).
+_SPECIAL_IPV4 = [
+    ("0.0.0.0/8", '"this network" (RFC 791); 0.0.0.0/32 "this host"'),
+    ("10.0.0.0/8", "private use (RFC 1918)"),
+    ("100.64.0.0/10", "shared address space, carrier-grade NAT (RFC 6598)"),
+    ("127.0.0.0/8", "loopback (RFC 1122)"),
+    ("169.254.0.0/16", "link local (RFC 3927), cloud metadata"),
+    ("172.16.0.0/12", "private use (RFC 1918)"),
+    ("192.0.0.0/24", "IETF protocol assignments (RFC 6890)"),
+    # inside 192.0.0.0/24: 192.0.0.0/29 IPv4 service continuity (RFC 7335), 192.0.0.8/32
+    # IPv4 dummy address (RFC 7600), 192.0.0.9/32 PCP anycast (RFC 7723), 192.0.0.10/32
+    # TURN anycast (RFC 8155), 192.0.0.170-171/32 NAT64/DNS64 discovery (RFC 7050)
+    ("192.0.2.0/24", "documentation, TEST-NET-1 (RFC 5737)"),
+    ("192.31.196.0/24", "AS112-v4 (RFC 7535)"),
+    ("192.52.193.0/24", "AMT (RFC 7450)"),
+    ("192.88.99.0/24", "deprecated 6to4 relay anycast (RFC 7526)"),
+    ("192.168.0.0/16", "private use (RFC 1918)"),
+    ("192.175.48.0/24", "direct delegation AS112 service (RFC 7534)"),
+    ("198.18.0.0/15", "benchmarking (RFC 2544)"),
+    ("198.51.100.0/24", "documentation, TEST-NET-2 (RFC 5737)"),
+    ("203.0.113.0/24", "documentation, TEST-NET-3 (RFC 5737)"),
+    ("224.0.0.0/4", "multicast (RFC 5771)"),
+    ("240.0.0.0/4", "reserved (RFC 1112)"),
+    ("255.255.255.255/32", "limited broadcast (RFC 919)"),
+]
+_SPECIAL_IPV6 = [
+    ("::/128", "unspecified (RFC 4291)"),
+    ("::1/128", "loopback (RFC 4291)"),
+    ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation (RFC 8215)"),
+    ("100::/64", "discard-only (RFC 6666)"),
+    ("100:0:0:1::/64", "dummy IPv6 prefix (RFC 9780)"),
+    ("2001::/23", "IETF protocol assignments (RFC 2928)"),
+    # inside 2001::/23: 2001::/32 Teredo (RFC 4380), 2001:1::1-3/128 PCP, TURN and
+    # DNS-SD SRP anycast, 2001:2::/48 benchmarking (RFC 5180), 2001:3::/32 AMT,
+    # 2001:4:112::/48 AS112-v6, 2001:10::/28 deprecated ORCHID (RFC 4843), 2001:20::/28
+    # ORCHIDv2 (RFC 7343), 2001:30::/28 drone remote ID DETs (RFC 9374)
+    ("2001:db8::/32", "documentation (RFC 3849)"),
+    ("2620:4f:8000::/48", "direct delegation AS112 service (RFC 7534)"),
+    ("3fff::/20", "documentation (RFC 9637)"),
+    ("5f00::/16", "segment routing SIDs (RFC 9602)"),
+    ("fc00::/7", "unique local (RFC 4193)"),
+    ("fe80::/10", "link-local unicast (RFC 4291)"),
+    ("fec0::/10", "deprecated site-local (RFC 3879)"),
+    ("ff00::/8", "multicast (RFC 4291)"),
+]
+_REFUSED_V4 = [ipaddress.IPv4Network(net) for net, _ in _SPECIAL_IPV4]
+_REFUSED_V6 = [ipaddress.IPv6Network(net) for net, _ in _SPECIAL_IPV6]
+_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address reaches: IPv4-mapped, NAT64 (64:ff9b::/96) or
+    6to4 (2002::/16); None for any other address."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    return None
+
+
 def _public(address: str) -> bool:
+    """Whether an address is outside every special-purpose range above (after unwrapping
+    an IPv4 address embedded in an IPv6 one)."""
     ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-    )
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is None:
+            return ip in _GLOBAL_UNICAST and not any(ip in net for net in _REFUSED_V6)
+        ip = embedded
+    return not any(ip in net for net in _REFUSED_V4)
 
 
 def check_url_shape(url: str) -> str:
