@@ -23,16 +23,44 @@
 -- engine/capture.py calls crmflow.install_capture and crmflow.heal_capture.
 
 -- name: install
--- The depth and actor of the current write, set by the engine with set_config(..., true)
--- in an action's transaction. People's writes have depth 0 and the session user as actor.
+-- The write context: the depth and actor of the current write. The engine sets them
+-- before its actions' writes with crmflow.set_write_context, which signs them for the
+-- current transaction; capture trusts them only with a valid signature. A CRM session
+-- that sets crmflow.depth or crmflow.actor itself is ignored: its writes have depth 0
+-- and the session user as actor, like all people's writes.
+CREATE OR REPLACE FUNCTION crmflow.write_context_signed() RETURNS boolean
+    LANGUAGE sql VOLATILE AS $$
+    SELECT coalesce(current_setting('crmflow.context_sig', true) =
+                    md5(k.secret || ':' || pg_current_xact_id()::text || ':'
+                        || current_setting('crmflow.depth', true) || ':'
+                        || current_setting('crmflow.actor', true)), false)
+      FROM crmflow.write_context_key AS k
+$$;
+
+CREATE OR REPLACE FUNCTION crmflow.set_write_context(depth integer, actor text) RETURNS void
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT set_config('crmflow.depth', depth::text, true),
+           set_config('crmflow.actor', actor, true),
+           set_config('crmflow.context_sig',
+                      md5(k.secret || ':' || pg_current_xact_id()::text || ':'
+                          || depth::text || ':' || actor), true)
+      FROM crmflow.write_context_key AS k
+$$;
+-- Only crmflow's roles (the runtime role gets EXECUTE on crmflow's functions).
+REVOKE EXECUTE ON FUNCTION crmflow.set_write_context(integer, text) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION crmflow.current_depth() RETURNS integer
-    LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT coalesce(nullif(current_setting('crmflow.depth', true), '')::integer, 0)
+    LANGUAGE sql VOLATILE AS $$
+    SELECT CASE WHEN coalesce(current_setting('crmflow.depth', true), '') = '' THEN 0
+                WHEN crmflow.write_context_signed() THEN current_setting('crmflow.depth')::integer
+                ELSE 0 END
 $$;
 
 CREATE OR REPLACE FUNCTION crmflow.current_actor() RETURNS text
-    LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT coalesce(nullif(current_setting('crmflow.actor', true), ''), session_user::text)
+    LANGUAGE sql VOLATILE AS $$
+    SELECT CASE WHEN coalesce(current_setting('crmflow.actor', true), '') <> ''
+                 AND crmflow.write_context_signed() THEN current_setting('crmflow.actor')
+                ELSE session_user::text END
 $$;
 
 -- The wake-up hint. NOTIFY takes a cluster-wide lock at commit that serialises
@@ -83,14 +111,18 @@ CREATE OR REPLACE FUNCTION crmflow.generate_capture(entity text, key_columns tex
     RETURNS void LANGUAGE plpgsql AS $generate$
 DECLARE
     key_expr text;
-    depth_expr constant text :=
-        '(SELECT coalesce(nullif(current_setting(''crmflow.depth'', true), '''')::integer, 0))';
-    actor_expr constant text :=
-        '(SELECT coalesce(nullif(current_setting(''crmflow.actor'', true), ''''), session_user::text))';
+    -- Once per statement (uncorrelated sub-selects); the signature is only checked when
+    -- a context is set at all, so people's writes pay two current_setting calls.
+    depth_expr constant text := '(SELECT crmflow.current_depth())';
+    actor_expr constant text := '(SELECT crmflow.current_actor())';
     wake constant text :=
         'IF (SELECT listening FROM crmflow.matcher_state) THEN '
         'PERFORM pg_notify(''crmflow_outbox'', ''''); END IF; RETURN NULL;';
     rows_json constant text := '(SELECT to_jsonb(t.*) AS j FROM %s AS t OFFSET 0) AS r';
+    -- They run as crmflow's owner, so the CRM's role needs no privilege on crmflow's
+    -- tables (and cannot write the outbox itself: events cannot be forged); the search
+    -- path is pinned so a writer's own search_path cannot redirect what they call.
+    definer constant text := 'SECURITY DEFINER SET search_path = pg_catalog, pg_temp';
     body text;
 BEGIN
     IF entity !~ '^[a-z_][a-z0-9_]{0,62}$' THEN
@@ -113,14 +145,14 @@ BEGIN
         'SELECT %L, ''insert'', %s, r.j, %s, %s FROM %s; %s END',
         entity, key_expr, depth_expr, actor_expr, format(rows_json, 'new_rows'), wake);
     EXECUTE format('CREATE OR REPLACE FUNCTION crmflow.%I() RETURNS trigger '
-                   'LANGUAGE plpgsql AS %L', 'tg_' || entity || '__insert', body);
+                   'LANGUAGE plpgsql %s AS %L', 'tg_' || entity || '__insert', definer, body);
 
     body := format(
         'BEGIN INSERT INTO crmflow.outbox (entity_type, op, pk, old_row, depth, actor) '
         'SELECT %L, ''delete'', %s, r.j, %s, %s FROM %s; %s END',
         entity, key_expr, depth_expr, actor_expr, format(rows_json, 'old_rows'), wake);
     EXECUTE format('CREATE OR REPLACE FUNCTION crmflow.%I() RETURNS trigger '
-                   'LANGUAGE plpgsql AS %L', 'tg_' || entity || '__delete', body);
+                   'LANGUAGE plpgsql %s AS %L', 'tg_' || entity || '__delete', definer, body);
 
     -- Rows are paired old/new by primary key. Which columns changed is left to readers
 -- (crmflow.changed_columns): that diff was half the writer's cost on wide tables. A row whose key itself changed has no
@@ -146,8 +178,8 @@ BEGIN
     -- Pairing sorts or hashes whole captured rows: with the default 4 MB a 1,000-row
     -- update of a 500-column table spilled three sorts to disk (20 MB each).
     EXECUTE format('CREATE OR REPLACE FUNCTION crmflow.%I() RETURNS trigger '
-                   'LANGUAGE plpgsql SET work_mem = ''64MB'' AS %L',
-                   'tg_' || entity || '__update', body);
+                   'LANGUAGE plpgsql %s SET work_mem = ''64MB'' AS %L',
+                   'tg_' || entity || '__update', definer, body);
 
 END
 $generate$;

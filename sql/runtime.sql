@@ -140,8 +140,9 @@ SELECT CAST(n.{field} AS timestamptz) + make_interval(secs => %(offset)s) AS at
   FROM jsonb_populate_record(NULL::{table}, %(row)s::jsonb) AS n;
 
 -- name: set_write_context
--- Writes made by an action carry the execution's depth and say who made them.
-SELECT set_config('crmflow.depth', %(depth)s, true), set_config('crmflow.actor', %(actor)s, true);
+-- Writes made by an action carry the execution's depth and say who made them, signed
+-- for this transaction (sql/capture.sql: capture trusts only a signed context).
+SELECT crmflow.set_write_context(%(depth)s::integer, %(actor)s);
 
 -- name: cancel_execution
 UPDATE crmflow.executions

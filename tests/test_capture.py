@@ -108,16 +108,46 @@ async def test_bulk_insert_is_one_statement_many_events(conn: psycopg.AsyncConne
     assert await value(conn, "SELECT count(DISTINCT txid) FROM crmflow.outbox") == 1
 
 
-async def test_depth_and_actor_come_from_the_session(conn: psycopg.AsyncConnection[Any]) -> None:
+async def test_depth_and_actor_come_from_the_engine(conn: psycopg.AsyncConnection[Any]) -> None:
     await capture.watch(conn, "leads")
     async with conn.transaction():
-        await conn.execute(
-            "SELECT set_config('crmflow.depth', '3', true), "
-            "set_config('crmflow.actor', 'crmflow:execution:9', true)"
-        )
+        await conn.execute("SELECT crmflow.set_write_context(3, 'crmflow:execution:9')")
         await conn.execute("INSERT INTO leads (name) VALUES ('from an action')")
+        await conn.execute("UPDATE leads SET name = 'again'")
+    events = await outbox(conn)
+    assert [(e["depth"], e["actor"]) for e in events] == [(3, "crmflow:execution:9")] * 2
+    await conn.execute("DELETE FROM crmflow.outbox")
+    # The context is signed for its transaction: it is gone after it.
+    await conn.execute("INSERT INTO leads (name) VALUES ('a person')")
     [event] = await outbox(conn)
-    assert event["depth"] == 3 and event["actor"] == "crmflow:execution:9"
+    assert (event["depth"], event["actor"]) == (0, "postgres")
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "SELECT set_config('crmflow.depth', '99', true)",
+        "SELECT set_config('crmflow.depth', 'not a number', true)",
+        "SELECT set_config('crmflow.actor', 'crmflow:execution:1', true)",
+        # a signature copied from another transaction does not carry over
+        "SELECT set_config('crmflow.depth', '4', true), set_config('crmflow.actor', 'x', true),"
+        " set_config('crmflow.context_sig', %(sig)s, true)",
+    ],
+)
+async def test_a_session_cannot_set_its_own_write_context(
+    conn: psycopg.AsyncConnection[Any], forged: str
+) -> None:
+    """SET crmflow.depth = '99' used to opt a writer's events out of automation ("loop
+    stopped"); a forged actor passed them off as the engine's."""
+    await capture.watch(conn, "leads")
+    async with conn.transaction():
+        await conn.execute("SELECT crmflow.set_write_context(4, 'x')")
+        sig = await value(conn, "SELECT current_setting('crmflow.context_sig')")
+    async with conn.transaction():
+        await conn.execute(forged, {"sig": sig})
+        await conn.execute("INSERT INTO leads (name) VALUES ('forged')")
+    [event] = await outbox(conn)
+    assert (event["depth"], event["actor"]) == (0, "postgres")
 
 
 async def _notifications(db_url: str, writes: int, listening: bool) -> int:

@@ -134,11 +134,10 @@ async def test_runtime_role_runs_worker_and_api_without_ddl(
     caplog.set_level(logging.DEBUG, logger="engine.matcher")
     runtime_url = url_as(server_url, owned_db, "crmflow_runtime")
     app_url = url_as(server_url, owned_db, "crm_app")
-    settings = Settings(
+    settings = Settings(  # the default path: immediate steps inline, in the matcher
         database_url=runtime_url,
         matcher_poll_interval=0.05,
         heartbeat_interval=0.5,
-        inline_steps=False,
     )
 
     async with await db.connect(runtime_url, autocommit=True) as conn:
@@ -217,6 +216,13 @@ async def test_runtime_role_runs_worker_and_api_without_ddl(
         assert tasks == [{"n": 120, "t": "Call Lead 1"}]
         failed = await fetch(conn, "SELECT * FROM crmflow.execution_steps WHERE error IS NOT NULL")
         assert failed == []
+        # The engine's own writes carry its signed context: depth 1, the execution as actor.
+        updates = await fetch(
+            conn,
+            "SELECT DISTINCT depth, actor LIKE 'crmflow:execution%%' AS engine FROM crmflow.outbox"
+            " WHERE op = 'update'",
+        )
+        assert updates == [{"depth": 1, "engine": True}]
 
     # The burst of 120 events asked for a statistics refresh, which this role may not do.
     assert any("not refreshing the queue tables' statistics" in r.message for r in caplog.records)
@@ -230,17 +236,24 @@ async def test_app_role_writes_are_captured_but_it_reads_nothing_else(
     async with await db.connect(owner_url, autocommit=True) as owner:
         async with await db.connect(app_url, autocommit=True) as app:
             await app.execute("INSERT INTO leads (name) VALUES ('Captured')")
-            await app.execute("UPDATE leads SET score = 5 WHERE name = 'Captured'")
+            async with app.transaction():  # a writer cannot opt out of automation
+                await app.execute("SELECT set_config('crmflow.depth', '99', true)")
+                await app.execute("UPDATE leads SET score = 5 WHERE name = 'Captured'")
             for forbidden in (
                 "SELECT * FROM crmflow.outbox",
                 "SELECT * FROM crmflow.workflows",
                 "DELETE FROM crmflow.outbox",
                 "SELECT * FROM crmflow.api_keys",
+                # forging an event for a row that does not exist, as the engine
+                "INSERT INTO crmflow.outbox (entity_type, op, pk, actor)"
+                " VALUES ('lead', 'insert', '{\"id\": 999}', 'crmflow:execution:1')",
+                "SELECT crmflow.set_write_context(1, 'crmflow:execution:1')",
+                "SELECT * FROM crmflow.write_context_key",
             ):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     await app.execute(forbidden)
-        events = await fetch(owner, "SELECT op, actor FROM crmflow.outbox ORDER BY id")
+        events = await fetch(owner, "SELECT op, actor, depth FROM crmflow.outbox ORDER BY id")
         assert events == [
-            {"op": "insert", "actor": owned_db["crm_app"]},
-            {"op": "update", "actor": owned_db["crm_app"]},
+            {"op": "insert", "actor": owned_db["crm_app"], "depth": 0},
+            {"op": "update", "actor": owned_db["crm_app"], "depth": 0},
         ]

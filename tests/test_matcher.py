@@ -164,7 +164,7 @@ async def test_loops_stop_at_the_depth_limit(
 ) -> None:
     await apply(crm, SEED_QUALIFY)
     async with crm.transaction():
-        await crm.execute("SELECT set_config('crmflow.depth', '5', true)")
+        await crm.execute("SELECT crmflow.set_write_context(5, 'crmflow:execution:1')")
         await crm.execute("INSERT INTO leads (name, source) VALUES ('deep', 'website_form')")
     await matcher.drain()
     [row] = await executions(crm)
