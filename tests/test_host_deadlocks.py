@@ -184,9 +184,13 @@ async def test_writers_never_deadlock_with_inline_steps(
     await setup_crm(crm)
     await apply(crm, LEAD_SCORE)
     await apply(crm, DEAL_AMOUNT)
+    from engine import metrics
+
+    before = metrics.INLINE_FALLBACKS._value.get()
     async with running_worker(db_url, settings=settings, concurrency=4):
         run = await asyncio.to_thread(run_writers, db_url, 10, 5.0)
         figures = await check_every_execution_ran_once(crm)
+    figures["to_the_queue"] = int(metrics.INLINE_FALLBACKS._value.get() - before)
     print(f"\nwriters: {run.commits} commits, {len(run.errors)} errors; {figures}")
     assert run.errors == []
     assert run.commits > 0
