@@ -20,7 +20,7 @@ from psycopg_pool import PoolTimeout
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import apikeys, dryrun, events, executions, workflows
+from engine import apikeys, db, dryrun, events, executions, workflows
 from engine.model import DefinitionError, format_loc
 from engine.scheduler import NotRunnable
 
@@ -228,6 +228,11 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(503, "the database is unavailable; try again shortly")
 
 
+async def _busy(request: Request, exc: Exception) -> JSONResponse:
+    """A lock stayed taken through every retry (engine.db.retry_lock_timeouts)."""
+    return problem_response(503, str(exc), headers={"Retry-After": "5"})
+
+
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(500, "an internal error occurred; it has been logged")
@@ -249,6 +254,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(workflows.NameTaken, _conflict)
     app.add_exception_handler(NotRunnable, _conflict)
     app.add_exception_handler(psycopg.DataError, _bad_value)
+    app.add_exception_handler(db.Busy, _busy)
     app.add_exception_handler(PoolTimeout, _unavailable)
     app.add_exception_handler(psycopg.OperationalError, _unavailable)
     app.add_exception_handler(Exception, _internal)

@@ -1,7 +1,8 @@
-"""No engine session can stop the others for long (docs/design.md, "The host comes first"): statement, lock and
-idle-in-transaction timeouts on every engine connection, a matcher that never waits
-for the ``crmflow.matcher_state`` row, workflow saves that retry a lock timeout, and
-conflicts (deadlocks, lock timeouts) retried by the matcher as such."""
+"""No engine session can stop the others for long (docs/design.md, "The host comes
+first"): statement, lock and idle-in-transaction timeouts on every engine connection, a
+matcher that never waits for the ``crmflow.matcher_state`` row, workflow saves that
+retry a lock timeout, and conflicts (deadlocks, lock timeouts) retried by the matcher
+as such."""
 
 from __future__ import annotations
 
@@ -141,3 +142,45 @@ async def test_the_matcher_retries_a_deadlock_at_once_and_counts_it(
     assert metrics.MATCHER_CONFLICTS.labels("deadlock")._value.get() == before + 2
     assert "rolled back by a deadlock" in caplog.text
     assert "lost the database" not in caplog.text
+
+
+async def test_post_workflows_waits_out_a_frozen_session(
+    crm: psycopg.AsyncConnection[Any], db_url: str, client: Any
+) -> None:
+    frozen = await db.connect(db_url, Settings(database_url=db_url, idle_in_transaction_timeout=3))
+    await frozen.execute("UPDATE crmflow.matcher_state SET listening = listening")
+    started = time.monotonic()
+    response = await client.post("/workflows", json={**TASK, "status": "active"})
+    assert response.status_code == 201, response.text
+    assert time.monotonic() - started < 8.0
+    await frozen.close()
+
+
+async def test_post_workflows_answers_503_when_the_lock_stays_taken(
+    crm: psycopg.AsyncConnection[Any], db_url: str, api_keys: dict[str, str]
+) -> None:
+    import httpx
+
+    from api.main import create_app
+
+    quick = Settings(database_url=db_url, lock_timeout=0.1)
+    pool = db.create_pool(db_url, quick, min_size=1, max_size=2)
+    await pool.open(wait=True)
+    frozen = await holder(db_url)
+    try:
+        app = create_app(quick, pool=pool)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app),
+                base_url="http://testserver",
+                headers={"Authorization": f"Bearer {api_keys['write']}"},
+            ) as client,
+        ):
+            response = await client.post("/workflows", json={**TASK, "status": "active"})
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "5"
+        assert "lock stayed taken" in response.json()["detail"]
+    finally:
+        await frozen.close()
+        await pool.close()
