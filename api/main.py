@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from psycopg_pool import AsyncConnectionPool
 
-from api import deps, problems
+from api import deps, docs, problems
 from api.live import ExecutionFeed
 from api.middleware import BodySizeLimit
 from api.routes import ROUTERS, ui
@@ -69,8 +69,14 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
         dependencies=[Depends(deps.known_query_only)],
+        # FastAPI's own /docs and /redoc load Swagger UI and ReDoc from a CDN: api.docs
+        # serves /docs from the package instead (or not at all: CRMFLOW_API_DOCS=false).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
+    if settings.api_docs:
+        docs.install(app)
     problems.install(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = 1_000_000
     cors_origins: list[str] = []
     events_hmac_secret: SecretStr | None = None
+    # /docs (Swagger UI), served from the package's own copy of its assets (api/docs.py).
+    api_docs: bool = True
+    # Dashboard sessions (api/routes/ui.py): a login lasts this long ("12h", or seconds).
+    ui_session_ttl: float = Field(43200.0, gt=0)
 
     # Alerts (engine/alerts.py): checked every alert_interval seconds by one worker.
     alert_interval: float = Field(30.0, gt=0)
@@ -112,6 +116,13 @@ class Settings(BaseSettings):
     def _duration(cls, value: object) -> object:
         if value is None or value == "":
             return None
+        from engine.model import parse_duration
+
+        return parse_duration(value)
+
+    @field_validator("ui_session_ttl", mode="before")
+    @classmethod
+    def _session_ttl(cls, value: object) -> object:
         from engine.model import parse_duration
 
         return parse_duration(value)

@@ -435,3 +435,34 @@ def test_executions_notify_once_per_statement(db_url: str) -> None:
         sql_rows(db_url, "UPDATE crmflow.executions SET status = status")
         hints = list(listener.notifies(timeout=1.0))
     assert [(n.channel, n.payload) for n in hints] == [("crmflow_executions", "")] * 2
+
+
+def test_the_api_docs_work_offline(page: Any, settings: Settings) -> None:
+    """Swagger UI renders in Chromium with every request to another host blocked: its
+    assets are served by the app (api/docs.py), not a CDN."""
+    from urllib.parse import urlsplit
+
+    from playwright.sync_api import expect
+
+    api = start_api(settings)
+    own = urlsplit(api.url).netloc
+    elsewhere: list[str] = []
+
+    def only_own_host(route: Any) -> None:
+        url = route.request.url
+        if urlsplit(url).netloc == own or url.startswith("data:"):
+            route.continue_()
+        else:
+            elsewhere.append(url)
+            route.abort()
+
+    try:
+        page.route("**/*", only_own_host)
+        page.goto(api.url + "/docs")
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("crmflow")
+        expect(page.locator(".opblock-tag-section").first).to_be_visible()
+        page.goto(api.url + "/ui/login")
+        expect(page.locator("input[name=key]")).to_be_visible()
+        assert elsewhere == []
+    finally:
+        api.stop()
