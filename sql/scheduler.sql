@@ -68,6 +68,8 @@ SELECT (SELECT count(*) FROM enrolled) AS enrolled,
 
 -- name: enroll_nothing
 -- A scheduled or manual workflow about no entity: one execution per tick or run.
+-- The final SELECT must read "deferred": a plain SELECT CTE that nobody reads is never
+-- evaluated, so its job would never be deferred (the execution stuck in `pending`).
 WITH enrolled AS (
     INSERT INTO crmflow.executions
            (workflow_id, workflow_version_id, workflow_version, enrollment_key, priority,
@@ -85,4 +87,5 @@ WITH enrolled AS (
                  FROM enrolled AS x)) AS job_ids
 )
 SELECT (SELECT count(*) FROM enrolled) AS enrolled,
+       (SELECT coalesce(cardinality(job_ids), 0) FROM deferred) AS deferred,
        (SELECT array_agg(id) FROM enrolled) AS execution_ids;

@@ -17,7 +17,7 @@ from engine import db, workflows
 from engine.config import Settings
 from engine.model import Scheduled
 from engine.scheduler import NotRunnable, Scheduler, next_fire, run_now
-from tests.helpers import apply, fetch, value
+from tests.helpers import apply, fetch, value, wait_executions_settled, wait_until
 
 STALE_DEALS = {
     "name": "Follow up on stale deals",
@@ -209,3 +209,90 @@ async def test_runs_by_hand(crm: psycopg.AsyncConnection[Any], db_url: str) -> N
     )
     with pytest.raises(NotRunnable, match="runs on events"):
         await run_now(crm, on_events)
+
+
+# ─────────────── workflows about no entity run to the end (issue 13, item 7) ───────────────
+
+
+async def test_the_nightly_export_ping_of_the_docs_runs_on_its_tick(
+    crm: psycopg.AsyncConnection[Any], worker: Any, web: Any
+) -> None:
+    """docs/workflows.md's "Nightly export ping" (scheduled, no entity), active, on a
+    real worker: each tick's execution completes and makes its request (the tick used to
+    enroll an execution whose job was never deferred: `pending` forever, one more per
+    tick)."""
+    wf = await apply(
+        crm,
+        {
+            "name": "Nightly export ping",
+            "trigger": {"type": "scheduled", "schedule": "0 2 * * *"},
+            "actions": [
+                {
+                    "type": "http_request",
+                    "url": web.url("/nightly"),
+                    "body": {"at": "{{ now.isoformat() }}"},
+                }
+            ],
+        },
+    )
+
+    async def scheduled() -> bool:
+        n = await value(crm, "SELECT count(*) FROM crmflow.schedules WHERE workflow_id = %s", wf)
+        return bool(n)
+
+    for tick in (1, 2):
+        await wait_until(scheduled)
+        await make_due(crm)
+        rows = await wait_executions_settled(crm, expected=tick, timeout=10)
+        assert [r["status"] for r in rows] == ["completed"] * tick, rows
+        assert all(r["entity_type"] is None and r["error"] is None for r in rows)
+        assert len(web.requests) == tick
+    assert web.requests[0].path == "/nightly" and "at" in web.requests[0].json()
+    steps = await fetch(crm, "SELECT status FROM crmflow.execution_steps ORDER BY id")
+    assert [s["status"] for s in steps] == ["succeeded", "succeeded"]
+
+
+MANUAL_PING = {
+    "name": "Ping",
+    "trigger": {"type": "manual"},
+    "actions": [{"type": "send_notification", "recipient": 1, "message": "{{ input.text }}"}],
+}
+
+
+async def test_a_manual_run_about_no_entity_runs_from_the_cli(
+    crm: psycopg.AsyncConnection[Any], db_url: str, worker: Any
+) -> None:
+    """`crmflow workflow run` of a manual workflow without entity: the execution
+    completes and its notification is there."""
+    await apply(crm, MANUAL_PING)
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "engine.cli", "workflow", "run", "Ping", "--json"),
+            *("--input", '{"text": "hello from the cli"}'),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CRMFLOW_DATABASE_URL": db_url},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    [execution_id] = json.loads(result.stdout)["execution_ids"]
+    [ex] = await wait_executions_settled(crm, expected=1, timeout=10)
+    assert (ex["id"], ex["status"], ex["entity_type"]) == (execution_id, "completed", None)
+    assert await fetch(crm, "SELECT recipient_id, message, entity_type FROM notifications") == [
+        {"recipient_id": 1, "message": "hello from the cli", "entity_type": None}
+    ]
+
+
+async def test_a_manual_run_about_no_entity_runs_from_the_api(
+    crm: psycopg.AsyncConnection[Any], client: Any, worker: Any
+) -> None:
+    """`POST /workflows/{id}/run` of a manual workflow without entity: 202, then the
+    execution completes and its notification is there."""
+    wf = await apply(crm, MANUAL_PING)
+    response = await client.post(f"/workflows/{wf}/run", json={"input": {"text": "via api"}})
+    assert response.status_code == 202, response.text
+    [execution_id] = response.json()["execution_ids"]
+    [ex] = await wait_executions_settled(crm, expected=1, timeout=10)
+    assert (ex["id"], ex["status"]) == (execution_id, "completed")
+    assert await value(crm, "SELECT message FROM notifications") == "via api"
