@@ -857,6 +857,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for issue in exc.issues:
             err.print(f"[red]error[/] {issue}", highlight=False)
         return 1
+    except psycopg.errors.LockNotAvailable as exc:
+        err.print(
+            f"[red]error[/] a lock stayed taken by another session ({exc}); waits are bounded"
+            " by CRMFLOW_LOCK_TIMEOUT: try again",
+            highlight=False,
+        )
+        return 1
     except psycopg.OperationalError as exc:
         err.print(f"[red]error[/] cannot reach the database: {exc}", highlight=False)
         return 2

@@ -184,3 +184,25 @@ async def test_post_workflows_answers_503_when_the_lock_stays_taken(
     finally:
         await frozen.close()
         await pool.close()
+
+
+def test_watch_behind_a_crm_transaction_gives_up_after_the_lock_timeout(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``crmflow watch`` adds triggers (DDL): behind a CRM transaction on the table it
+    gives up after the lock timeout (it would otherwise queue every writer behind it)."""
+    from engine.cli import main
+    from engine.config import get_settings
+
+    monkeypatch.setenv("CRMFLOW_DATABASE_URL", db_url)
+    monkeypatch.setenv("CRMFLOW_LOCK_TIMEOUT", "0.2")
+    get_settings.cache_clear()
+    try:
+        with psycopg.connect(db_url) as app:
+            app.execute("UPDATE leads SET name = name")  # an open CRM transaction on leads
+            assert main(["watch", "leads"]) == 1
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert "cannot capture public.leads: canceling statement due to lock timeout" in err
+    assert "cannot reach the database" not in err
