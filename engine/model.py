@@ -16,6 +16,7 @@ Every error names the path of the offending part, e.g. ``conditions[1].operator`
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -410,8 +411,41 @@ class Limits(_Strict):
         return self
 
 
+# ───────────────────────────── names ─────────────────────────────
+
+MAX_NAME_LENGTH = 200
+# Control (Cc), format (Cf: zero-width spaces and joiners, bidi overrides, soft hyphen,
+# BOM), surrogate (Cs) and line/paragraph separator (Zl, Zp) characters: invisible or
+# layout-changing, they would let two names that look the same be two workflows.
+_REFUSED_NAME_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+
+
+def normalise_name(value: str) -> str:
+    """A workflow name in its one canonical form (NFKC: fullwidth letters, ligatures and
+    compatibility spaces become their plain forms), so that names that read the same are
+    the same name; ``ValueError`` for an invisible or control character, surrounding
+    whitespace, or more than 200 characters once normalised."""
+    for position, char in enumerate(value):
+        if unicodedata.category(char) in _REFUSED_NAME_CATEGORIES:
+            label = unicodedata.name(char, "a control character")
+            raise ValueError(
+                f"contains an invisible or control character, U+{ord(char):04X} ({label}), "
+                f"at position {position}: remove it (it would make a lookalike of another name)"
+            )
+    normalised = unicodedata.normalize("NFKC", value)
+    if normalised != normalised.strip():
+        raise ValueError("begins or ends with whitespace: remove it")
+    if len(normalised) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"is {len(normalised)} characters once normalised (NFKC); at most {MAX_NAME_LENGTH}"
+        )
+    if any(unicodedata.category(c) in _REFUSED_NAME_CATEGORIES for c in normalised):
+        raise ValueError("contains an invisible or control character once normalised (NFKC)")
+    return normalised
+
+
 class WorkflowDefinition(_Strict):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
     description: str | None = Field(None, max_length=5000)
     trigger: Any
     conditions: Any = Field(default_factory=list)
@@ -421,6 +455,11 @@ class WorkflowDefinition(_Strict):
     environment: str = Field("production", pattern=r"^[A-Za-z0-9_-]{1,50}$")
     limits: Limits = Field(default_factory=Limits)
     edge_triggered: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return normalise_name(v)
 
     # Filled by parse_definition from the raw JSON.
     _trigger: Trigger

@@ -38,6 +38,7 @@ from engine.model import (
     Issue,
     Scheduled,
     WorkflowDefinition,
+    normalise_name,
     parse_definition,
     step_ids,
 )
@@ -203,7 +204,8 @@ async def compile_workflow(conn: psycopg.AsyncConnection[Any], raw: Any) -> Comp
     predicate_text = predicate.as_string(conn)
     await _check_in_database(conn, compiler, entity, predicate_text)
 
-    stored = {k: v for k, v in raw.items() if k != "status"}
+    # The name as normalised (NFKC), so the definition and the workflow agree.
+    stored = {k: wf.name if k == "name" else v for k, v in raw.items() if k != "status"}
     return CompiledWorkflow(wf, stored, predicate_text, entity, definition_hash(stored))
 
 
@@ -473,7 +475,11 @@ async def find_workflow(conn: psycopg.AsyncConnection[Any], ref: str) -> dict[st
     """A workflow by id or by name (the CLI accepts either)."""
     if ref.isdigit():
         return await get_workflow(conn, int(ref))
-    row = await (await conn.execute(db.query("get_workflow_by_name"), {"name": ref})).fetchone()
+    try:
+        name = normalise_name(ref)
+    except ValueError:
+        raise WorkflowNotFound(ref) from None
+    row = await (await conn.execute(db.query("get_workflow_by_name"), {"name": name})).fetchone()
     if row is None:
         raise WorkflowNotFound(ref)
     return row
