@@ -111,6 +111,12 @@ WITH batch AS (
       FROM matched AS mt
       JOIN batch AS ev ON ev.id = mt.event_id
       JOIN crmflow.workflow_versions AS v ON v.id = mt.version_id
+      JOIN crmflow.workflows AS w ON w.id = v.workflow_id
+     -- Undo writes of on_failure: compensate (engine/runtime.py) put back what an
+     -- execution changed: captured, but they enroll nothing (docs/semantics.md).
+     WHERE (ev.actor IS NULL OR NOT starts_with(ev.actor, 'crmflow:compensation:'))
+       -- A workflow fires for writes committed after it was activated (migration 0015).
+       AND (w.active_since IS NULL OR NOT pg_visible_in_snapshot(ev.txid, w.active_since))
 ), enrollable AS (
     -- Re-enrollment policy: "never" enrolls an entity once per workflow, "after"
     -- once per interval; within the batch the earliest event wins.

@@ -78,6 +78,36 @@ async def test_paused_and_new_versions(crm: psycopg.AsyncConnection[Any], matche
     assert [(r["entity_pk"], r["workflow_version"]) for r in rows] == [({"id": 2}, 2)]
 
 
+async def test_a_workflow_fires_for_writes_committed_after_its_activation(
+    crm: psycopg.AsyncConnection[Any], matcher: Matcher, db_url: str
+) -> None:
+    """Events still pending when a workflow is created or re-activated do not enroll it
+    if their writes had committed before (backfill is the explicit way to run it over
+    those rows); a write in flight at the activation, committed after it, does."""
+    await crm.execute("INSERT INTO leads (name, source) VALUES ('before', 'website_form')")
+    async with await psycopg.AsyncConnection.connect(db_url) as in_flight:
+        await in_flight.execute(
+            "INSERT INTO leads (name, source) VALUES ('in flight', 'website_form')"
+        )
+        wf = await apply(crm, SEED_QUALIFY)  # the first write is still unmatched
+        await in_flight.commit()
+    await crm.execute("INSERT INTO leads (name, source) VALUES ('after', 'website_form')")
+    await matcher.drain()
+    names = await fetch(
+        crm,
+        "SELECT l.name FROM crmflow.executions AS x"
+        " JOIN leads AS l ON l.id = (x.entity_pk ->> 'id')::int ORDER BY x.id",
+    )
+    assert [r["name"] for r in names] == ["in flight", "after"]
+    # Paused, written, activated again: the writes made while paused do not fire.
+    await workflows.set_status(crm, wf, "paused")
+    await crm.execute("INSERT INTO leads (name, source) VALUES ('paused', 'website_form')")
+    await workflows.set_status(crm, wf, "active")
+    await crm.execute("INSERT INTO leads (name, source) VALUES ('active again', 'website_form')")
+    await matcher.drain()
+    assert len(await executions(crm)) == 3
+
+
 async def test_transitions_edges_and_deletes(
     crm: psycopg.AsyncConnection[Any], matcher: Matcher
 ) -> None:
