@@ -654,12 +654,18 @@ class Runner:
     def _timeout(self, step: Step) -> float:
         return float(step.timeout or self.settings.default_step_timeout)
 
-    async def _write_context(self, conn: psycopg.AsyncConnection[Any], ctx: StepContext) -> None:
+    async def _write_context(
+        self, conn: psycopg.AsyncConnection[Any], ctx: StepContext, *, undo: bool = False
+    ) -> None:
+        """Sign the depth and actor of the action's writes. The undo writes of
+        compensation say so (``crmflow:compensation:<id>``): the matcher captures them
+        but enrolls nothing on them, so an undo cannot trigger its own workflow again."""
+        kind = "compensation" if undo else "execution"
         await conn.execute(
             _q("set_write_context"),
             {
                 "depth": str(int(ctx.execution["depth"]) + 1),
-                "actor": f"crmflow:execution:{ctx.execution_id}",
+                "actor": f"crmflow:{kind}:{ctx.execution_id}",
             },
         )
 
@@ -885,7 +891,7 @@ class Runner:
                 error = None
                 try:
                     async with conn.transaction():
-                        await self._write_context(conn, ctx)
+                        await self._write_context(conn, ctx, undo=True)
                         await action.compensate(
                             ctx, action.parse(step.params), rows[sid]["result"] or {}
                         )

@@ -469,3 +469,63 @@ async def test_delay_until_a_date_field(
     scheduled = steps["create_task_1"]["scheduled_at"]
     expected = await value(crm, "SELECT (current_date + 9)::timestamptz")
     assert steps["create_task_1"]["status"] == "scheduled" and scheduled == expected
+
+
+async def test_compensation_does_not_re_trigger_its_own_workflow(
+    crm: psycopg.AsyncConnection[Any], worker: Worker
+) -> None:
+    """A failure with on_failure compensate gives one failed execution (issue 13, item 8).
+    The undo puts the trigger field back ("working" → "contacted"), a change the
+    workflow's trigger matches; it used to enroll the workflow again, which failed and
+    compensated again, to the depth limit, repeating every step before the failure."""
+    await apply(
+        crm,
+        {
+            "name": "Work contacted leads",
+            "trigger": {
+                "type": "field_updated",
+                "entity_type": "lead",
+                "field": "status",
+                "to": "contacted",
+            },
+            "actions": [
+                {"type": "test_sleep", "label": "call made", "seconds": 0},
+                {"type": "update_field", "field": "status", "value": "working"},
+                {
+                    "type": "update_field",
+                    "field": "score",
+                    "value": "{{ entity.name }}",
+                    "retry": 1,
+                    "on_failure": "compensate",
+                },
+            ],
+        },
+    )
+    await crm.execute("INSERT INTO leads (name) VALUES ('zed')")
+    await crm.execute("UPDATE leads SET status = 'contacted'")
+
+    async def drained() -> bool:
+        return not await value(
+            crm, "SELECT count(*) FROM crmflow.outbox WHERE processed_at IS NULL"
+        )
+
+    await wait_executions_settled(crm, expected=1)
+    await wait_until(drained)
+    await asyncio.sleep(3 * worker.settings.matcher_poll_interval + 0.5)
+    await wait_until(drained)
+    executions = await wait_executions_settled(crm)
+    assert [(x["status"], x["depth"]) for x in executions] == [("failed", 0)], executions
+    [ex] = executions
+    assert "step update_field_2 failed" in ex["error"], ex
+    steps = await steps_of(crm, ex["id"])
+    # test_sleep has no undo; the status is put back.
+    assert [s["status"] for s in steps.values()] == ["succeeded", "compensated", "failed"]
+    assert await value(crm, "SELECT status FROM leads") == "contacted"
+    assert [r["label"] for r in await trace(crm)] == ["call made"]  # done once
+    # The undo is captured (history), says who made it, and enrolled nothing.
+    undo = await fetch(
+        crm,
+        "SELECT actor, depth, matched FROM crmflow.outbox WHERE new_row->>'status' = 'contacted'"
+        " AND old_row->>'status' = 'working'",
+    )
+    assert undo == [{"actor": f"crmflow:compensation:{ex['id']}", "depth": 1, "matched": 0}]
