@@ -4,6 +4,10 @@ A key reads ``cf_<prefix>_<secret>``. The prefix (12 hex digits) is stored as is
 finds the key; the secret is stored only as its SHA-256 and compared in constant time.
 The whole key is shown once, when it is created. Scopes are ordered: a ``write`` key
 may read, an ``admin`` key may do everything.
+
+Dashboard sessions (``crmflow.ui_sessions``, migration 0016): logging in at ``/ui`` with a
+key makes a random token, stored as its SHA-256 with the key's id and an expiry; the
+browser's cookie holds the token, never the key. Revoking the key ends its sessions.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ _RANK = {scope: rank for rank, scope in enumerate(SCOPES)}
 KEY_RE = re.compile(r"^cf_([0-9a-f]{12})_([A-Za-z0-9_-]{32,128})$")
 # Compared against when no key has the presented prefix, so a miss costs a comparison too.
 _NO_HASH = "0" * 64
+# A session token: secrets.token_urlsafe(32).
+SESSION_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 
 
 class ApiKeyNotFound(LookupError):
@@ -103,3 +109,33 @@ async def revoke(conn: psycopg.AsyncConnection[Any], key_id: int) -> dict[str, A
     if row is None:
         raise ApiKeyNotFound(key_id)
     return row
+
+
+async def create_session(conn: psycopg.AsyncConnection[Any], key_id: int, ttl: float) -> str:
+    """A dashboard session of key ``key_id`` for ``ttl`` seconds; returns its token (the
+    cookie's value: only its SHA-256 is stored)."""
+    token = secrets.token_urlsafe(32)
+    await conn.execute(
+        _q("insert_ui_session"), {"hash": hash_secret(token), "api_key_id": key_id, "ttl": ttl}
+    )
+    return token
+
+
+async def session_key(
+    conn: psycopg.AsyncConnection[Any], token: str, *, touch: bool = True
+) -> dict[str, Any] | None:
+    """The key of the live session ``token`` is, or None (malformed, unknown, logged out,
+    expired, or its key revoked). The key's row, plus ``session_id`` and
+    ``session_expires_at``."""
+    if SESSION_TOKEN_RE.fullmatch(token) is None:
+        return None
+    row = await (await conn.execute(_q("ui_session_key"), {"hash": hash_secret(token)})).fetchone()
+    if row is not None and touch:
+        await conn.execute(_q("touch_api_key"), {"id": row["id"]})
+    return row
+
+
+async def end_session(conn: psycopg.AsyncConnection[Any], token: str) -> None:
+    """Log out: the session ``token`` is deleted (nothing happens if there is none)."""
+    if SESSION_TOKEN_RE.fullmatch(token) is not None:
+        await conn.execute(_q("delete_ui_session"), {"hash": hash_secret(token)})

@@ -217,6 +217,10 @@ def test_dashboard_in_a_browser(page: Any, dashboard: Dashboard) -> None:
     from playwright.sync_api import expect
 
     log_in(page, dash, "write")
+    # The browser holds a session token, not the key (tests/test_ui_sessions.py).
+    [session_cookie] = [c for c in page.context.cookies() if c["name"] == "crmflow_ui"]
+    assert session_cookie["httpOnly"] and session_cookie["sameSite"] == "Strict"
+    assert dash.keys["write"].split("_", 2)[2] not in session_cookie["value"]
     rows = page.locator("#workflows tbody tr")
     expect(rows).to_have_count(2)
     # Higher priority first
@@ -302,11 +306,32 @@ def test_dashboard_in_a_browser(page: Any, dashboard: Dashboard) -> None:
         assert 0 < x <= 560 and 0 < y <= 180
         expect(chart.locator(f"circle.{series}")).to_have_count(1)
 
-    # Logging out ends the session.
+    # Logging out ends the session: on the server too, so a copy of the cookie is dead.
     page.get_by_role("button", name="Log out").click()
     page.wait_for_url(f"{dash.url}/ui/login")
     page.goto(dash.url + "/ui/workflows")
     assert "/ui/login" in page.url
+    assert sql_value(dash.db_url, "SELECT count(*) FROM crmflow.ui_sessions") == 0
+    replayed = httpx.get(
+        dash.url + "/ui/workflows",
+        headers={"Cookie": f"crmflow_ui={session_cookie['value']}"},
+        follow_redirects=False,
+    )
+    assert replayed.status_code == 303 and "/ui/login" in replayed.headers["location"]
+
+
+def test_the_live_list_leaves_when_the_key_is_revoked(page: Any, dashboard: Dashboard) -> None:
+    """An open page's live stream closes within seconds of the key's revocation, and the
+    page goes to the login form."""
+    from playwright.sync_api import expect
+
+    dash = dashboard
+    log_in(page, dash, "read", "/ui/executions")
+    expect(page.locator("#live-state")).to_have_text("live updates: connected")
+    sql_rows(dash.db_url, "UPDATE crmflow.api_keys SET revoked_at = now() WHERE name = 'read key'")
+    started = time.monotonic()
+    page.wait_for_url(f"{dash.url}/ui/login?next=%2Fui%2Fexecutions", timeout=10_000)
+    assert time.monotonic() - started < 6
 
 
 def test_a_read_key_can_look_but_not_pause(page: Any, dashboard: Dashboard) -> None:
@@ -341,7 +366,7 @@ def test_pages_refuse_without_a_valid_login(dashboard: Dashboard) -> None:
         response = client.post("/ui/login", data={"key": dash.keys["write"]}, headers=evil)
         assert response.status_code == 403
 
-        # Logged in: the cookie is HttpOnly and SameSite=Strict.
+        # Logged in: the cookie is HttpOnly and SameSite=Strict, and holds a session.
         response = client.post(
             "/ui/login", data={"key": dash.keys["write"], "next": "//evil.example"}, headers=origin
         )
@@ -373,7 +398,12 @@ def test_streams_share_one_listener_and_do_not_hold_the_server(dashboard: Dashbo
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         " AND application_name = %s"
     )
-    cookies = {"crmflow_ui": dash.keys["read"]}
+    with httpx.Client(base_url=dash.url, follow_redirects=False) as login:
+        response = login.post(
+            "/ui/login", data={"key": dash.keys["read"]}, headers={"Origin": dash.url}
+        )
+        assert response.status_code == 303
+        cookies = {"crmflow_ui": login.cookies["crmflow_ui"]}
     received: list[list[str]] = [[] for _ in range(3)]
 
     def follow(lines: list[str]) -> None:

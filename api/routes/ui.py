@@ -1,16 +1,23 @@
 """The dashboard at ``/ui``: server-rendered pages (Jinja2, ``api/ui/templates``), one CSS
 and one JS file (``api/ui/static``), no external resources.
 
-Login: the form posts an API key; a valid one is kept in an HttpOnly, SameSite=Strict
-cookie (path ``/ui``) and checked again on every request, so a revoked key logs the
-browser out. ``read`` keys can look; pausing, activating and replaying need ``write``.
+Login: the form posts an API key; a valid one opens a server-side session
+(``crmflow.ui_sessions``: a random token stored as its SHA-256, linked to the key,
+expiring after ``CRMFLOW_UI_SESSION_TTL``) and the HttpOnly, SameSite=Strict cookie
+(path ``/ui``) holds the token, never the key: the cookie is no bearer key for the API.
+The session is checked on every request and every few seconds by an open live stream,
+so logging out (the row is deleted) or revoking the key logs the browser out and
+closes its stream. ``read`` keys can look; pausing, activating and replaying need
+``write``.
 POSTs must come from the dashboard's own origin (the Origin header, else Referer):
 with the SameSite cookie, that is the CSRF defence.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
@@ -29,8 +36,9 @@ from fastapi.responses import (
 )
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from psycopg_pool import PoolTimeout
 
-from api.deps import CONNECTION_TIMEOUT, Conn, PoolDep, RunnerDep
+from api.deps import CONNECTION_TIMEOUT, Conn, PoolDep, RunnerDep, SettingsDep
 from api.live import ExecutionFeed
 from api.routes.params import ObjectId
 from api.ui.chart import build_charts
@@ -47,6 +55,9 @@ FAILURES = 100
 LIVE_ROWS = 100
 # A comment line this often keeps proxies from closing a quiet stream.
 KEEPALIVE_SECONDS = 15.0
+# An open stream checks its session again this often (on the feed's next snapshot, which
+# comes at least every 2 s): a logged-out or revoked session's stream closes within seconds.
+SESSION_CHECK_SECONDS = 2.0
 
 templates = Jinja2Templates(directory=UI_DIR / "templates")
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -78,9 +89,11 @@ async def _to_login(request: Request, exc: LoginRequired) -> Response:
     return response
 
 
-async def _cookie_key(request: Request, conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+async def _cookie_key(
+    request: Request, conn: psycopg.AsyncConnection[Any], *, touch: bool = True
+) -> dict[str, Any]:
     presented = request.cookies.get(COOKIE)
-    key = await apikeys.verify(conn, presented) if presented else None
+    key = await apikeys.session_key(conn, presented, touch=touch) if presented else None
     if key is None:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise LoginRequired(path, clear_cookie=presented is not None)
@@ -88,7 +101,7 @@ async def _cookie_key(request: Request, conn: psycopg.AsyncConnection[Any]) -> d
 
 
 async def ui_key(request: Request, conn: Conn) -> dict[str, Any]:
-    """The logged-in browser's API key (from the cookie), checked now."""
+    """The logged-in browser's API key (its session, from the cookie), checked now."""
     return await _cookie_key(request, conn)
 
 
@@ -144,7 +157,7 @@ async def login_form(
 
 
 @router.post("/login")
-async def login(request: Request, conn: Conn) -> Response:
+async def login(request: Request, conn: Conn, settings: SettingsDep) -> Response:
     form = urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace"))
     presented = (form.get("key") or [""])[0].strip()
     next_path = _safe_next((form.get("next") or [None])[0])
@@ -157,10 +170,12 @@ async def login(request: Request, conn: Conn) -> Response:
         )
         response.status_code = 401
         return response
+    token = await apikeys.create_session(conn, key["id"], settings.ui_session_ttl)
     response = RedirectResponse(next_path, status_code=303)
     response.set_cookie(
         COOKIE,
-        presented,
+        token,
+        max_age=int(settings.ui_session_ttl),
         path=COOKIE_PATH,
         httponly=True,
         samesite="strict",
@@ -170,9 +185,12 @@ async def login(request: Request, conn: Conn) -> Response:
 
 
 @router.post("/logout")
-async def logout(request: Request) -> Response:
+async def logout(request: Request, conn: Conn) -> Response:
     if not same_origin(request):
         return _refuse(403, "refused: the request does not come from this dashboard")
+    presented = request.cookies.get(COOKIE)
+    if presented:
+        await apikeys.end_session(conn, presented)
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path=COOKIE_PATH)
     return response
@@ -229,37 +247,53 @@ async def execution_stream(
     floor: Annotated[int, Query(ge=0, description="the oldest execution id shown")] = 0,
 ) -> Response:
     """Server-sent events: one ``execution`` event (the row as JSON) per new or changed
-    execution with an id of at least ``floor``, the newest last."""
-    # The key is checked on a connection given back at once: a stream lasts as long as
-    # the page is open, and must not hold one of the pool's connections meanwhile.
+    execution with an id of at least ``floor``, the newest last; a ``logout`` event, and
+    the end of the stream, once the session is gone (logged out, expired, key revoked)."""
+    # The session is checked on a connection given back at once: a stream lasts as long
+    # as the page is open, and must not hold one of the pool's connections meanwhile.
     async with pool.connection(timeout=CONNECTION_TIMEOUT) as conn:
         await _cookie_key(request, conn)
     feed: ExecutionFeed = request.app.state.execution_feed
+
+    async def session_alive() -> bool:
+        try:
+            async with pool.connection(timeout=CONNECTION_TIMEOUT) as conn:
+                await _cookie_key(request, conn, touch=False)
+        except (LoginRequired, psycopg.Error, PoolTimeout):
+            return False  # gone, or cannot be told: the page reconnects and finds out
+        return True
 
     async def events() -> AsyncIterator[str]:
         yield "retry: 2000\n\n"  # EventSource reconnects after 2 s if the stream breaks
         sent: dict[int, str] = {}
         quiet_since = datetime.now(UTC)
-        async for snapshot in feed.follow():
-            out = []
-            for row in reversed(snapshot):  # oldest first: the page prepends
-                if row["id"] < floor:
-                    continue
-                data = json.dumps(row, default=_json_default)
-                if sent.get(row["id"]) != data:
-                    sent[row["id"]] = data
-                    out.append(f"event: execution\nid: {row['id']}\ndata: {data}\n\n")
-            now = datetime.now(UTC)
-            if out:
-                quiet_since = now
-                yield "".join(out)
-            elif (now - quiet_since).total_seconds() >= KEEPALIVE_SECONDS:
-                quiet_since = now
-                yield ": keep-alive\n\n"
-            # Forget rows that left the snapshot window: the memory stays bounded.
-            if len(sent) > 4 * len(snapshot) + 100:
-                window = {row["id"] for row in snapshot}
-                sent = {k: v for k, v in sent.items() if k in window}
+        checked = time.monotonic()
+        async with contextlib.aclosing(feed.follow()) as snapshots:
+            async for snapshot in snapshots:
+                if time.monotonic() - checked >= SESSION_CHECK_SECONDS:
+                    if not await session_alive():
+                        yield "event: logout\ndata: {}\n\n"
+                        return
+                    checked = time.monotonic()
+                out = []
+                for row in reversed(snapshot):  # oldest first: the page prepends
+                    if row["id"] < floor:
+                        continue
+                    data = json.dumps(row, default=_json_default)
+                    if sent.get(row["id"]) != data:
+                        sent[row["id"]] = data
+                        out.append(f"event: execution\nid: {row['id']}\ndata: {data}\n\n")
+                now = datetime.now(UTC)
+                if out:
+                    quiet_since = now
+                    yield "".join(out)
+                elif (now - quiet_since).total_seconds() >= KEEPALIVE_SECONDS:
+                    quiet_since = now
+                    yield ": keep-alive\n\n"
+                # Forget rows that left the snapshot window: the memory stays bounded.
+                if len(sent) > 4 * len(snapshot) + 100:
+                    window = {row["id"] for row in snapshot}
+                    sent = {k: v for k, v in sent.items() if k in window}
 
     return StreamingResponse(
         events(),

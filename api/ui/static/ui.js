@@ -111,6 +111,8 @@ function followExecutions(table) {
   const source = new EventSource(table.dataset.live);
   source.onopen = () => { state.textContent = "live updates: connected"; };
   source.onerror = () => { state.textContent = "live updates: reconnecting…"; };
+  // The session ended (logged out elsewhere, expired, key revoked): to the login form.
+  source.addEventListener("logout", () => { source.close(); window.location.reload(); });
   source.addEventListener("execution", (event) => {
     const x = JSON.parse(event.data);
     const row = executionRow(x);
