@@ -186,6 +186,12 @@ async def test_runtime_role_runs_worker_and_api_without_ddl(
                 },
             )
             assert created.status_code == 201, created.text
+            # A dashboard login: its session is a row the runtime role writes.
+            login = await client.post(
+                "/ui/login", data={"key": key}, headers={"Origin": "http://testserver"}
+            )
+            assert login.status_code == 303, login.text
+            assert (await client.get("/ui/workflows")).status_code == 200
 
             # A real worker as the runtime role; the CRM application writes leads as its own.
             async with running_worker(runtime_url, settings=settings, concurrency=4):
