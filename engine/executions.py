@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from engine import db
 
@@ -30,6 +33,24 @@ def entity_id(pk: Any) -> Any:
     if isinstance(pk, dict) and len(pk) == 1:
         return next(iter(pk.values()))
     return pk
+
+
+def entity_values(entity_id: str) -> list[Any]:
+    """The key values an ``entity_id`` filter can mean, as executions record keys
+    (``entity_pk``, a JSON object of the key columns): the text itself, and the number
+    or boolean it reads as (``"42"`` → ``42``); for a composite key, the JSON object of
+    all its columns. The list query turns them into whole keys of the watched entities,
+    so that it can look them up in the (entity_type, entity_pk, id) index."""
+    values: list[Any] = [entity_id]
+    try:
+        parsed = json.loads(entity_id)
+    except ValueError:
+        return values
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        return values
+    if isinstance(parsed, bool | int | float | dict):
+        values.append(parsed)
+    return values
 
 
 def shape(row: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +92,7 @@ async def list_executions(
                 "workflow_id": workflow_id,
                 "status": status,
                 "entity_type": entity_type,
-                "entity_id": entity_id,
+                "entity_values": None if entity_id is None else Jsonb(entity_values(entity_id)),
                 "since": since,
                 "until": until,
                 "before_id": before_id,

@@ -35,7 +35,12 @@ async def list_executions(
     status: ExecutionStatus | None = None,
     entity_type: Annotated[EntityType | None, Query()] = None,
     entity_id: Annotated[
-        str | None, Query(max_length=200, description="the entity's id (any key column)")
+        str | None,
+        Query(
+            max_length=200,
+            description="the entity's id: its key's value (42, ABC-1); for a composite key,"
+            ' the JSON object of the key, as executions show it ({"a": 1, "b": "x"})',
+        ),
     ] = None,
     since: Annotated[DateTime | None, Query(description="triggered at or after")] = None,
     until: Annotated[DateTime | None, Query(description="triggered before")] = None,
