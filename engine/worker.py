@@ -37,8 +37,8 @@ RESTART_BACKOFF_RESET = 60.0
 
 
 # Shutdown bounds (seconds): the loops' grace, the wait for cancelled ones, the "worker
-# stopped" write's wait for a connection, the pool's close. At most ~9 s in all.
-STOP_GRACE = 3.0
+# stopped" write's wait for a connection, the pool's close. At most ~7.5 s in all.
+STOP_GRACE = 2.0
 STOP_CANCEL_WAIT = 2.0
 STOP_WRITE_TIMEOUT = 1.5
 STOP_POOL_CLOSE = 2.0
@@ -275,6 +275,9 @@ class Worker:
         connection. With the database away, every loop would otherwise wait out the
         pool's 30 s connection timeout, and then the "stopped" write another 30 s."""
         self.stop_event.set()
+        # From now on a wait for a pooled connection is short (procrastinate's shutdown
+        # writes, the "stopped" write): with the database away it would last 30 s.
+        self.pool.timeout = STOP_WRITE_TIMEOUT
         procrastinate_task = self._tasks[0] if self._tasks else None
         if procrastinate_task is not None:
             procrastinate_task.cancel()
