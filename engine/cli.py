@@ -472,9 +472,31 @@ def cmd_seed(args: argparse.Namespace) -> int:
     from engine.seed import seed
 
     async def run(conn: psycopg.AsyncConnection[Any]) -> int:
-        for r in await seed(conn):
+        seeded = await seed(conn)
+        for r in seeded.workflows:
             console.print(
                 f"workflow {r.id} [bold]{r.name}[/] v{r.version} ({r.status})", highlight=False
+            )
+        if seeded.users:
+            console.print(
+                f"added {len(seeded.users)} example users (for the workflows to assign"
+                " and notify):",
+                highlight=False,
+            )
+            for u in seeded.users:
+                console.print(
+                    f"  user {u['id']} {u['name']} ({u['role']})", highlight=False, markup=False
+                )
+        else:
+            console.print("users: the users table has users; no example users added")
+        for role in seeded.missing_roles:
+            console.print(
+                f"warning: no active user has the role {role!r}: the pre-configured"
+                f" workflows that assign or notify a {role} will skip or fail; add one with"
+                f" INSERT INTO users (name, email, role) VALUES ('...', '...', '{role}')",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
             )
         return 0
 

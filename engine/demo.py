@@ -23,19 +23,13 @@ from engine.config import Settings, get_settings
 from engine.embedded import ensure_database, start_embedded
 from engine.migrations import migrate
 from engine.scheduler import run_now
-from engine.seed import seed
+from engine.seed import EXAMPLE_USERS, seed
 from engine.worker import Worker
 
 console = Console()
 DEMO_DB = "crmflow_demo"
 
-USERS = [
-    ("Ana Ruiz", "ana@acme.test", "sales_rep"),
-    ("Ben Okafor", "ben@acme.test", "sales_rep"),
-    ("Chloé Martin", "chloe@acme.test", "csm"),
-    ("Dev Patel", "dev@acme.test", "csm"),
-    ("Mia Chen", "mia@acme.test", "manager"),
-]
+USERS = EXAMPLE_USERS  # the demo's writes need ids 1 and 2 to be the sales reps
 LEADS = [
     ("Grace Hopper", "grace@navy-systems.com", "Navy Systems", "CTO", "website_form"),
     ("Tim Berners", "tim@webfoundation.org", "Web Foundation", "Founder", "referral"),
@@ -274,7 +268,7 @@ async def run_demo(wait_delayed: bool = False) -> int:
     async with await db.connect(url, autocommit=True) as conn:
         report = await migrate(conn)
         console.print(f"migrated: {', '.join(report.applied) or 'up to date'}")
-        for r in await seed(conn, base):
+        for r in (await seed(conn, base)).workflows:
             console.print(f"  workflow {r.id}: [bold]{r.name}[/] ({r.status})", highlight=False)
         await conn.execute("TRUNCATE users RESTART IDENTITY CASCADE")
         for name, email, role in USERS:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from engine import capture, db, workflows
 from engine.config import Settings, get_settings
@@ -19,6 +21,33 @@ WATCHED: dict[str, dict[str, str]] = {
     "accounts": {"days_to_renewal": "renewal_date - current_date"},
     "contacts": {},
 }
+
+
+# Who the pre-configured workflows work with (deal and lead owners, CSMs for the churn
+# playbook, managers to notify), added by `crmflow seed` to an empty users table. The
+# demo's writes use them too (ids 1 and 2 are the sales reps).
+EXAMPLE_USERS: list[tuple[str, str, str]] = [
+    ("Ana Ruiz", "ana@acme.test", "sales_rep"),
+    ("Ben Okafor", "ben@acme.test", "sales_rep"),
+    ("Chloé Martin", "chloe@acme.test", "csm"),
+    ("Dev Patel", "dev@acme.test", "csm"),
+    ("Mia Chen", "mia@acme.test", "manager"),
+]
+
+
+@dataclass
+class Seeded:
+    workflows: list[workflows.SaveResult]
+    # The example users added ({"id", "name", "email", "role"}); empty when the users
+    # table already had users.
+    users: list[dict[str, Any]] = field(default_factory=list)
+    # Roles the workflows need that no active user has (with users of the CRM's own).
+    missing_roles: list[str] = field(default_factory=list)
+
+
+# The roles the pre-configured workflows assign or notify: the playbook's CSM, the
+# notifications to "role:manager".
+NEEDED_ROLES = ("csm", "manager")
 
 
 def seed_workflow_files() -> list[Path]:
@@ -36,10 +65,25 @@ async def install_example_crm(conn: psycopg.AsyncConnection[Any], settings: Sett
         await conn.execute(db.query("install", "example_crm.sql").encode())
 
 
-async def seed(
-    conn: psycopg.AsyncConnection[Any], settings: Settings | None = None
-) -> list[workflows.SaveResult]:
-    """Create the example CRM (when missing), watch it, apply the seed workflows."""
+async def seed_example_users(
+    conn: psycopg.AsyncConnection[Any], settings: Settings
+) -> list[dict[str, Any]]:
+    """Add :data:`EXAMPLE_USERS` if the CRM's users table is empty; returns those added."""
+    users = [{"name": n, "email": e, "role": r} for n, e, r in EXAMPLE_USERS]
+    async with conn.transaction():
+        await conn.execute(
+            sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(settings.crm_schema))
+        )
+        await conn.execute("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")
+        cursor = await conn.execute(
+            db.query("seed_users", "example_crm.sql"), {"users": Jsonb(users)}
+        )
+        return list(await cursor.fetchall())
+
+
+async def seed(conn: psycopg.AsyncConnection[Any], settings: Settings | None = None) -> Seeded:
+    """Create the example CRM (when missing), watch it, apply the seed workflows, and add
+    the example users when there are none (the workflows assign and notify users)."""
     settings = settings or get_settings()
     await install_example_crm(conn, settings)
     for table, derived in WATCHED.items():
@@ -48,4 +92,13 @@ async def seed(
     async with conn.transaction():
         for path in seed_workflow_files():
             results.append(await workflows.apply(conn, json.loads(path.read_text())))
-    return results
+    users = await seed_example_users(conn, settings)
+    present = await (
+        await conn.execute(
+            sql.SQL("SELECT DISTINCT role FROM {} WHERE active").format(
+                sql.Identifier(settings.crm_schema, "users")
+            )
+        )
+    ).fetchall()
+    have = {r["role"] for r in present}
+    return Seeded(results, users, [r for r in NEEDED_ROLES if r not in have])

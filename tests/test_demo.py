@@ -1,5 +1,5 @@
-"""`crmflow demo` from a fresh database: the four pre-configured workflows do what the
-seed says, end to end through a real worker, and the printed report says so."""
+"""`crmflow demo` from a fresh database: the pre-configured workflows do what the seed
+says, end to end through a real worker, and the printed report says so."""
 
 from __future__ import annotations
 
@@ -113,6 +113,8 @@ def test_demo_on_a_fresh_database(empty_db: str) -> None:
     assert [(e["role"], str(e["message"]).split(" (")[0]) for e in escalations] == [
         ("manager", "Critical churn risk on Globex")
     ]
+    escalate = per_workflow["Escalate critical churn risk"]  # Globex: low → critical
+    assert (escalate["n"], escalate["completed"]) == (1, 1)
     # The report prints the same counts.
     for name, n in (("Follow up on stale deals", 2), ("Churn risk playbook", 2)):
         [line] = [ln for ln in out.splitlines() if name in ln and "│" in ln]
