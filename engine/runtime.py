@@ -383,6 +383,16 @@ class Runner:
         except StepRetryLater:
             raise
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            from engine.matcher import conflict_kind  # (engine.matcher imports this module)
+
+            kind = conflict_kind(exc)
+            if kind is not None:  # rolled back by a lock conflict: soon again, jittered
+                what = kind.replace("_", " ")
+                log.warning(
+                    "execution %s: rolled back by a %s (%s); retrying", execution_id, what, exc
+                )
+                at = now() + timedelta(seconds=random.uniform(0.05, 0.5))
+                raise StepRetryLater(execution_id, at) from exc
             log.warning("execution %s: database unavailable (%s); retrying", execution_id, exc)
             raise StepRetryLater(execution_id, now() + timedelta(seconds=5)) from exc
         except Exception as exc:

@@ -206,3 +206,21 @@ def test_watch_behind_a_crm_transaction_gives_up_after_the_lock_timeout(
     err = capsys.readouterr().err
     assert "cannot capture public.leads: canceling statement due to lock timeout" in err
     assert "cannot reach the database" not in err
+
+
+async def test_the_step_runner_retries_a_deadlock_soon(
+    runner: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from engine.runtime import StepRetryLater
+
+    async def deadlocked(execution_id: int, job_lock: str | None) -> str:
+        raise psycopg.errors.DeadlockDetected("deadlock detected")
+
+    monkeypatch.setattr(runner, "_run", deadlocked)
+    with pytest.raises(StepRetryLater) as raised:
+        await runner.run(1, None)
+    assert raised.value.retry_at < datetime.now(UTC) + timedelta(seconds=0.6)
+    assert "rolled back by a deadlock" in caplog.text
+    assert "database unavailable" not in caplog.text
