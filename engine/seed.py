@@ -68,13 +68,24 @@ async def install_example_crm(conn: psycopg.AsyncConnection[Any], settings: Sett
 async def seed_example_users(
     conn: psycopg.AsyncConnection[Any], settings: Settings
 ) -> list[dict[str, Any]]:
-    """Add :data:`EXAMPLE_USERS` if the CRM's users table is empty; returns those added."""
+    """Add :data:`EXAMPLE_USERS` if the CRM's users table is empty; returns those added.
+    A role that may not read and insert into the table (a CRM of someone else's) adds
+    none."""
     users = [{"name": n, "email": e, "role": r} for n, e, r in EXAMPLE_USERS]
     async with conn.transaction():
         await conn.execute(
             sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(settings.crm_schema))
         )
-        await conn.execute("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")
+        allowed = await (
+            await conn.execute(
+                "SELECT has_table_privilege('users', 'SELECT')"
+                " AND has_table_privilege('users', 'INSERT') AS ok"
+            )
+        ).fetchone()
+        if not (allowed and allowed["ok"]):
+            return []
+        # Two seeds at once add the users once (a lock of crmflow's, not the CRM's table).
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('crmflow seed users'))")
         cursor = await conn.execute(
             db.query("seed_users", "example_crm.sql"), {"users": Jsonb(users)}
         )
@@ -93,12 +104,16 @@ async def seed(conn: psycopg.AsyncConnection[Any], settings: Settings | None = N
         for path in seed_workflow_files():
             results.append(await workflows.apply(conn, json.loads(path.read_text())))
     users = await seed_example_users(conn, settings)
-    present = await (
-        await conn.execute(
-            sql.SQL("SELECT DISTINCT role FROM {} WHERE active").format(
-                sql.Identifier(settings.crm_schema, "users")
-            )
-        )
-    ).fetchall()
+    try:
+        async with conn.transaction():
+            present = await (
+                await conn.execute(
+                    sql.SQL("SELECT DISTINCT role FROM {} WHERE active").format(
+                        sql.Identifier(settings.crm_schema, "users")
+                    )
+                )
+            ).fetchall()
+    except psycopg.errors.InsufficientPrivilege:
+        return Seeded(results, users)  # cannot tell
     have = {r["role"] for r in present}
     return Seeded(results, users, [r for r in NEEDED_ROLES if r not in have])
