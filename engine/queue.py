@@ -3,20 +3,85 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import procrastinate
-from procrastinate import JobContext
+import psycopg
+from procrastinate import JobContext, exceptions, jobs, manager
 
 from engine.runtime import TASK_NAME, Runner, StepRetryStrategy
+
+log = logging.getLogger(__name__)
 
 
 def create_app() -> procrastinate.App:
     """An app whose connector gets the engine's pool at ``open_async(pool)``."""
     app = procrastinate.App(connector=procrastinate.PsycopgConnector())
+    app.job_manager = JobManager(connector=app.connector)
     app.task(name=TASK_NAME, pass_context=True, retry=StepRetryStrategy())(run_execution)
     return app
+
+
+def _job_gone(exc: exceptions.ConnectorException) -> bool:
+    """Whether procrastinate's database refused to end a job because the job is no longer
+    this worker's to end: its functions raise "Job was not found or not in "doing"
+    status" (procrastinate has no exception class of its own for it)."""
+    cause = exc.__cause__
+    return isinstance(cause, psycopg.errors.RaiseException) and str(cause).startswith(
+        "Job was not found"
+    )
+
+
+class JobManager(manager.JobManager):
+    """procrastinate's job manager, quiet when the end of a job cannot be recorded
+    because the job was taken away meanwhile.
+
+    A worker frozen for longer than ``stalled_worker_timeout`` (SIGSTOP, a paused VM)
+    loses its jobs to the stalled-job recovery; another worker runs them and deletes
+    them. Once thawed, the first worker ends its copies, and procrastinate's
+    ``finish_job``/``retry_job`` fail: in procrastinate's job task, so the exception
+    is never retrieved and asyncio logs "Task exception was never retrieved ... Job was
+    not found" once per job. The job is in the hands of the worker that took it: there
+    is nothing left to do, so it is logged at debug level. Only the worker's own calls
+    are quiet; ``*_by_id_async`` (the recovery's) still raise.
+    """
+
+    async def finish_job(self, job: jobs.Job, status: jobs.Status, delete_job: bool) -> None:
+        try:
+            await super().finish_job(job, status=status, delete_job=delete_job)
+        except exceptions.ConnectorException as exc:
+            if not _job_gone(exc):
+                raise
+            log.debug(
+                "job %s was not found as this worker's to end (%s): it was recovered and"
+                " given to another worker meanwhile",
+                job.id,
+                status.value,
+            )
+
+    async def retry_job(
+        self,
+        job: jobs.Job,
+        retry_at: datetime.datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        lock: str | None = None,
+    ) -> None:
+        try:
+            await super().retry_job(
+                job, retry_at=retry_at, priority=priority, queue=queue, lock=lock
+            )
+        except exceptions.ConnectorException as exc:
+            if not _job_gone(exc):
+                raise
+            log.debug(
+                "job %s was not found as this worker's to retry: it was recovered and given"
+                " to another worker meanwhile",
+                job.id,
+            )
 
 
 class JobTracker:
