@@ -84,7 +84,13 @@ async def list_executions(
     before_id: int | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
-    """Newest first; ``before_id`` is the cursor (the last id of the previous page)."""
+    """Newest first; ``before_id`` is the cursor (the last id of the previous page).
+
+    Never a prepared statement: the query's filters are optional (``%(x)s IS NULL OR
+    ...``), and only a plan made for the values given drops the unused ones and uses
+    the index of the filter given. A prepared statement switches to a generic plan
+    after five runs on a connection (the pool keeps them), which reads every execution:
+    ``entity_id`` on 100k executions, 0.5 ms -> 120-160 ms from the 11th call on."""
     rows = await (
         await conn.execute(
             db.query("list_executions"),
@@ -98,6 +104,7 @@ async def list_executions(
                 "before_id": before_id,
                 "limit": limit,
             },
+            prepare=False,
         )
     ).fetchall()
     return [shape(r) for r in rows]

@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import pytest
 
-from engine import capture, db
+from engine import capture, db, executions
 from engine.executions import entity_values
 from tests.helpers import apply, value
 
@@ -92,6 +92,21 @@ async def test_the_entity_filter_uses_an_index(crm: Conn, entity_type: str | Non
     assert on_executions, found
     assert all(n["Node Type"] != "Seq Scan" for n in on_executions), on_executions
     assert any(n.get("Index Name") == "executions_entity_idx" for n in on_executions), on_executions
+
+
+async def test_the_plan_stays_made_for_the_values(crm: Conn) -> None:
+    """A connection of the pool runs the query many times: it must not become a
+    prepared statement, whose generic plan (after five runs) reads every execution."""
+    await fill(crm)
+    for i in range(12):
+        rows = await executions.list_executions(crm, entity_id=str(100 + i))
+        assert len(rows) == 5
+    prepared = await value(
+        crm,
+        "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
+        "%entity_values%",
+    )
+    assert prepared == 0
 
 
 async def test_entity_id_finds_the_entitys_executions(crm: Conn, client: httpx.AsyncClient) -> None:
