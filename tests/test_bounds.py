@@ -1,4 +1,4 @@
-"""Hard bounds on the work one event can cause (issue 12, item 8; DESIGN.md section 4b).
+"""Hard bounds on the work one event can cause (docs/design.md, "The host comes first").
 
 - Templates: a render is bounded in work (loop iterations and calls, items that pass
   through filters, characters built or scanned) and in CPU time, filters included; a

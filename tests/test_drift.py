@@ -1,4 +1,4 @@
-"""Schema drift isolates (DESIGN 4b, issue 12 items 6 and 8): a workflow whose predicate
+"""Schema drift isolates (docs/design.md, "The host comes first"): a workflow whose predicate
 no longer compiles is left out of the match statement and marked broken with its reason;
 every other workflow goes on matching; the broken one's events are kept for it and are
 replayed once it compiles again. Plus the matcher's per-batch bounds (statement timeout,

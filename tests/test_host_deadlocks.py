@@ -1,4 +1,5 @@
-"""Inline steps never deadlock with the CRM's own transactions (DESIGN 4b).
+"""Inline steps never deadlock with the CRM's own transactions (docs/design.md, "The host
+comes first").
 
 Writers update three leads in ascending id order and then a deal, in one transaction,
 while active ``field_updated`` workflows run ``update_field`` and ``create_task``
