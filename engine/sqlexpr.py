@@ -142,7 +142,7 @@ ALLOWED_OPERATORS = frozenset(
     }
 )
 
-ALLOWED_TYPES = frozenset(
+_NUMERIC_TYPES = frozenset(
     {
         "int2",
         "int4",
@@ -156,6 +156,10 @@ ALLOWED_TYPES = frozenset(
         "float4",
         "float8",
         "real",
+    }
+)
+ALLOWED_TYPES = _NUMERIC_TYPES | frozenset(
+    {
         "double precision",
         "text",
         "varchar",
@@ -595,22 +599,6 @@ _NUMERIC_FUNCTIONS = frozenset(
         "sqrt",
         "strpos",
         "trunc",
-    }
-)
-_NUMERIC_TYPES = frozenset(
-    {
-        "int2",
-        "int4",
-        "int8",
-        "smallint",
-        "integer",
-        "int",
-        "bigint",
-        "numeric",
-        "decimal",
-        "float4",
-        "float8",
-        "real",
     }
 )
 _BACKREF = re.compile(r"\\[0-9&]")

@@ -111,6 +111,9 @@ CREATE OR REPLACE FUNCTION crmflow.generate_capture(entity text, key_columns tex
     RETURNS void LANGUAGE plpgsql AS $generate$
 DECLARE
     key_expr text;
+    op text;
+    rows_table text;
+    row_column text;
     -- Once per statement (uncorrelated sub-selects); the signature is only checked when
     -- a context is set at all, so people's writes pay two current_setting calls.
     depth_expr constant text := '(SELECT crmflow.current_depth())';
@@ -140,24 +143,24 @@ BEGIN
         (SELECT string_agg(format('%L, r.j -> %L', c, c), ', ' ORDER BY i)
            FROM unnest(key_columns) WITH ORDINALITY AS u(c, i)));
 
-    body := format(
-        'BEGIN INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, depth, actor) '
-        'SELECT %L, ''insert'', %s, r.j, %s, %s FROM %s; %s END',
-        entity, key_expr, depth_expr, actor_expr, format(rows_json, 'new_rows'), wake);
-    EXECUTE format('CREATE OR REPLACE FUNCTION crmflow.%I() RETURNS trigger '
-                   'LANGUAGE plpgsql %s AS %L', 'tg_' || entity || '__insert', definer, body);
+    -- Inserts and deletes: every row of the statement's one transition table.
+    FOR op, rows_table, row_column IN
+        VALUES ('insert', 'new_rows', 'new_row'), ('delete', 'old_rows', 'old_row')
+    LOOP
+        body := format(
+            'BEGIN INSERT INTO crmflow.outbox (entity_type, op, pk, %s, depth, actor) '
+            'SELECT %L, %L, %s, r.j, %s, %s FROM %s; %s END',
+            row_column, entity, op, key_expr, depth_expr, actor_expr,
+            format(rows_json, rows_table), wake);
+        EXECUTE format('CREATE OR REPLACE FUNCTION crmflow.%I() RETURNS trigger '
+                       'LANGUAGE plpgsql %s AS %L', 'tg_' || entity || '__' || op, definer, body);
+    END LOOP;
 
-    body := format(
-        'BEGIN INSERT INTO crmflow.outbox (entity_type, op, pk, old_row, depth, actor) '
-        'SELECT %L, ''delete'', %s, r.j, %s, %s FROM %s; %s END',
-        entity, key_expr, depth_expr, actor_expr, format(rows_json, 'old_rows'), wake);
-    EXECUTE format('CREATE OR REPLACE FUNCTION crmflow.%I() RETURNS trigger '
-                   'LANGUAGE plpgsql %s AS %L', 'tg_' || entity || '__delete', definer, body);
-
-    -- Rows are paired old/new by primary key. Which columns changed is left to readers
--- (crmflow.changed_columns): that diff was half the writer's cost on wide tables. A row whose key itself changed has no
-    -- pair: it is captured as the delete of the old key and the insert of the new one.
-    -- Updates that change no column are not captured.
+    -- Updates: rows are paired old/new by primary key. A row whose key itself changed
+    -- has no pair: it is captured as the delete of the old key and the insert of the
+    -- new one. Updates that change no column are not captured. Which columns changed
+    -- is left to readers (crmflow.changed_columns): that diff was half the writer's
+    -- cost on wide tables.
     body := format(
         'BEGIN WITH n AS MATERIALIZED (SELECT r.j, %1$s AS k FROM %2$s), '
         '           o AS MATERIALIZED (SELECT r.j, %1$s AS k FROM %3$s) '
