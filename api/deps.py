@@ -53,13 +53,25 @@ PoolDep = Annotated[AsyncConnectionPool, Depends(get_pool)]
 RunnerDep = Annotated[Runner, Depends(get_runner)]
 
 
+async def _reachable(pool: AsyncConnectionPool) -> bool:
+    """Whether the database accepts a connection now (a busy pool is not an outage)."""
+    try:
+        probe = await psycopg.AsyncConnection.connect(pool.conninfo, connect_timeout=2)
+    except psycopg.Error:
+        return False
+    await probe.close()
+    return True
+
+
 @contextlib.asynccontextmanager
 async def _connection(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """``pool.connection(CONNECTION_TIMEOUT)``, failing fast when the database is away."""
     try:
         conn = await pool.getconn(timeout=min(UNREACHABLE_WAIT, CONNECTION_TIMEOUT))
     except PoolTimeout:
-        if pool.get_stats().get("pool_size", 0) == 0:
+        # The pool may still count connections it is trying to make: ask the server
+        # itself before waiting longer (a refused connection answers at once).
+        if pool.get_stats().get("pool_size", 0) == 0 or not await _reachable(pool):
             raise
         conn = await pool.getconn(timeout=max(CONNECTION_TIMEOUT - UNREACHABLE_WAIT, 0.0))
     try:
