@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     # for a lock, a transaction left open by a frozen process (the server ends it).
     statement_timeout: float = Field(30.0, ge=0)
     lock_timeout: float = Field(2.0, ge=0)
-    idle_in_transaction_timeout: float = Field(10.0, ge=0)
+    idle_in_transaction_timeout: float = Field(5.0, ge=0)
     # libpq connect_timeout: an unreachable server fails a connection attempt this fast.
     connect_timeout: int = Field(5, ge=0)
 

@@ -201,7 +201,7 @@ class Busy(Exception):
 
 # Attempts of a save whose lock wait timed out (lock_timeout each, 2 s by default): a
 # frozen session holding the lock is ended by the server's
-# idle_in_transaction_session_timeout (10 s) within them.
+# idle_in_transaction_session_timeout (5 s) within them.
 LOCK_ATTEMPTS = 6
 
 

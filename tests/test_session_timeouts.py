@@ -43,7 +43,7 @@ async def test_every_engine_session_has_the_timeouts(
     assert pooled == {
         "statement_timeout": "30s",
         "lock_timeout": "2s",
-        "idle_in_transaction_session_timeout": "10s",
+        "idle_in_transaction_session_timeout": "5s",
     }
     custom = Settings(database_url=db_url, lock_timeout=0.25, statement_timeout=0)
     async with await db.connect(db_url, custom, autocommit=True) as conn:
@@ -52,7 +52,7 @@ async def test_every_engine_session_has_the_timeouts(
     assert direct == {
         "statement_timeout": "0",
         "lock_timeout": "250ms",
-        "idle_in_transaction_session_timeout": "10s",
+        "idle_in_transaction_session_timeout": "5s",
     }
     assert info["connect_timeout"] == "5"
 
