@@ -169,14 +169,9 @@ async def check_every_execution_ran_once(
 
 
 @pytest.fixture
-def settings(db_url: str) -> Settings:
-    return Settings(
-        database_url=db_url,
-        matcher_poll_interval=0.05,
-        heartbeat_interval=0.5,
-        stalled_worker_timeout=3.0,
-        inline_steps=True,
-    )
+def settings(settings: Settings) -> Settings:
+    """The suite's settings (tests/conftest.py) with the production default: inline steps."""
+    return settings.model_copy(update={"inline_steps": True})
 
 
 async def test_writers_never_deadlock_with_inline_steps(
