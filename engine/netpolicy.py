@@ -10,9 +10,10 @@ refused unless ``CRMFLOW_HTTP_ALLOW_PRIVATE`` is true. Redirects are not followe
 
 Checking a name's addresses before the request is not enough on its own: the name
 can resolve to another address when the connection is made (DNS rebinding). So the
-client from :func:`http_client` checks again at connect time, and connects to the very
-address it checked. It ignores proxy settings from the environment (``HTTP_PROXY``...):
-a proxy would make the checked address meaningless.
+client from :func:`http_client` (and the shared ones of ``engine/http.py``) checks again
+at connect time, and connects to the very address it checked; a kept-alive connection
+stays with that address. It ignores proxy settings from the environment
+(``HTTP_PROXY``...): a proxy would make the checked address meaningless.
 """
 
 from __future__ import annotations
@@ -219,25 +220,49 @@ def ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context(trust_env=False)
 
 
+# Connection pool bounds of a client (engine/http.py shares one per process and policy).
+# Keep-alive connections idle this many seconds are closed (servers often close theirs
+# after 5-60 s: reusing one the server is closing fails the request).
+LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=5.0)
+
+
 class _PublicOnlyTransport(httpx.AsyncHTTPTransport):
-    def __init__(self) -> None:
-        super().__init__(verify=ssl_context(), trust_env=False)
+    def __init__(self, limits: httpx.Limits = LIMITS) -> None:
+        super().__init__(verify=ssl_context(), trust_env=False, limits=limits)
         # The same pool httpx builds, with the checking network backend.
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
             network_backend=_PublicOnlyBackend(),
         )
 
 
-def http_client(settings: Settings, timeout: float) -> httpx.AsyncClient:
-    """An HTTP client for requests to URLs that :func:`check_url` accepted: no redirects,
-    no proxies from the environment, and, when only public hosts are allowed, the
-    address checked again when connecting."""
-    public_only = not settings.http_allowed_hosts and not settings.http_allow_private
+def public_only(settings: Settings) -> bool:
+    """Whether only public addresses are reachable (no allowlist, private not allowed):
+    then the client checks each connection's address again when it connects."""
+    return not settings.http_allowed_hosts and not settings.http_allow_private
+
+
+def new_client(
+    checked: bool, timeout: float | None = None, limits: httpx.Limits = LIMITS
+) -> httpx.AsyncClient:
+    """A client with no redirects and no proxies from the environment; ``checked``: every
+    connection's address is checked when connecting (:func:`public_only` settings)."""
     return httpx.AsyncClient(
         verify=ssl_context(),
         follow_redirects=False,
         timeout=timeout,
         trust_env=False,
-        transport=_PublicOnlyTransport() if public_only else None,
+        limits=limits,
+        transport=_PublicOnlyTransport(limits) if checked else None,
     )
+
+
+def http_client(settings: Settings, timeout: float) -> httpx.AsyncClient:
+    """A new HTTP client for requests to URLs that :func:`check_url` accepted: no
+    redirects, no proxies from the environment, and, when only public hosts are allowed,
+    the address checked again when connecting. The actions share one per process
+    instead (:func:`engine.http.get_client`)."""
+    return new_client(public_only(settings), timeout)

@@ -95,6 +95,7 @@ class Request:
     path: str
     headers: dict[str, str]  # lower-cased names
     body: bytes
+    peer: tuple[str, int] = ("", 0)  # the client's address and port: its TCP connection
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -126,6 +127,7 @@ class WebServer:
                     self.path,
                     {k.lower(): v for k, v in self.headers.items()},
                     body,
+                    (str(self.client_address[0]), int(self.client_address[1])),
                 )
                 with web._lock:
                     web.requests.append(request)
