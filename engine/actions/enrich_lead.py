@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from pydantic import Field
 
-from engine import netpolicy
+from engine import http
 from engine.actions.base import Action, Params, PermanentError, Skip
 from engine.actions.http_request import retry_after_seconds
 from engine.model import Issue
@@ -68,18 +68,15 @@ class EnrichLead(Action):
         headers = {"Idempotency-Key": ctx.idempotency_key}
         if settings.enrichment_token:
             headers["Authorization"] = f"Bearer {settings.enrichment_token.get_secret_value()}"
+        # The operator's endpoint: the shared client without the public-only check, as
+        # before (kept-alive connections; no redirects, no proxies from the environment).
         try:
-            async with httpx.AsyncClient(
-                verify=netpolicy.ssl_context(),
+            response = await http.get_client(False).post(
+                settings.enrichment_url,
+                json={"email": email, "domain": email.rpartition("@")[2].lower()},
+                headers=headers,
                 timeout=params.timeout,
-                follow_redirects=False,
-                trust_env=False,
-            ) as client:
-                response = await client.post(
-                    settings.enrichment_url,
-                    json={"email": email, "domain": email.rpartition("@")[2].lower()},
-                    headers=headers,
-                )
+            )
         except httpx.TimeoutException:
             raise TimeoutError(f"enrichment timed out after {params.timeout:g}s") from None
         except httpx.RequestError as exc:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field
 
-from engine import netpolicy, templates
+from engine import http, netpolicy, templates
 from engine.actions.base import Action, Params, PermanentError
 from engine.actions.crm import check_templates
 from engine.model import Duration, Issue
@@ -122,13 +122,12 @@ class HttpRequest(Action):
             headers["X-Crmflow-Signature"] = sign(secret.get_secret_value(), timestamp, body)
         # The step's own timeout bounds the request too (the runner's bound is the same).
         timeout = params.timeout or ctx.step.timeout or ctx.settings.http_timeout
+        # The process's shared client (kept-alive connections), for this network policy.
+        client = http.get_client(netpolicy.public_only(ctx.settings))
         try:
-            async with (
-                netpolicy.http_client(ctx.settings, timeout) as client,
-                client.stream(
-                    params.method, url, content=body or None, headers=headers
-                ) as response,
-            ):
+            async with client.stream(
+                params.method, url, content=body or None, headers=headers, timeout=timeout
+            ) as response:
                 raw = await _read_capped(response, MAX_RESPONSE_READ)
         except netpolicy.HostNotAllowed as exc:
             raise PermanentError(str(exc)) from None
