@@ -1,4 +1,5 @@
-"""``crmflow bench [--quick] [--json] [--only P3,P4]``: a table (or JSON) of P1-P6."""
+"""``crmflow bench [--quick] [--json] [--only P3,Q1] [--peers]``: a table (or JSON) of the
+targets, and with ``--peers`` the same jobs on the peers (bench/peers.py)."""
 
 from __future__ import annotations
 
@@ -24,21 +25,34 @@ def _machine() -> dict[str, str]:
     }
 
 
+# What a failed secondary condition is called in the verdict column.
+MISSES = {
+    "p99_pass": "p99",
+    "lost_pass": "events lost",
+    "matching_pass": "matching rows",
+    "late_pass": "late",
+    "duplicates_pass": "duplicates",
+    "all_ran_pass": "steps missing",
+    "completed_pass": "not completed",
+    "all_steps_pass": "steps missing",
+}
+
+
 def render(results: list[Result], seconds: float, console: Console) -> None:
     table = Table(title=f"crmflow bench ({seconds:.0f} s)", title_justify="left")
     for column in ("id", "what", "target", "measured", ""):
         table.add_column(column)
     for r in results:
         sign = "≥" if r.higher_is_better else "≤"
-        measured = f"{r.value:,.2f} {r.unit}"
+        measured = r.measured_text or f"{r.value:,.2f} {r.unit}"
         if "p99_ms" in r.detail:
             measured += f" (p99 {r.detail['p99_ms']} ms)"
         verdict = "[green]pass[/]" if r.passed else "[red]miss[/]"
-        if "p99_pass" in r.detail and not r.detail["p99_pass"]:
-            verdict = "[red]miss (p99)[/]"
-        if "lost_pass" in r.detail and not r.detail["lost_pass"]:
-            verdict = "[red]miss (events lost)[/]"
-        table.add_row(r.id, r.what, f"{sign} {r.target:g} {r.unit}", measured, verdict)
+        failed = [MISSES.get(k, k) for k, v in r.detail.items() if k.endswith("_pass") and not v]
+        if failed:
+            verdict = f"[red]miss ({', '.join(failed)})[/]"
+        target = r.target_text or f"{sign} {r.target:g} {r.unit}"
+        table.add_row(r.id, r.what, target, measured, verdict)
     console.print(table)
 
 
