@@ -66,6 +66,18 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     http_timeout: float = 10.0
 
+    # Circuit breakers of the external actions, per target host (engine/breakers.py):
+    # this many consecutive failures (connection errors, timeouts, 5xx, 429) seen by one
+    # process open the host's breaker (0: no breakers); its steps then wait, without
+    # using an attempt, for breaker_open_seconds, after which one half-open probe call
+    # goes. Success closes it; failure opens it again for twice as long, at most
+    # breaker_max_open_seconds. A probe that has not reported after
+    # breaker_probe_timeout seconds (its process died) lets another process probe.
+    breaker_failures: int = Field(5, ge=0)
+    breaker_open_seconds: float = Field(30.0, gt=0)
+    breaker_max_open_seconds: float = Field(600.0, gt=0)
+    breaker_probe_timeout: float = Field(10.0, gt=0)
+
     # enrich_lead: the enrichment endpoint; unset means the step is skipped.
     enrichment_url: str | None = None
     enrichment_token: SecretStr | None = None

@@ -4,9 +4,10 @@ Two kinds:
 - database-wide, read at scrape time by :class:`DatabaseCollector` (the same figures
   from the API's ``/metrics`` and from any worker): events captured and pending,
   outbox age, executions by status, dead letters (failed executions), step durations
-  by action, retries, worker heartbeats, open alerts;
+  by action, retries, worker heartbeats, open alerts, circuit breakers per host;
 - process-local counters of a worker (``crmflow worker --metrics-port``): events
-  matched, executions enrolled, inline and queued step outcomes, batch durations.
+  matched, executions enrolled, inline and queued step outcomes, batch durations,
+  circuit breaker transitions.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from engine import db
 
 log = logging.getLogger(__name__)
 
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 # ── process-local (a worker's) ──
@@ -53,6 +55,12 @@ MATCHER_CONFLICTS = Counter(
     "Matcher batches rolled back by a lock conflict and retried at once "
     "(kind: deadlock, serialization, lock_timeout, statement_timeout)",
     ["kind"],
+)
+BREAKER_TRANSITIONS = Counter(
+    "crmflow_circuit_breaker_transitions",
+    "Circuit breaker transitions made by this process, per target host and the state "
+    "entered (open, half_open, closed)",
+    ["host", "state"],
 )
 INLINE_FALLBACKS = Counter(
     "crmflow_inline_busy_rows",
@@ -154,6 +162,33 @@ class DatabaseCollector(Collector):
         )
         gauge.add_metric([], len(broken))
         yield gauge
+        yield from self._breakers(conn)
+
+    def _breakers(self, conn: psycopg.Connection[Any]) -> Iterator[Any]:
+        exists = conn.execute(
+            "SELECT to_regclass('crmflow.circuit_breakers') IS NOT NULL AS x"
+        ).fetchone()
+        rows = (
+            conn.execute(db.query("breakers_list", "breakers.sql")).fetchall()
+            if exists and exists["x"]
+            else []
+        )
+        state = GaugeMetricFamily(
+            "crmflow_circuit_breaker_state",
+            "Circuit breaker of each target host that has opened: 0 closed, 1 half-open "
+            "(a probe call is out), 2 open (its steps wait)",
+            labels=["host"],
+        )
+        opened = CounterMetricFamily(
+            "crmflow_circuit_breaker_opened",
+            "Times each target host's circuit breaker opened (all processes)",
+            labels=["host"],
+        )
+        for r in rows:
+            state.add_metric([r["host"]], BREAKER_STATE_VALUES[r["state"]])
+            opened.add_metric([r["host"]], r["opened_total"])
+        yield state
+        yield opened
 
 
 def render(url: str, include_process: bool = False) -> bytes:

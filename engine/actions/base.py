@@ -71,6 +71,11 @@ class Action:
         """Values the database must accept as a column's type (checked at save time)."""
         return []
 
+    def target_host(self, params: Any, ctx: StepContext) -> str | None:
+        """External actions: the host the call goes to, the key of its circuit breaker
+        (engine/breakers.py); None: no breaker (database actions, or unknown)."""
+        return None
+
     async def run(self, ctx: StepContext, params: Any) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from pydantic import Field
 
-from engine import http
+from engine import breakers, http
 from engine.actions.base import Action, Params, PermanentError, Skip
 from engine.actions.http_request import retry_after_seconds
 from engine.model import Issue
@@ -57,6 +57,9 @@ class EnrichLead(Action):
                     Issue(f"{path}.fields[{i}]", f"{entity.entity_type} has no column {name!r}")
                 )
         return issues
+
+    def target_host(self, params: Any, ctx: StepContext) -> str | None:
+        return breakers.url_host(ctx.settings.enrichment_url)
 
     async def run(self, ctx: StepContext, params: Any) -> dict[str, Any]:
         settings = ctx.settings

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field
 
-from engine import http, netpolicy, templates
+from engine import breakers, http, netpolicy, templates
 from engine.actions.base import Action, Params, PermanentError
 from engine.actions.crm import check_templates
 from engine.model import Duration, Issue
@@ -95,6 +95,12 @@ class HttpRequest(Action):
             "event": context["event"],
             "entity": ctx.row,
         }
+
+    def target_host(self, params: Any, ctx: StepContext) -> str | None:
+        try:
+            return breakers.url_host(ctx.render(params.url))
+        except Exception:
+            return None  # run() fails the step with the template's error
 
     async def run(self, ctx: StepContext, params: Any) -> dict[str, Any]:
         url = ctx.render(params.url) or ""

@@ -71,6 +71,10 @@ class SendEmail(Action):
                 raise PermanentError(f"{address[:200]!r} is not an email address")
         return addresses
 
+    def target_host(self, params: Any, ctx: StepContext) -> str | None:
+        """The SMTP server (host and port): every email goes through it."""
+        return f"{ctx.settings.smtp_host.lower()}:{ctx.settings.smtp_port}"
+
     async def run(self, ctx: StepContext, params: Any) -> dict[str, Any]:
         subject, body, html = params.subject, params.body, params.html
         if params.template:
