@@ -258,6 +258,20 @@ class BrokenWorkflow(BaseModel):
     since: datetime | None
 
 
+class CircuitBreaker(BaseModel):
+    host: str = Field(description="the target host (with its port when not the default)")
+    state: Literal["open", "half_open"] = Field(
+        description="open: its steps wait; half_open: one probe call is out"
+    )
+    retry_at: datetime = Field(
+        description="open: when the half-open probe may go; half_open: the probe's deadline"
+    )
+    trips: int = Field(description="openings in a row (the open period doubles with each)")
+    failures: int = Field(description="the consecutive failures that opened it")
+    opened_at: datetime | None
+    last_error: str | None
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded", "down"]
     database: DatabaseHealth
@@ -265,6 +279,11 @@ class Health(BaseModel):
     outbox: OutboxHealth | None
     broken_workflows: list[BrokenWorkflow] = Field(
         [], description="active workflows that no longer compile (status degraded)"
+    )
+    circuit_breakers: list[CircuitBreaker] = Field(
+        [],
+        description="target hosts whose circuit breaker is open or half-open: their "
+        "external steps wait (status degraded)",
     )
 
 

@@ -38,6 +38,7 @@ The executor's external-step path::
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -102,11 +103,6 @@ def verdict(exc: BaseException | None) -> bool | None:
     from engine import netpolicy, templates
     from engine.actions.base import PermanentError, Skip
 
-    try:
-        from engine.executor.errors import RetryAfter
-    except ImportError:  # before the step executor's package
-        from engine.runtime import RetryAfter  # type: ignore[no-redef]
-
     if exc is None:
         return True
     if isinstance(exc, Skip | templates.TemplateProblem | asyncio.CancelledError):
@@ -117,7 +113,7 @@ def verdict(exc: BaseException | None) -> bool | None:
         return None  # refused before any connection
     if isinstance(exc, PermanentError):
         return True
-    if isinstance(exc, RetryAfter | TimeoutError | OSError | RuntimeError):
+    if isinstance(exc, (*_retry_after(), TimeoutError, OSError, RuntimeError)):
         return False  # the actions' connection errors and 5xx (RuntimeError), timeouts
     import aiosmtplib
     import httpx
@@ -125,6 +121,23 @@ def verdict(exc: BaseException | None) -> bool | None:
     if isinstance(exc, httpx.TransportError | aiosmtplib.SMTPException):
         return False
     return None
+
+
+@functools.cache
+def _retry_after() -> tuple[type[BaseException], ...]:
+    """The class(es) of "come back later" (HTTP 429/503), wherever the step runner
+    defines it (engine.executor.errors, formerly engine.runtime)."""
+    import importlib
+
+    found = []
+    for module in ("engine.executor.errors", "engine.runtime"):
+        try:
+            cls = getattr(importlib.import_module(module), "RetryAfter", None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
 
 
 @dataclass

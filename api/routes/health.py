@@ -1,7 +1,8 @@
 """``GET /health`` (no key needed): database, worker heartbeats, outbox backlog.
 
 200 while the database answers (``degraded`` when no worker heartbeats, migrations
-are pending or active workflows are broken by schema drift), 503 when it does not.
+are pending, active workflows are broken by schema drift or a target host's circuit
+breaker is open), 503 when it does not.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from api.deps import PoolDep, SettingsDep
 from api.problems import problem_responses
 from api.schemas import Health
 from engine import db
+from engine.breakers import list_breakers
 from engine.matcher import broken_workflows
 from engine.migrations import pending_migrations
 
@@ -49,6 +51,7 @@ async def health(pool: PoolDep, settings: SettingsDep) -> Any:
             ).fetchone()
             outbox = await (await conn.execute(_q("health_outbox"), {})).fetchone()
             broken = await broken_workflows(conn)
+            breakers = await list_breakers(conn)
     except (PoolTimeout, psycopg.Error) as exc:
         down = Health(
             status="down",
@@ -58,7 +61,7 @@ async def health(pool: PoolDep, settings: SettingsDep) -> Any:
         )
         return JSONResponse(down.model_dump(mode="json"), status_code=503)
     assert workers is not None and outbox is not None
-    degraded = bool(pending) or workers["alive"] == 0 or bool(broken)
+    degraded = bool(pending) or workers["alive"] == 0 or bool(broken) or bool(breakers)
     return {
         "status": "degraded" if degraded else "ok",
         "database": {"ok": True, "migrations_pending": pending},
@@ -69,4 +72,5 @@ async def health(pool: PoolDep, settings: SettingsDep) -> Any:
         },
         "outbox": {"pending": outbox["pending"], "oldest_age_seconds": outbox["oldest_age"]},
         "broken_workflows": broken,
+        "circuit_breakers": breakers,
     }

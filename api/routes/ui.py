@@ -43,6 +43,7 @@ from api.live import ExecutionFeed
 from api.routes.params import ObjectId
 from api.ui.chart import build_charts
 from engine import apikeys, db, executions, workflows
+from engine.breakers import list_breakers
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 COOKIE = "crmflow_ui"
@@ -220,6 +221,7 @@ async def overview(request: Request, conn: Conn, key: UiKey) -> HTMLResponse:
         request,
         "overview.html",
         key,
+        breakers=await list_breakers(conn),
         workflows=await _rows(conn, "ui_workflows"),
         sla=await _rows(conn, "ui_sla"),
         charts=await _charts(conn),
