@@ -15,8 +15,8 @@ connect-time check must not serve a request that needs it):
 
 Both follow no redirects and ignore proxy settings from the environment. Timeouts are
 given per request. A client belongs to the event loop that created it (its connections
-do): a new loop gets its own. A process closes its clients with :func:`close_clients`
-when it stops (the worker does).
+do): a new loop gets its own. A process closes its clients, and send_email's SMTP
+sessions (engine/smtp.py), with :func:`close_clients` when it stops (the worker does).
 """
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ def get_client(checked: bool) -> httpx.AsyncClient:
 
 
 async def close_clients() -> None:
-    """Close this event loop's shared clients (and their idle connections)."""
+    """Close this event loop's shared clients of the external actions: the HTTP clients
+    (and their idle connections) and the SMTP sessions (engine/smtp.py)."""
+    from engine import smtp
+
     per_loop = _clients.pop(asyncio.get_running_loop(), {})
     for client in per_loop.values():
         await client.aclose()
+    await smtp.close_connections()

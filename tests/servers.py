@@ -34,6 +34,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     message: EmailMessage
+    peer: tuple[str, int] = ("", 0)  # the client's address and port: its SMTP session
 
 
 class _SmtpHandler:
@@ -55,7 +56,10 @@ class _SmtpHandler:
             return self.server.refuse_data.pop(0)
         message = message_from_bytes(envelope.content, policy=policy.default)
         assert isinstance(message, EmailMessage)
-        self.server.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), message))
+        peer = (str(session.peer[0]), int(session.peer[1]))
+        self.server.received.append(
+            Received(envelope.mail_from, list(envelope.rcpt_tos), message, peer)
+        )
         return "250 Message accepted"
 
 

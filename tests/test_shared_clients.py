@@ -124,3 +124,88 @@ async def test_a_kept_alive_checked_connection_stays_with_its_checked_address(
         await http.get_client(True).get(web.url())
     assert len(web.requests) == 2
     await http.close_clients()
+
+
+# ───────────────────────────── SMTP sessions ─────────────────────────────
+
+
+async def send_emails(
+    crm: Conn, matcher: Matcher, runner: Any, count: int, *, first: int = 0
+) -> list[dict[str, Any]]:
+    for i in range(first, first + count):
+        await new_lead(crm, name=f"Lead {i}", email=f"lead{i}@initech.test")
+    await matcher.drain()
+    done = []
+    for execution_id in sorted(await execution_ids(crm))[first:]:
+        ex = await drive(runner, crm, execution_id)
+        [step] = await steps(crm, execution_id)
+        done.append({**ex, "step": step})
+    return done
+
+
+async def mail_workflow(crm: Conn) -> None:
+    await apply(
+        crm,
+        {
+            "name": "Welcome",
+            "trigger": LEAD_CREATED,
+            "actions": [
+                {
+                    "type": "send_email",
+                    "to": "{{ entity.email }}",
+                    "subject": "Hi {{ entity.name }}",
+                    "body": "Welcome.",
+                    "retry": {"max_attempts": 3, "backoff": 0.01},
+                }
+            ],
+        },
+    )
+
+
+async def test_send_email_reuses_one_smtp_session(
+    crm: Conn, matcher: Matcher, pool: AsyncConnectionPool, settings: Settings, smtp: Any
+) -> None:
+    runner = runner_with(pool, settings, smtp_host="127.0.0.1", smtp_port=smtp.port)
+    await mail_workflow(crm)
+    for ex in await send_emails(crm, matcher, runner, 3):
+        assert ex["status"] == "completed", ex["error"]
+    assert [m.rcpt_tos for m in smtp.received] == [[f"lead{i}@initech.test"] for i in range(3)]
+    assert len({m.peer for m in smtp.received}) == 1, [m.peer for m in smtp.received]
+    await http.close_clients()
+
+
+async def test_a_refused_message_leaves_a_clean_session_and_a_lost_one_is_replaced(
+    crm: Conn,
+    matcher: Matcher,
+    pool: AsyncConnectionPool,
+    settings: Settings,
+    smtp: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from engine import smtp as sessions
+
+    runner = runner_with(pool, settings, smtp_host="127.0.0.1", smtp_port=smtp.port)
+    await mail_workflow(crm)
+    # A 4xx refusal of DATA: retried (same Message-ID) on the same session, whose
+    # envelope was reset: the retry has only its own recipient.
+    smtp.refuse_data = ["451 try again later"]
+    [first] = await send_emails(crm, matcher, runner, 1)
+    assert first["status"] == "completed" and first["step"]["attempts"] == 2
+    [mail] = smtp.received
+    assert mail.rcpt_tos == ["lead0@initech.test"]
+
+    # A session the server or the network dropped is replaced, not a failed step.
+    [server] = sessions._servers[asyncio.get_running_loop()].values()
+    [session] = server.idle
+    session.smtp.close()
+    [second] = await send_emails(crm, matcher, runner, 1, first=1)
+    assert second["status"] == "completed" and second["step"]["attempts"] == 1
+    assert server.opened == 2 and smtp.received[1].peer != mail.peer
+
+    # A session idle for a while is checked (NOOP) before it is used.
+    monkeypatch.setattr(sessions, "IDLE_CHECK", 0.0)
+    [third] = await send_emails(crm, matcher, runner, 1, first=2)
+    assert third["status"] == "completed" and server.opened == 2
+    assert smtp.received[2].peer == smtp.received[1].peer
+    await http.close_clients()
+    assert sessions._servers.get(asyncio.get_running_loop()) is None
