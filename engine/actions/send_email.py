@@ -15,6 +15,7 @@ from typing import Any
 import aiosmtplib
 from pydantic import Field, model_validator
 
+from engine import smtp
 from engine.actions.base import Action, Params, PermanentError
 from engine.actions.crm import check_owner_field, check_templates, fetch_all, resolve_users
 from engine.model import Issue
@@ -117,7 +118,8 @@ class SendEmail(Action):
             raise PermanentError(f"cannot build the message: {exc}") from None
         password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
         try:
-            refused, _ = await aiosmtplib.send(
+            # A kept-open session to the server (engine/smtp.py), as aiosmtplib.send would.
+            refused, _ = await smtp.send(
                 message,
                 hostname=settings.smtp_host,
                 port=settings.smtp_port,
