@@ -22,7 +22,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from api.problems import ApiError
 from engine import apikeys
 from engine.config import Settings
-from engine.runtime import Runner
+from engine.executor.runner import Runner
 
 # How long a request waits for a free connection before answering 503.
 CONNECTION_TIMEOUT = 10.0

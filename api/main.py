@@ -25,7 +25,7 @@ from api.routes import ROUTERS, ui
 from engine import db
 from engine.config import Settings, get_settings
 from engine.embedded import resolve_database_url
-from engine.runtime import Runner
+from engine.executor.runner import Runner
 
 DESCRIPTION = """\
 Manage crmflow workflows, their executions, custom events and API keys.

@@ -444,7 +444,7 @@ def cmd_executions_show(args: argparse.Namespace) -> int:
 
 def _runner_command(verb: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        from engine.runtime import Runner
+        from engine.executor.runner import Runner
 
         async def run() -> int:
             pool = db.create_pool(database_url(), min_size=1, max_size=2)

@@ -33,7 +33,9 @@ from psycopg.types.json import Jsonb
 from engine import db, metrics
 from engine.actions import Skip, registry
 from engine.catalog import EntitySchema
-from engine.runtime import Plan, Runner, StepContext, plan_for
+from engine.executor.context import StepContext
+from engine.executor.plans import Plan, plan_for
+from engine.executor.runner import Runner
 
 log = logging.getLogger(__name__)
 

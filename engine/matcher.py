@@ -27,8 +27,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from engine import catalog, db, metrics
 from engine.config import Settings, get_settings
+from engine.executor import queue as execution_queue
+from engine.executor.runner import Runner
 from engine.inline import run_inline
-from engine.runtime import Runner
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ async def replay_events(
             ).fetchall()
             waiting = [e["id"] for e in enrolled if e["status"] == "pending"]
             if waiting:
-                await conn.execute(_q("defer_jobs"), {"ids": waiting, "queue": settings.queue_name})
+                await execution_queue.enqueue(conn, waiting, settings.queue_name)
         report["events"] += len(ids)
         report["enrolled"] += len(enrolled)
         after = ids[-1] + 1
@@ -542,9 +543,7 @@ class Matcher:
             )
         waiting = [e["id"] for e in enrolled if e["status"] == "pending" and e["id"] not in done]
         if waiting:
-            await conn.execute(
-                _q("defer_jobs"), {"ids": waiting, "queue": self.settings.queue_name}
-            )
+            await execution_queue.enqueue(conn, waiting, self.settings.queue_name)
 
     async def _batch_slowly(
         self, conn: psycopg.AsyncConnection[Any], ids: list[int]

@@ -1,4 +1,11 @@
-"""The procrastinate app: crmflow's one task, its retry strategy, and the shared pool."""
+"""The procrastinate app: the executor's wake-ups, and the shared pool.
+
+procrastinate carries crmflow's delayed and immediate work as *wake-ups*: a
+``crmflow.run_steps`` job per due moment, whose run drains the execution queue
+(engine/executor/queue.py) in batches. ``crmflow.run_execution`` jobs, one per
+execution, were queued by earlier versions; one still queued only puts its execution
+in the execution queue (migration 0019 already moved every live execution there).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,8 @@ import procrastinate
 import psycopg
 from procrastinate import JobContext, exceptions, jobs, manager
 
-from engine.runtime import TASK_NAME, Runner, StepRetryStrategy
+from engine.executor import queue as execution_queue
+from engine.executor.batch import BatchExecutor
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +29,12 @@ def create_app() -> procrastinate.App:
     """An app whose connector gets the engine's pool at ``open_async(pool)``."""
     app = procrastinate.App(connector=procrastinate.PsycopgConnector())
     app.job_manager = JobManager(connector=app.connector)
-    app.task(name=TASK_NAME, pass_context=True, retry=StepRetryStrategy())(run_execution)
+    app.task(name=execution_queue.TASK_NAME, pass_context=True)(run_steps)
+    app.task(name=LEGACY_TASK_NAME, pass_context=True)(run_execution)
     return app
+
+
+LEGACY_TASK_NAME = "crmflow.run_execution"
 
 
 def _job_gone(exc: exceptions.ConnectorException) -> bool:
@@ -112,10 +124,19 @@ class JobTracker:
             self.running.discard(job.id)
 
 
-async def run_execution(context: JobContext, execution_id: int, **_: Any) -> str:
-    runner: Runner = context.additional_context["runner"]
+async def run_steps(context: JobContext, **_: Any) -> int:
+    """A wake-up: drain the execution queue (returns how many executions advanced)."""
+    executor: BatchExecutor = context.additional_context["executor"]
     tracker: JobTracker | None = context.additional_context.get("jobs")
     if tracker is None:
-        return await runner.run(execution_id, job_lock=context.job.lock)
+        return await executor.drain()
     with tracker.track(context.job):
-        return await runner.run(execution_id, job_lock=context.job.lock)
+        return await executor.drain()
+
+
+async def run_execution(context: JobContext, execution_id: int, **_: Any) -> str:
+    """A job of an earlier version: its execution goes to the execution queue."""
+    executor: BatchExecutor = context.additional_context["executor"]
+    async with executor.pool.connection() as conn:
+        await execution_queue.enqueue(conn, [execution_id], executor.settings.queue_name)
+    return "queued"

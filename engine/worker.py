@@ -21,9 +21,10 @@ import psycopg
 
 from engine import db
 from engine.config import Settings, get_settings
+from engine.executor.batch import BatchExecutor, keep_leases
+from engine.executor.runner import Runner
 from engine.matcher import Matcher
 from engine.queue import JobTracker, create_app
-from engine.runtime import Runner
 from engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Worker:
         self.pool = db.create_pool(url, self.settings, min_size=2, max_size=concurrency + 8)
         self.app = create_app()
         self.runner = Runner(self.pool, self.settings)
+        self.executor: BatchExecutor | None = None
         self.matcher = Matcher(self.pool, self.settings)
         self.scheduler = Scheduler(self.pool, self.settings)
         self.worker_id: int | None = None
@@ -87,6 +89,12 @@ class Worker:
             ).fetchone()
             assert row is not None
             self.worker_id = row["id"]
+        self.executor = BatchExecutor(
+            self.pool,
+            self.runner,
+            self.settings,
+            f"{socket.gethostname()}:{os.getpid()}:{self.worker_id}",
+        )
         stop = self.stop_event
         self._tasks = [
             asyncio.create_task(self._procrastinate(), name="procrastinate worker"),
@@ -95,6 +103,8 @@ class Worker:
             asyncio.create_task(self._check_alerts(), name="alerts"),
             asyncio.create_task(self._apply_retention(), name="retention"),
             asyncio.create_task(self._heal_capture(), name="capture heal"),
+            asyncio.create_task(keep_leases(self.executor, self._every), name="leases"),
+            asyncio.create_task(self._wake_due(), name="queue sweep"),
         ]
         if self.run_matcher:
             self._tasks.append(
@@ -139,11 +149,16 @@ class Worker:
             queues=[self.settings.queue_name],
             name=f"crmflow-{self.worker_id}",
             concurrency=self.concurrency,
-            additional_context={"runner": self.runner, "jobs": self.jobs},
+            additional_context={
+                "runner": self.runner,
+                "executor": self.executor,
+                "jobs": self.jobs,
+            },
             install_signal_handlers=False,
             update_heartbeat_interval=self.settings.heartbeat_interval,
             stalled_worker_timeout=self.settings.stalled_worker_timeout,
-            fetch_job_polling_interval=1.0,
+            # Scheduled wake-ups (delayed steps) are found by polling: a fifth of a second.
+            fetch_job_polling_interval=0.2,
             delete_jobs="successful",
         )
 
@@ -154,6 +169,18 @@ class Worker:
         except TimeoutError:
             return True
         return False
+
+    async def _wake_due(self) -> None:
+        """Backs up the executor's wake-ups: due work nobody is running (a wake-up lost
+        to a race, a lease that ran out with its worker) gets one within a second."""
+        while await self._every(1.0):
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(
+                        db.query("wake_due", "executor.sql"), {"queue": self.settings.queue_name}
+                    )
+            except psycopg.Error as exc:
+                log.debug("queue sweep failed: %s", exc)
 
     async def _heartbeat(self) -> None:
         while await self._every(self.settings.heartbeat_interval):
@@ -292,6 +319,8 @@ class Worker:
                 if task.done() and not task.cancelled():
                     task.exception()  # retrieved: a loop's failure is not logged at exit
         try:
+            if self.executor is not None:  # what it held is claimable at once
+                await self.executor.release_all()
             async with self.pool.connection(timeout=STOP_WRITE_TIMEOUT) as conn:
                 await conn.execute(_q("worker_stopped"), {"id": self.worker_id})
         except psycopg.Error as exc:  # PoolTimeout included

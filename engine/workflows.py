@@ -42,7 +42,7 @@ from engine.model import (
     parse_definition,
     step_ids,
 )
-from engine.runtime import with_steps
+from engine.executor.context import with_steps
 
 
 class WorkflowNotFound(LookupError):

@@ -11,6 +11,41 @@ CREATE OR REPLACE FUNCTION crmflow.execution_lock(entity_type text, pk jsonb, ex
                 ELSE 'crmflow:execution:' || execution_id END
 $$;
 
+-- The executor's claim (engine/executor/queue.py): up to "max_rows" due executions, in
+-- priority then due order, leased to "worker" for "lease" seconds. An execution is not
+-- claimed while another of its entity is leased, or while an earlier one of its entity
+-- keeps event order (ordered). Claims are serialised by an advisory lock, taken before
+-- the claim's snapshot (a plpgsql statement gets a new one): two workers claiming at the
+-- same moment would otherwise each miss the other's fresh leases and could run two
+-- executions of one entity side by side. A claim takes a few milliseconds.
+CREATE OR REPLACE FUNCTION crmflow.claim_executions(worker text, max_rows integer, lease double precision)
+    RETURNS TABLE (execution_id bigint, entity_key text)
+    LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('crmflow:executor:claim', 0));
+    RETURN QUERY
+    WITH due AS (
+        SELECT q.execution_id
+          FROM crmflow.execution_queue AS q
+         WHERE q.run_at <= clock_timestamp()
+           AND (q.leased_until IS NULL OR q.leased_until < clock_timestamp())
+           AND NOT EXISTS (
+                   SELECT 1 FROM crmflow.execution_queue AS e
+                    WHERE e.entity_key = q.entity_key AND e.execution_id <> q.execution_id
+                      AND (e.leased_until >= clock_timestamp()
+                           OR (e.ordered AND e.execution_id < q.execution_id)))
+         ORDER BY q.priority DESC, q.run_at, q.execution_id
+         LIMIT max_rows
+           FOR UPDATE OF q SKIP LOCKED)
+    UPDATE crmflow.execution_queue AS q
+       SET leased_by = worker,
+           leased_until = clock_timestamp() + make_interval(secs => lease)
+      FROM due
+     WHERE q.execution_id = due.execution_id
+    RETURNING q.execution_id, q.entity_key;
+END
+$$;
+
 -- name: procrastinate_wakeups
 -- procrastinate wakes workers when a job is inserted, not when a lock frees up: a job
 -- queued behind another of the same entity would wait for the next poll (up to the
@@ -56,3 +91,35 @@ CREATE TRIGGER crmflow_wake_lock_successor_delete
     AFTER DELETE ON {schema}.procrastinate_jobs
     FOR EACH ROW WHEN (OLD.status = 'doing' AND OLD.lock IS NOT NULL)
     EXECUTE FUNCTION crmflow.wake_lock_successor();
+
+-- Wake-ups of the step executor: a procrastinate job "crmflow.run_steps" per due moment
+-- (rounded up to a quarter second), however many executions are due then. At most one
+-- job waits per moment (its queueing lock); one already waiting is enough.
+CREATE OR REPLACE FUNCTION crmflow.wake_executor(queue text, moments timestamptz[])
+    RETURNS integer
+    LANGUAGE plpgsql AS $$
+DECLARE
+    moment timestamptz;
+    wake_lock text;
+    woken integer := 0;
+BEGIN
+    FOR moment IN
+        SELECT DISTINCT CASE WHEN m <= clock_timestamp() THEN NULL
+                             ELSE to_timestamp(ceil(extract(epoch FROM m) * 4) / 4) END
+          FROM unnest(moments) AS m
+    LOOP
+        wake_lock := 'crmflow:steps:' || coalesce((extract(epoch FROM moment) * 4)::bigint::text, 'now');
+        CONTINUE WHEN EXISTS (SELECT 1 FROM {schema}.procrastinate_jobs AS j
+                               WHERE j.queueing_lock = wake_lock AND j.status = 'todo');
+        BEGIN
+            PERFORM {schema}.procrastinate_defer_jobs_v1(ARRAY[
+                ROW(queue, 'crmflow.run_steps', 0, NULL, wake_lock, '{{}}'::jsonb, moment
+                )::{schema}.procrastinate_job_to_defer_v1]);
+            woken := woken + 1;
+        EXCEPTION WHEN unique_violation THEN
+            NULL;  -- another transaction queued the same wake-up
+        END;
+    END LOOP;
+    RETURN woken;
+END
+$$;

@@ -300,21 +300,6 @@ UPDATE crmflow.workflows SET broken_since_event_id = NULL WHERE id = %(id)s;
 WHEN {entity_type} THEN (SELECT to_jsonb(t) FROM jsonb_populate_record(NULL::{table}, x.entity_pk) AS p
                           JOIN {table} AS t ON {pk_match})
 
--- name: defer_jobs
--- The executions' jobs, in id order (per entity, that is event order). A start in the
--- future must not hold the entity's lock (procrastinate would hold back every later job
--- of the entity until then): it is a lock-free wake-up that re-defers the start with the
--- lock when due (engine/runtime.py).
-SELECT procrastinate_defer_jobs_v1(ARRAY(
-           SELECT ROW(%(queue)s, 'crmflow.run_execution', 0,
-                      CASE WHEN x.not_before IS NULL
-                           THEN crmflow.execution_lock(x.entity_type, x.entity_pk, x.id) END,
-                      NULL, jsonb_build_object('execution_id', x.id), x.not_before
-                  )::procrastinate_job_to_defer_v1
-             FROM crmflow.executions AS x
-            WHERE x.id = ANY(%(ids)s)
-            ORDER BY x.id)) AS job_ids;
-
 -- name: record_inline
 -- The step rows of executions run inline, and the executions' state: those whose steps
 -- all ran are completed; the others keep "pending" (with their start time) until

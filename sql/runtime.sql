@@ -1,4 +1,5 @@
--- The step runner's SQL (engine/runtime.py).
+-- The careful path's SQL: one execution at a time (engine/executor/runner.py, flow.py,
+-- compensation.py). The batch loop's is in executor.sql.
 
 -- name: load_execution
 SELECT x.*, v.definition, v.limits,
@@ -66,7 +67,7 @@ RETURNING attempts;
 -- The execution remembers when its first action succeeded (event -> first action).
 WITH step AS (
     UPDATE crmflow.execution_steps
-       SET status = 'succeeded', result = %(result)s, error = NULL, scheduled_at = NULL,
+       SET status = 'succeeded', result = %(result)s, error = NULL,
            finished_at = clock_timestamp()
      WHERE execution_id = %(id)s AND step_id = %(step_id)s
     RETURNING finished_at
@@ -113,14 +114,6 @@ UPDATE crmflow.executions
  WHERE id = %(id)s AND status IN ('pending', 'running', 'waiting')
 RETURNING id;
 
--- name: defer_execution_job
--- lock: the entity's (or the execution's) lock for a job that runs steps; NULL for a
--- wake-up that only re-defers the locked job when due (see engine/runtime.py).
-SELECT unnest(procrastinate_defer_jobs_v1(ARRAY[
-           ROW(%(queue)s, 'crmflow.run_execution', 0, %(lock)s, NULL,
-               jsonb_build_object('execution_id', %(id)s::bigint), %(scheduled_at)s
-           )::procrastinate_job_to_defer_v1])) AS job_id;
-
 -- name: entity_row
 -- The entity as it is now, as JSON (NULL once deleted).
 SELECT to_jsonb(t) AS row
@@ -150,13 +143,6 @@ UPDATE crmflow.executions
        error = coalesce(%(reason)s, 'cancelled')
  WHERE id = %(id)s AND status IN ('pending', 'running', 'waiting')
 RETURNING id;
-
--- name: cancel_execution_jobs
--- Jobs of the execution still queued are cancelled; a running one stops at its next step.
-SELECT procrastinate_cancel_job_v1(j.id, false, false)
-  FROM procrastinate_jobs AS j
- WHERE j.status = 'todo' AND j.task_name = 'crmflow.run_execution'
-   AND (j.args ->> 'execution_id')::bigint = %(id)s;
 
 -- name: replay_execution
 -- Replay from the failed step: failed steps go back to pending (history of the

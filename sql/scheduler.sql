@@ -54,16 +54,18 @@ WITH enrolled AS (
      ORDER BY {pk_order}
     ON CONFLICT (workflow_version_id, enrollment_key) DO NOTHING
     RETURNING id, entity_type, entity_pk
+), queued AS (
+    INSERT INTO crmflow.execution_queue (execution_id, priority, entity_key)
+    SELECT x.id, %(priority)s, crmflow.execution_lock(x.entity_type, x.entity_pk, x.id)
+      FROM enrolled AS x ORDER BY x.id
+    RETURNING run_at
 ), deferred AS (
-    SELECT procrastinate_defer_jobs_v1(ARRAY(
-               SELECT ROW(%(queue)s, 'crmflow.run_execution', 0,
-                          crmflow.execution_lock(x.entity_type, x.entity_pk, x.id), NULL,
-                          jsonb_build_object('execution_id', x.id), NULL
-                      )::procrastinate_job_to_defer_v1
-                 FROM enrolled AS x ORDER BY x.id)) AS job_ids
+    SELECT count(*) AS n,
+           crmflow.wake_executor(%(queue)s, array_agg(DISTINCT run_at)) AS woken
+      FROM queued
 )
 SELECT (SELECT count(*) FROM enrolled) AS enrolled,
-       (SELECT coalesce(cardinality(job_ids), 0) FROM deferred) AS deferred,
+       (SELECT n FROM deferred) AS deferred,
        (SELECT array_agg(id ORDER BY id) FROM enrolled) AS execution_ids;
 
 -- name: enroll_nothing
@@ -78,14 +80,16 @@ WITH enrolled AS (
             %(triggered_at)s)
     ON CONFLICT (workflow_version_id, enrollment_key) DO NOTHING
     RETURNING id, entity_type, entity_pk
+), queued AS (
+    INSERT INTO crmflow.execution_queue (execution_id, priority, entity_key)
+    SELECT x.id, %(priority)s, crmflow.execution_lock(x.entity_type, x.entity_pk, x.id)
+      FROM enrolled AS x ORDER BY x.id
+    RETURNING run_at
 ), deferred AS (
-    SELECT procrastinate_defer_jobs_v1(ARRAY(
-               SELECT ROW(%(queue)s, 'crmflow.run_execution', 0,
-                          crmflow.execution_lock(x.entity_type, x.entity_pk, x.id), NULL,
-                          jsonb_build_object('execution_id', x.id), NULL
-                      )::procrastinate_job_to_defer_v1
-                 FROM enrolled AS x)) AS job_ids
+    SELECT count(*) AS n,
+           crmflow.wake_executor(%(queue)s, array_agg(DISTINCT run_at)) AS woken
+      FROM queued
 )
 SELECT (SELECT count(*) FROM enrolled) AS enrolled,
-       (SELECT coalesce(cardinality(job_ids), 0) FROM deferred) AS deferred,
+       (SELECT n FROM deferred) AS deferred,
        (SELECT array_agg(id) FROM enrolled) AS execution_ids;

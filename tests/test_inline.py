@@ -31,7 +31,8 @@ def settings(db_url: str) -> Settings:
 
 
 async def jobs(conn: psycopg.AsyncConnection[Any]) -> int:
-    return await value(conn, "SELECT count(*) FROM procrastinate.procrastinate_jobs")
+    """Executions in the step executor's queue."""
+    return await value(conn, "SELECT count(*) FROM crmflow.execution_queue")
 
 
 async def test_database_steps_complete_in_the_matchers_transaction(

@@ -50,9 +50,14 @@ async def test_matching_rows_enroll_once_each(
     events = await fetch(crm, "SELECT matched, processed_at FROM crmflow.outbox ORDER BY id")
     assert [e["matched"] for e in events] == [1, 0, 1, 0]
     assert all(e["processed_at"] for e in events)
-    # jobs were deferred in the same transaction, with the entity's lock
-    jobs = await fetch(crm, "SELECT lock, args FROM procrastinate.procrastinate_jobs ORDER BY id")
-    assert [j["lock"] for j in jobs] == ['crmflow:lead:{"id": 1}', 'crmflow:lead:{"id": 3}']
+    # queued in the same transaction, keeping their entity's order, and one wake-up
+    queued = await fetch(
+        crm, "SELECT entity_key, ordered FROM crmflow.execution_queue ORDER BY execution_id"
+    )
+    assert [q["entity_key"] for q in queued] == ['crmflow:lead:{"id": 1}', 'crmflow:lead:{"id": 3}']
+    assert all(q["ordered"] for q in queued)
+    wakeups = await fetch(crm, "SELECT task_name, args FROM procrastinate.procrastinate_jobs")
+    assert wakeups == [{"task_name": "crmflow.run_steps", "args": {}}]
     assert (await matcher.drain()).claimed == 0  # nothing left, nothing twice
     assert len(await executions(crm)) == 2
 
@@ -200,7 +205,7 @@ async def test_loops_stop_at_the_depth_limit(
     [row] = await executions(crm)
     assert row["status"] == "failed" and row["depth"] == 5
     assert "loop stopped" in row["error"] and "limit 5" in row["error"]
-    assert await value(crm, "SELECT count(*) FROM procrastinate.procrastinate_jobs") == 0
+    assert await value(crm, "SELECT count(*) FROM crmflow.execution_queue") == 0
 
 
 async def test_a_failing_predicate_does_not_block_the_outbox(
@@ -328,8 +333,8 @@ async def test_two_matchers_enroll_each_event_exactly_once_in_entity_order(
     # per entity, executions (and their jobs) were enrolled in event order
     jobs = await fetch(
         crm,
-        "SELECT id, lock, (args->>'execution_id')::bigint AS execution_id "
-        "FROM procrastinate.procrastinate_jobs ORDER BY id",
+        "SELECT execution_id AS id, entity_key AS lock, execution_id "
+        "FROM crmflow.execution_queue ORDER BY execution_id",
     )
     event_of = {r["id"]: r["event_id"] for r in rows}
     per_lock: dict[str, list[int]] = {}
@@ -366,7 +371,7 @@ async def test_a_matcher_killed_mid_batch_replays_without_duplicates(
     assert (result.claimed, result.enrolled) == (50, 50)
     rows = await executions(crm)
     assert len(rows) == 50 == len({r["event_id"] for r in rows})
-    assert await value(crm, "SELECT count(*) FROM procrastinate.procrastinate_jobs") == 50
+    assert await value(crm, "SELECT count(*) FROM crmflow.execution_queue") == 50
 
 
 def crmflow(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:

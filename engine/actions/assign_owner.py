@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.actions.base import Action, Params, PermanentError, Skip
 from engine.actions.crm import crm_table
 from engine.conditions import Compiler, ConditionError, ValueCheck, parse_conditions
+from engine.executor.context import StepContext
 from engine.model import Issue
-from engine.runtime import StepContext
 
 
 class Rule(BaseModel):

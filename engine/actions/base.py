@@ -17,24 +17,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from engine.executor.errors import PermanentError, Skip
 from engine.model import Issue, issues_from_pydantic
 
 if TYPE_CHECKING:
     from engine.catalog import EntitySchema
     from engine.conditions import ValueCheck
-    from engine.runtime import StepContext
+    from engine.executor.context import StepContext
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Skip(Exception):
-    """Raised by an action that decides not to run; the step is ``skipped`` with the reason."""
-
-
-class PermanentError(Exception):
-    """An error that retrying cannot fix (bad configuration, 4xx): no further attempts."""
+__all__ = ["Action", "Params", "PermanentError", "Skip"]
 
 
 class Action:

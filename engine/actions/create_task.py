@@ -16,8 +16,8 @@ from engine.actions.crm import (
     crm_table,
     resolve_users,
 )
+from engine.executor.context import StepContext, now
 from engine.model import Duration, Issue
-from engine.runtime import StepContext, now
 
 
 class CreateTaskParams(Params):

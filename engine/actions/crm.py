@@ -12,7 +12,7 @@ from engine.model import Issue
 
 if TYPE_CHECKING:
     from engine.catalog import EntitySchema
-    from engine.runtime import StepContext
+    from engine.executor.context import StepContext
 
 
 def crm_table(ctx: StepContext, name: str) -> sql.Identifier:

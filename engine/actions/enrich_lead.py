@@ -21,8 +21,9 @@ from pydantic import Field
 from engine import breakers, http
 from engine.actions.base import Action, Params, PermanentError, Skip
 from engine.actions.http_request import retry_after_seconds
+from engine.executor.context import StepContext
+from engine.executor.errors import RetryAfter
 from engine.model import Issue
-from engine.runtime import RetryAfter, StepContext
 
 PROTECTED = frozenset({"id", "owner_id", "score", "status", "created_at", "updated_at"})
 

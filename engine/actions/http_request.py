@@ -22,8 +22,9 @@ from pydantic import Field
 from engine import breakers, http, netpolicy, templates
 from engine.actions.base import Action, Params, PermanentError
 from engine.actions.crm import check_templates
+from engine.executor.context import StepContext, now
+from engine.executor.errors import RetryAfter
 from engine.model import Duration, Issue
-from engine.runtime import RetryAfter, StepContext, now
 
 MAX_RESPONSE_KEPT = 10_000  # characters of the response kept in the step's result
 MAX_RESPONSE_READ = 64_000  # bytes read from the response; the rest is not downloaded

@@ -14,8 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.actions.base import Action, Params
+from engine.executor.context import StepContext
 from engine.model import Issue
-from engine.runtime import StepContext
 
 FREE_MAIL = frozenset(
     {

@@ -18,8 +18,8 @@ from pydantic import Field, model_validator
 from engine import smtp
 from engine.actions.base import Action, Params, PermanentError
 from engine.actions.crm import check_owner_field, check_templates, fetch_all, resolve_users
+from engine.executor.context import StepContext
 from engine.model import Issue
-from engine.runtime import StepContext
 
 
 class SendEmailParams(Params):

@@ -22,8 +22,8 @@ from engine.actions.crm import (
     crm_table,
     resolve_users,
 )
+from engine.executor.context import StepContext
 from engine.model import Issue
-from engine.runtime import StepContext
 
 CHANNEL = "crmflow_notifications"
 

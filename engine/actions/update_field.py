@@ -10,8 +10,8 @@ from pydantic import Field
 from engine import templates
 from engine.actions.base import Action, Params
 from engine.conditions import ValueCheck, value_text
+from engine.executor.context import StepContext
 from engine.model import Issue
-from engine.runtime import StepContext
 
 
 class UpdateFieldParams(Params):

@@ -1,0 +1,576 @@
+"""One execution at a time: the executor's careful path, and the operators' commands.
+
+The batch loop (engine/executor/batch.py) runs the common steps of many executions
+together; what it does not take on comes here, one execution at a time, in its own
+short transactions: starts under flow control (engine/executor/flow.py), ``when``
+conditions, ``delay.until`` a field, failures (retries, ``on_failure``, compensation).
+Tests and operators drive executions through :meth:`Runner.run` too.
+
+Steps run in order, or as a DAG when they name ``depends_on``. A database action runs
+inside the transaction that records its step, so its effect commits exactly once. An
+external action runs between two transactions and is retried on a crash:
+at-least-once, with an idempotency key the receiver sees.
+
+Nothing here waits in-process: a step that is not due yet, a retry back-off or a
+rate-limited start is recorded (``scheduled_at``, ``not_before``) and the execution
+queue wakes the execution when it is due (:func:`next_wake`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from engine import catalog, db, metrics, templates
+from engine.actions import registry
+from engine.actions.base import Action
+from engine.catalog import EntitySchema
+from engine.config import Settings, get_settings
+from engine.executor import flow
+from engine.executor.compensation import cancel, compensate, replay
+from engine.executor.context import StepContext, now, pk_match
+from engine.executor.errors import (
+    PermanentError,
+    RetryAfter,
+    Skip,
+    StepRetryLater,
+    describe,
+    jsonable,
+)
+from engine.executor.plans import Plan, plan_for
+from engine.model import DelayUntil, RetryPolicy, Step
+
+log = logging.getLogger(__name__)
+
+LIVE = ("pending", "running", "waiting")
+DONE_STEP = ("succeeded", "skipped", "compensated")
+
+
+def _q(name: str) -> str:
+    return db.query(name, "runtime.sql")
+
+
+class Runner:
+    def __init__(self, pool: AsyncConnectionPool, settings: Settings | None = None) -> None:
+        self.pool = pool
+        self.settings = settings or get_settings()
+        self._entities: dict[str, EntitySchema] = {}
+
+    # ───────── loading ─────────
+
+    async def entity(
+        self, conn: psycopg.AsyncConnection[Any], entity_type: str | None
+    ) -> EntitySchema | None:
+        if entity_type is None:
+            return None
+        if entity_type not in self._entities:
+            entity = await catalog.load_entity(conn, entity_type)
+            if entity is None:
+                return None
+            self._entities[entity_type] = entity
+        return self._entities[entity_type]
+
+    async def _plan(self, conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -> Plan:
+        entity = await self.entity(conn, ex["entity_type"])
+        return plan_for(int(ex["workflow_version_id"]), ex["definition"], entity)
+
+    async def _load(
+        self, conn: psycopg.AsyncConnection[Any], execution_id: int
+    ) -> dict[str, Any] | None:
+        return await (await conn.execute(_q("load_execution"), {"id": execution_id})).fetchone()
+
+    async def entity_row(
+        self, conn: psycopg.AsyncConnection[Any], ex: dict[str, Any], entity: EntitySchema | None
+    ) -> dict[str, Any] | None:
+        """The entity now; after a delete, the last state the event saw."""
+        if entity is None or ex["entity_pk"] is None:
+            return None
+        query = sql.SQL(_q("entity_row")).format(table=entity.table, pk_match=pk_match(entity))
+        row = await (await conn.execute(query, {"pk": Jsonb(ex["entity_pk"])})).fetchone()
+        if row is not None:
+            return row["row"]
+        return ex.get("event_new_row") or ex.get("event_old_row")
+
+    # ───────── the job ─────────
+
+    async def run(self, execution_id: int, job_lock: str | None = None) -> str:
+        """Run what is ready of the execution; returns what happened (for logs and tests).
+
+        Nothing is left ``running`` by surprise: losing the database raises
+        :class:`StepRetryLater` (the queue tries again in a few seconds), and any other
+        unexpected error fails the execution with it. ``job_lock`` is what procrastinate
+        jobs of earlier versions passed; the execution queue keeps the order now.
+        """
+        try:
+            return await self._run(execution_id)
+        except StepRetryLater:
+            raise
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            from engine.matcher import conflict_kind  # (engine.matcher imports this module)
+
+            kind = conflict_kind(exc)
+            if kind is not None:  # rolled back by a lock conflict: soon again, jittered
+                what = kind.replace("_", " ")
+                log.warning(
+                    "execution %s: rolled back by a %s (%s); retrying", execution_id, what, exc
+                )
+                at = now() + timedelta(seconds=random.uniform(0.05, 0.5))
+                raise StepRetryLater(execution_id, at) from exc
+            log.warning("execution %s: database unavailable (%s); retrying", execution_id, exc)
+            raise StepRetryLater(execution_id, now() + timedelta(seconds=5)) from exc
+        except Exception as exc:
+            log.exception("execution %s failed unexpectedly", execution_id)
+            async with self.pool.connection() as conn:
+                await self._set_status(
+                    conn, execution_id, "failed", f"internal error: {describe(exc)}"
+                )
+            return "failed"
+
+    async def _run(self, execution_id: int) -> str:
+        async with db.autocommit(self.pool) as conn:
+            ex = await self._load(conn, execution_id)
+        if ex is None or ex["status"] not in LIVE:
+            return "nothing to do"
+        if ex["not_before"] is not None and ex["not_before"] > now():
+            return "not yet"
+        if ex["started_at"] is None or ex["status"] == "pending":
+            async with self.pool.connection() as conn, conn.transaction():
+                outcome = await flow.admit_start(conn, ex)
+                if outcome is None:
+                    await self._start(conn, ex)
+            if outcome is not None:
+                return outcome
+        elif ex["status"] == "waiting" and flow.limits_steps(ex):
+            async with self.pool.connection() as conn, conn.transaction():
+                outcome = await flow.admit_resume(conn, ex)
+            if outcome is not None:
+                return outcome
+        return await self._run_steps(execution_id)
+
+    async def _start(self, conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -> None:
+        """Mark the execution running and create its step rows (in the admitting
+        transaction)."""
+        await conn.execute(_q("start_execution"), {"id": ex["id"]})
+        plan = await self._plan(conn, ex)
+        await conn.execute(
+            _q("ensure_steps"),
+            {
+                "id": ex["id"],
+                "step_ids": plan.ids,
+                "types": [plan.steps[s].type for s in plan.ids],
+            },
+        )
+
+    async def _set_status(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        execution_id: int,
+        status: str,
+        error: str | None,
+        not_before: datetime | None = None,
+    ) -> None:
+        await conn.execute(
+            _q("set_execution_status"),
+            {
+                "id": execution_id,
+                "status": status,
+                "error": error,
+                "not_before": not_before,
+            },
+        )
+
+    async def _run_steps(self, execution_id: int) -> str:
+        while True:
+            async with db.autocommit(self.pool) as conn:
+                ex = await self._load(conn, execution_id)
+                if ex is None or ex["status"] not in LIVE:
+                    return "stopped"
+                plan = await self._plan(conn, ex)
+                rows = {
+                    r["step_id"]: r
+                    for r in await (
+                        await conn.execute(_q("load_steps"), {"id": execution_id})
+                    ).fetchall()
+                }
+            failed = [s for s in plan.ids if rows[s]["status"] == "failed"]
+            stopping = [s for s in failed if plan.steps[s].on_failure != "continue"]
+            if stopping:
+                await self._fail(ex, plan, stopping[0], rows)
+                return "failed"
+            satisfied = {s for s in plan.ids if rows[s]["status"] in DONE_STEP} | set(failed)
+            ready = [
+                s
+                for s in plan.ids
+                if rows[s]["status"] in ("pending", "scheduled", "running")
+                and all(d in satisfied for d in plan.deps[s])
+            ]
+            if not ready:
+                if all(rows[s]["status"] in (*DONE_STEP, "failed") for s in plan.ids):
+                    error = f"continued past failed steps: {', '.join(failed)}" if failed else None
+                    async with db.autocommit(self.pool) as conn:
+                        await self._set_status(conn, execution_id, "completed", error)
+                    return "completed"
+                blocked = [s for s in plan.ids if rows[s]["status"] == "pending"]
+                async with db.autocommit(self.pool) as conn:
+                    await self._set_status(
+                        conn, execution_id, "failed", f"steps can never run: {', '.join(blocked)}"
+                    )
+                return "failed"
+
+            ran = False
+            for sid in ready:
+                row = rows[sid]
+                step = plan.steps[sid]
+                if row["status"] == "pending" and step.delay is not None:
+                    if await self._schedule_delay(ex, sid, step, ready_moment(ex, plan, sid, rows)):
+                        continue
+                    ran = True  # the delay was already over (or skipped): state changed
+                    break
+                if (
+                    row["status"] == "scheduled"
+                    and row["scheduled_at"]
+                    and row["scheduled_at"] > now()
+                ):
+                    continue
+                await self._run_step(ex, plan, sid, rows)
+                ran = True
+                break
+            if not ran:
+                async with db.autocommit(self.pool) as conn:
+                    await self._set_status(conn, execution_id, "waiting", None)
+                return "waiting"
+
+    async def _schedule_delay(
+        self, ex: dict[str, Any], sid: str, step: Step, ready_at: datetime
+    ) -> bool:
+        """Mark a delayed step scheduled at ``ready_at`` + its delay; False if it is due
+        now. The delay counts from the moment the step became ready, not from when a
+        worker got to it: a backlog does not push delayed steps later."""
+        async with self.pool.connection() as conn, conn.transaction():
+            if isinstance(step.delay, DelayUntil):
+                entity = await self.entity(conn, ex["entity_type"])
+                row = await self.entity_row(conn, ex, entity)
+                assert entity is not None
+                query = sql.SQL(_q("moment_of_field")).format(
+                    field=sql.Identifier(step.delay.until), table=entity.table
+                )
+                moment = await (
+                    await conn.execute(query, {"row": Jsonb(row), "offset": step.delay.offset})
+                ).fetchone()
+                at = moment["at"] if moment else None
+                if at is None:
+                    await conn.execute(
+                        _q("step_skipped"),
+                        {
+                            "id": ex["id"],
+                            "step_id": sid,
+                            "result": Jsonb({"reason": f"{step.delay.until} is empty"}),
+                        },
+                    )
+                    return False
+            else:
+                at = ready_at + timedelta(seconds=float(step.delay or 0))
+            await conn.execute(
+                _q("step_scheduled"), {"id": ex["id"], "step_id": sid, "scheduled_at": at}
+            )
+        return at > now()
+
+    # ───────── one step ─────────
+
+    async def _run_step(
+        self, ex: dict[str, Any], plan: Plan, sid: str, rows: dict[str, dict[str, Any]]
+    ) -> None:
+        step = plan.steps[sid]
+        action = registry().get(step.type)
+        steps_view = {s: {"status": r["status"], "result": r["result"]} for s, r in rows.items()}
+        async with db.autocommit(self.pool) as conn:  # reads, then at most one write
+            entity = await self.entity(conn, ex["entity_type"])
+            row = await self.entity_row(conn, ex, entity)
+            if sid in plan.when_sql and not await self.evaluate(
+                conn, entity, row, steps_view, plan.when_sql[sid]
+            ):
+                await conn.execute(
+                    _q("step_skipped"),
+                    {
+                        "id": ex["id"],
+                        "step_id": sid,
+                        "result": Jsonb({"reason": "'when' was false"}),
+                    },
+                )
+                return
+        ctx = StepContext(self, ex, sid, step, 0, entity, row, steps_view, self.settings)
+        if action is None:
+            await self._record_failure(
+                ex, step, sid, PermanentError(f"unknown action {step.type!r}")
+            )
+            return
+        try:
+            params = action.parse(step.params)
+        except Exception as exc:
+            await self._record_failure(ex, step, sid, PermanentError(f"bad parameters: {exc}"))
+            return
+        if action.kind == "database":
+            await self._run_database_step(ctx, action, params)
+        else:
+            await self._run_external_step(ctx, action, params)
+
+    async def evaluate(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        entity: EntitySchema | None,
+        row: dict[str, Any] | None,
+        steps_view: dict[str, Any],
+        predicate: str,
+    ) -> bool:
+        params = {"row": Jsonb(row), "steps": Jsonb(steps_view)}
+        safe = sql.SQL(predicate.replace("%", "%%"))
+        if entity is None:
+            query = sql.SQL(_q("evaluate_no_entity")).format(predicate=safe)
+        else:
+            query = sql.SQL(_q("evaluate")).format(predicate=safe, table=entity.table)
+        result = await (await conn.execute(query, params)).fetchone()
+        return bool(result and result["ok"])
+
+    def _timeout(self, step: Step) -> float:
+        return float(step.timeout or self.settings.default_step_timeout)
+
+    async def write_context(
+        self, conn: psycopg.AsyncConnection[Any], ctx: StepContext, *, undo: bool = False
+    ) -> None:
+        """Sign the depth and actor of the action's writes. The undo writes of
+        compensation say so (``crmflow:compensation:<id>``): the matcher captures them
+        but enrolls nothing on them, so an undo cannot trigger its own workflow again."""
+        kind = "compensation" if undo else "execution"
+        await conn.execute(
+            _q("set_write_context"),
+            {
+                "depth": str(int(ctx.execution["depth"]) + 1),
+                "actor": f"crmflow:{kind}:{ctx.execution_id}",
+            },
+        )
+
+    async def _run_database_step(self, ctx: StepContext, action: Action, params: Any) -> None:
+        retry: StepRetryLater | None = None
+        timeout = self._timeout(ctx.step)
+        async with self.pool.connection() as conn, conn.transaction():
+            lk = await (
+                await conn.execute(
+                    _q("lock_step"), {"id": ctx.execution_id, "step_id": ctx.step_id}
+                )
+            ).fetchone()
+            if (
+                lk is None
+                or lk["status"] in (*DONE_STEP, "failed")
+                or lk["execution_status"] not in LIVE
+            ):
+                return  # done by an earlier run of this job, or cancelled
+            attempt = await (
+                await conn.execute(
+                    _q("step_running"), {"id": ctx.execution_id, "step_id": ctx.step_id}
+                )
+            ).fetchone()
+            assert attempt is not None
+            ctx.attempt = attempt["attempts"]
+            ctx.conn = conn
+            await self.write_context(conn, ctx)
+            try:
+                async with conn.transaction():  # savepoint: a failure keeps the step record
+                    # The step's own timeout bounds its statements, and its wait for a
+                    # CRM row that one of the CRM's transactions holds: the session's 2 s
+                    # lock_timeout would fail the attempt while the CRM is merely busy.
+                    await conn.execute(
+                        sql.SQL(
+                            "SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+                        ).format(ms=sql.Literal(int(timeout * 1000)))
+                    )
+                    result = await asyncio.wait_for(action.run(ctx, params), timeout)
+            except Skip as skip:
+                await conn.execute(
+                    _q("step_skipped"),
+                    {
+                        "id": ctx.execution_id,
+                        "step_id": ctx.step_id,
+                        "result": Jsonb({"reason": str(skip)}),
+                    },
+                )
+                return
+            except Exception as exc:  # the action's effects were rolled back with the savepoint
+                retry = await self._attempt_failed(conn, ctx, exc)
+            else:
+                metrics.STEPS_RUN.labels(ctx.step.type, "succeeded", "queue").inc()
+                await conn.execute(
+                    _q("step_succeeded"),
+                    {
+                        "id": ctx.execution_id,
+                        "step_id": ctx.step_id,
+                        "result": Jsonb(jsonable(result or {})),
+                    },
+                )
+        if retry is not None:
+            raise retry
+
+    async def _run_external_step(self, ctx: StepContext, action: Action, params: Any) -> None:
+        async with self.pool.connection() as conn, conn.transaction():
+            lk = await (
+                await conn.execute(
+                    _q("lock_step"), {"id": ctx.execution_id, "step_id": ctx.step_id}
+                )
+            ).fetchone()
+            if (
+                lk is None
+                or lk["status"] in (*DONE_STEP, "failed")
+                or lk["execution_status"] not in LIVE
+            ):
+                return
+            attempt = await (
+                await conn.execute(
+                    _q("step_running"), {"id": ctx.execution_id, "step_id": ctx.step_id}
+                )
+            ).fetchone()
+            assert attempt is not None
+            ctx.attempt = attempt["attempts"]
+        # Outside any transaction: a crash from here to the commit below repeats the call.
+        retry: StepRetryLater | None = None
+        try:
+            result = await asyncio.wait_for(action.run(ctx, params), self._timeout(ctx.step))
+        except Skip as skip:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    _q("step_skipped"),
+                    {
+                        "id": ctx.execution_id,
+                        "step_id": ctx.step_id,
+                        "result": Jsonb({"reason": str(skip)}),
+                    },
+                )
+            return
+        except Exception as exc:
+            async with self.pool.connection() as conn, conn.transaction():
+                retry = await self._attempt_failed(conn, ctx, exc)
+            if retry is not None:
+                raise retry from None
+            return
+        async with self.pool.connection() as conn, conn.transaction():
+            lk = await (
+                await conn.execute(
+                    _q("lock_step"), {"id": ctx.execution_id, "step_id": ctx.step_id}
+                )
+            ).fetchone()
+            if lk is None or lk["status"] != "running":
+                return
+            ctx.conn = conn
+            await self.write_context(conn, ctx)
+            try:
+                async with conn.transaction():
+                    result = await action.commit(ctx, params, result)
+            except Exception as exc:
+                retry = await self._attempt_failed(conn, ctx, exc)
+            else:
+                metrics.STEPS_RUN.labels(ctx.step.type, "succeeded", "queue").inc()
+                await conn.execute(
+                    _q("step_succeeded"),
+                    {
+                        "id": ctx.execution_id,
+                        "step_id": ctx.step_id,
+                        "result": Jsonb(jsonable(result or {})),
+                    },
+                )
+        if retry is not None:
+            raise retry
+
+    def retry_at(self, step: Step, attempts: int, exc: BaseException) -> datetime | None:
+        if isinstance(exc, PermanentError | templates.TemplateProblem):
+            return None
+        policy = step.retry or RetryPolicy()
+        if attempts >= policy.max_attempts:
+            return None
+        wait = min(policy.max_backoff, policy.backoff * 2 ** max(attempts - 1, 0))
+        if policy.jitter:
+            wait = random.uniform(wait / 2, wait)
+        if isinstance(exc, RetryAfter) and exc.seconds:
+            # The server said when: never earlier (jitter only spreads our own back-off).
+            wait = max(wait, min(exc.seconds, policy.max_backoff))
+        return now() + timedelta(seconds=wait)
+
+    async def _attempt_failed(
+        self, conn: psycopg.AsyncConnection[Any], ctx: StepContext, exc: BaseException
+    ) -> StepRetryLater | None:
+        error = describe(exc)
+        metrics.STEPS_RUN.labels(ctx.step.type, "failed attempt", "queue").inc()
+        retry_at = self.retry_at(ctx.step, ctx.attempt, exc)
+        await conn.execute(
+            _q("step_attempt_failed"),
+            {
+                "id": ctx.execution_id,
+                "step_id": ctx.step_id,
+                "error": error,
+                "status": "scheduled" if retry_at else "failed",
+                "retry_at": retry_at,
+            },
+        )
+        log.info(
+            "execution %s step %s attempt %s failed: %s",
+            ctx.execution_id,
+            ctx.step_id,
+            ctx.attempt,
+            error,
+        )
+        if retry_at is None:
+            return None
+        await self._set_status(conn, ctx.execution_id, "waiting", None)
+        return StepRetryLater(ctx.execution_id, retry_at)
+
+    async def _record_failure(
+        self, ex: dict[str, Any], step: Step, sid: str, exc: Exception
+    ) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(_q("step_running"), {"id": ex["id"], "step_id": sid})
+            await conn.execute(
+                _q("step_attempt_failed"),
+                {
+                    "id": ex["id"],
+                    "step_id": sid,
+                    "error": describe(exc),
+                    "status": "failed",
+                    "retry_at": None,
+                },
+            )
+
+    # ───────── failure and compensation ─────────
+
+    async def _fail(
+        self, ex: dict[str, Any], plan: Plan, failed_sid: str, rows: dict[str, dict[str, Any]]
+    ) -> None:
+        step = plan.steps[failed_sid]
+        if step.on_failure == "compensate":
+            await compensate(self, ex, plan, rows)
+        error = f"step {failed_sid} failed: {rows[failed_sid]['error']}"
+        async with self.pool.connection() as conn:
+            await self._set_status(conn, ex["id"], "failed", error)
+
+    # ───────── operator commands ─────────
+
+    async def cancel(self, execution_id: int, reason: str | None = None) -> bool:
+        return await cancel(self.pool, execution_id, reason)
+
+    async def replay(self, execution_id: int) -> bool:
+        """Replay a failed execution from its failed step(s)."""
+        return await replay(self.pool, self.settings, execution_id)
+
+
+def ready_moment(
+    ex: dict[str, Any], plan: Plan, sid: str, rows: dict[str, dict[str, Any]]
+) -> datetime:
+    """When the step became ready: its inputs' last finish, or the execution's start."""
+    finished = [rows[d]["finished_at"] for d in plan.deps[sid] if rows[d].get("finished_at")]
+    if finished:
+        return max(finished)
+    return ex.get("started_at") or now()
