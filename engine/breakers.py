@@ -187,9 +187,9 @@ class Breakers:
         if known is None or known.state == CLOSED:
             return None  # the healthy path: no database, no await
         at = now()
-        if known.probing or (known.retry_at is not None and at < known.retry_at):
-            return known.retry_at
-        # The open period (or a vanished probe's deadline) is over: try to be the probe.
+        if known.retry_at is not None and at < known.retry_at:
+            return known.retry_at  # open, or a probe is out (this process's or another's)
+        # The open period (or a probe's deadline, even our own) is over: try to probe.
         try:
             row = await self._write("breaker_claim_probe", host, at)
             if row is None:  # another process probes, or closed it: the row says which

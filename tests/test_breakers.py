@@ -199,6 +199,21 @@ async def test_a_probe_whose_process_died_is_taken_over_after_its_deadline(
     assert (await row(conn) or {})["probe_owner"] == alive.owner
 
 
+async def test_never_a_time_in_the_past_a_slow_probe_past_its_deadline_lets_another_go(
+    pool: AsyncConnectionPool, settings: Settings, conn: Conn
+) -> None:
+    b = Breakers(pool, breaker_settings(settings, breaker_probe_timeout=0.3))
+    await fail(b, 3)
+    await wait_past((await row(conn) or {})["retry_at"])
+    assert await b.admit(HOST) is None  # the probe, still out after its deadline
+    deadline = await b.admit(HOST)
+    assert deadline is not None and deadline > datetime.now(UTC)
+    await wait_past(deadline)
+    assert await b.admit(HOST) is None  # a second probe, not "come back in the past"
+    await b.record(HOST, True)
+    assert b.state(HOST) == "closed"
+
+
 async def test_no_database_round_trip_per_call_while_closed(
     pool: AsyncConnectionPool, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
