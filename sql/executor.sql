@@ -86,13 +86,18 @@ WITH outcome AS (
                          %(retry_ats)s::timestamptz[])
            AS o(execution_id, step_id, status, result, error, retry_at)
 ), steps AS (
+    -- held: the target's circuit breaker is open; the step waits for it (retry_at), the
+    -- attempt it had begun is given back
     UPDATE crmflow.execution_steps AS s
-       SET status = o.status,
+       SET status = CASE WHEN o.status = 'held' THEN 'scheduled' ELSE o.status END,
+           attempts = CASE WHEN o.status = 'held' THEN greatest(s.attempts - 1, 0)
+                           ELSE s.attempts END,
            result = CASE WHEN o.status IN ('succeeded', 'skipped') THEN o.result ELSE s.result END,
            error = o.error,
            -- a retry's time; otherwise the due time it had stays (delays are reported)
-           scheduled_at = CASE WHEN o.status = 'scheduled' THEN o.retry_at ELSE s.scheduled_at END,
-           finished_at = CASE WHEN o.status = 'scheduled' THEN NULL
+           scheduled_at = CASE WHEN o.status IN ('scheduled', 'held') THEN o.retry_at
+                               ELSE s.scheduled_at END,
+           finished_at = CASE WHEN o.status IN ('scheduled', 'held') THEN NULL
                               ELSE coalesce(%(finished_at)s, clock_timestamp()) END
       FROM outcome AS o
      WHERE s.execution_id = o.execution_id AND s.step_id = o.step_id

@@ -94,6 +94,14 @@ UPDATE crmflow.execution_steps
    SET status = 'scheduled', scheduled_at = %(scheduled_at)s
  WHERE execution_id = %(id)s AND step_id = %(step_id)s AND status = 'pending';
 
+-- name: step_held
+-- An external step whose host's circuit breaker is open waits for it (engine/breakers.py).
+UPDATE crmflow.execution_steps
+   SET status = 'scheduled', scheduled_at = %(scheduled_at)s,
+       error = 'waiting: the circuit breaker of its host is open'
+ WHERE execution_id = %(id)s AND step_id = %(step_id)s
+   AND status IN ('pending', 'scheduled', 'running');
+
 -- name: step_compensated
 UPDATE crmflow.execution_steps
    SET status = 'compensated', error = %(error)s

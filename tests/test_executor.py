@@ -219,3 +219,49 @@ async def _drained(heir: BatchExecutor, crm: psycopg.AsyncConnection[Any]) -> bo
             " WHERE status IN ('pending', 'running', 'waiting')",
         )
     )
+
+
+async def test_an_open_circuit_breaker_holds_steps_back_without_using_attempts(
+    crm: psycopg.AsyncConnection[Any], db_url: str, settings: Settings, web: Any
+) -> None:
+    """A host that fails: after breaker_failures consecutive failures its breaker opens,
+    the steps calling it wait (scheduled, attempts given back) and the host hears
+    nothing more until the open period is over."""
+    from engine.worker import running_worker
+    from tests.servers import Reply
+
+    web.default = Reply(status=503, body={"down": True})
+    await apply(
+        crm,
+        on_new_lead(
+            [
+                {
+                    "type": "http_request",
+                    "url": web.url(),
+                    "method": "POST",
+                    "retry": {"max_attempts": 20, "backoff": 0.05, "max_backoff": 0.1},
+                }
+            ]
+        ),
+    )
+    tight = settings.model_copy(update={"breaker_failures": 3, "breaker_open_seconds": 60})
+    async with running_worker(db_url, settings=tight, concurrency=4):
+        await crm.execute("INSERT INTO leads (name) SELECT 'l' || i FROM generate_series(1, 5) i")
+
+        async def held() -> bool:
+            rows = await fetch(
+                crm,
+                "SELECT status, error FROM crmflow.execution_steps WHERE status = 'scheduled'"
+                " AND error LIKE '%circuit breaker%'",
+            )
+            return len(rows) == 5
+
+        await wait_until(held, timeout=30)
+        calls = len(web.requests)
+        await asyncio.sleep(1.0)
+        assert len(web.requests) == calls  # nothing reaches the host while it is open
+        assert calls < 5 * 20  # far fewer than every attempt of every step
+        state = await value(crm, "SELECT state FROM crmflow.circuit_breakers")
+        assert state == "open"
+        statuses = {r["status"] for r in await fetch(crm, "SELECT status FROM crmflow.executions")}
+        assert statuses == {"waiting"}  # waiting, not failed

@@ -35,26 +35,23 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg import sql
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from engine import catalog, db, metrics
-from engine.actions import registry
-from engine.actions.base import Action
+from engine import catalog, db
 from engine.catalog import EntitySchema
 from engine.config import Settings
 from engine.executor import flow, queue
-from engine.executor.context import StepContext, now
-from engine.executor.errors import Skip, StepRetryLater, describe, jsonable
-from engine.executor.plans import Plan, plan_for
-from engine.executor.runner import DONE_STEP, LIVE, Runner, ready_moment
-from engine.model import DelayUntil
+from engine.executor.context import now
+from engine.executor.database_steps import GroupFallsBack, check_conditions, run_database
+from engine.executor.errors import StepRetryLater
+from engine.executor.external_steps import run_external
+from engine.executor.plans import plan_for
+from engine.executor.runner import LIVE, Runner
+from engine.executor.waves import Item, Wave, plan_wave
 
 log = logging.getLogger(__name__)
 
@@ -76,45 +73,6 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
-@dataclass
-class Item:
-    """One claimed execution as the batch advances it."""
-
-    ex: dict[str, Any]
-    plan: Plan
-    entity: EntitySchema | None
-    steps: dict[str, dict[str, Any]]
-    row: dict[str, Any] | None = None
-    progressed: bool = False
-    # steps whose "when" held: they run in the next wave
-    when_held: set[str] = field(default_factory=set)
-
-    @property
-    def id(self) -> int:
-        return int(self.ex["id"])
-
-    def view(self) -> dict[str, dict[str, Any]]:
-        """Earlier steps as templates and ``when`` see them."""
-        return {
-            s: {"status": r["status"], "result": r.get("result")} for s, r in self.steps.items()
-        }
-
-
-@dataclass
-class Wave:
-    delays: list[tuple[Item, str, datetime]] = field(default_factory=list)
-    database: dict[tuple[int, str], list[Item]] = field(default_factory=dict)
-    conditions: dict[tuple[int, str], list[Item]] = field(default_factory=dict)
-    external: list[tuple[Item, str]] = field(default_factory=list)
-    completed: list[Item] = field(default_factory=list)
-    waiting: dict[int, datetime] = field(default_factory=dict)
-    careful: list[Item] = field(default_factory=list)
-
-
-class _GroupFallsBack(Exception):
-    """A database group could not run set-based: its executions take the careful path."""
-
-
 class BatchExecutor:
     def __init__(
         self, pool: AsyncConnectionPool, runner: Runner, settings: Settings, worker: str
@@ -125,7 +83,7 @@ class BatchExecutor:
         self.worker = worker
         self.in_flight: set[int] = set()
         self._abandoned: set[int] = set()
-        self._calls = asyncio.Semaphore(settings.executor_concurrency)
+        self.calls = asyncio.Semaphore(settings.executor_concurrency)
         self._entities: dict[str, EntitySchema] = {}
 
     # ───────── draining the queue ─────────
@@ -236,7 +194,7 @@ class BatchExecutor:
         for _ in range(MAX_WAVES):
             if not items:
                 break
-            wave = self._plan_wave(items)
+            wave = plan_wave(items)
             await self._run_wave(wave)
             finished = {i.id for i in wave.completed} | {i.id for i in wave.careful}
             for item in wave.completed:
@@ -322,83 +280,6 @@ class BatchExecutor:
 
     # ───────── planning a wave ─────────
 
-    def _plan_wave(self, items: list[Item]) -> Wave:
-        wave = Wave()
-        actions = registry()
-        moment = now()
-        for item in items:
-            plan, rows = item.plan, item.steps
-            if any(rows[s]["status"] == "failed" for s in plan.ids):
-                wave.careful.append(item)  # on_failure: the runner decides
-                continue
-            ready = [
-                s
-                for s in plan.ids
-                if rows[s]["status"] in ("pending", "scheduled", "running")
-                and all(rows[d]["status"] in DONE_STEP for d in plan.deps[s])
-            ]
-            if not ready:
-                if all(rows[s]["status"] in DONE_STEP for s in plan.ids):
-                    wave.completed.append(item)
-                else:
-                    wave.careful.append(item)
-                continue
-            runnable = False
-            later: list[datetime] = []
-            for sid in ready:
-                step, row = plan.steps[sid], rows[sid]
-                if row["status"] == "pending" and step.delay is not None:
-                    if isinstance(step.delay, DelayUntil):
-                        break
-                    at = ready_moment(item.ex, plan, sid, rows) + timedelta(
-                        seconds=float(step.delay or 0)
-                    )
-                    wave.delays.append((item, sid, at))
-                    row["status"], row["scheduled_at"] = "scheduled", at
-                if (
-                    row["status"] == "scheduled"
-                    and row["scheduled_at"]
-                    and row["scheduled_at"] > moment
-                ):
-                    later.append(row["scheduled_at"])
-                    continue
-                action = actions.get(step.type)
-                if action is None:
-                    break
-                if sid in plan.when_sql and sid not in item.when_held:
-                    key = (int(item.ex["workflow_version_id"]), sid)
-                    wave.conditions.setdefault(key, []).append(item)
-                    runnable = True
-                    continue
-                if action.kind == "database":
-                    wave.database.setdefault((int(item.ex["workflow_version_id"]), sid), []).append(
-                        item
-                    )
-                else:
-                    wave.external.append((item, sid))
-                runnable = True
-            else:
-                if not runnable:
-                    wave.waiting[item.id] = min(later)
-                continue
-            # a step this loop does not take on (delay.until, when, unknown action)
-            wave.careful.append(item)
-            self._drop(wave, item)
-        return wave
-
-    @staticmethod
-    def _drop(wave: Wave, item: Item) -> None:
-        for key in list(wave.database):
-            wave.database[key] = [i for i in wave.database[key] if i is not item]
-            if not wave.database[key]:
-                del wave.database[key]
-        wave.external = [(i, s) for i, s in wave.external if i is not item]
-        for key in list(wave.conditions):
-            wave.conditions[key] = [i for i in wave.conditions[key] if i is not item]
-            if not wave.conditions[key]:
-                del wave.conditions[key]
-        wave.delays = [(i, s, a) for i, s, a in wave.delays if i is not item]
-
     # ───────── running a wave ─────────
 
     async def _run_wave(self, wave: Wave) -> None:
@@ -416,16 +297,16 @@ class BatchExecutor:
                 item.progressed = True
         for (_, sid), group in wave.conditions.items():
             try:
-                await self._check_conditions(sid, group)
+                await check_conditions(self, sid, group)
             except Exception as exc:  # a predicate failing on these rows: one by one
                 log.debug("'when' of step %s for %d executions: %s", sid, len(group), exc)
                 wave.careful.extend(i for i in group if i not in wave.careful)
-        external = asyncio.create_task(self._run_external(wave.external)) if wave.external else None
+        external = asyncio.create_task(run_external(self, wave.external)) if wave.external else None
         try:
             for (_, sid), group in wave.database.items():
                 try:
-                    await self._run_database(sid, group)
-                except _GroupFallsBack as exc:
+                    await run_database(self, sid, group)
+                except GroupFallsBack as exc:
                     log.debug(
                         "%d executions of step %s go the careful way: %s", len(group), sid, exc
                     )
@@ -447,333 +328,6 @@ class BatchExecutor:
             async with self.pool.connection() as conn:
                 await conn.execute(_q("executions_waiting"), {"ids": sorted(wave.waiting)})
 
-    async def _check_conditions(self, sid: str, group: list[Item]) -> None:
-        """A step's ``when`` for the group in one statement: false skips the step (one
-        statement), true lets it run in the next wave."""
-        predicate = group[0].plan.when_sql[sid]
-        safe = sql.SQL(predicate.replace("%", "%%"))
-        entity = group[0].entity
-        async with db.autocommit(self.pool) as conn:
-            params: dict[str, Any] = {
-                "ids": [i.id for i in group],
-                "steps": [Jsonb(i.view(), dumps=_dumps) for i in group],
-            }
-            if entity is None:
-                query = sql.SQL(_q("evaluate_batch_no_entity")).format(predicate=safe)
-            else:
-                found = await self._entity_rows(conn, entity, group, lock=False)
-                for i in group:
-                    key = json.dumps(i.ex["entity_pk"], sort_keys=True)
-                    i.row = found.get(key) or i.ex.get("event_new_row") or i.ex.get("event_old_row")
-                params["rows"] = [Jsonb(i.row, dumps=_dumps) for i in group]
-                query = sql.SQL(_q("evaluate_batch")).format(predicate=safe, table=entity.table)
-            verdict = {
-                r["id"]: r["ok"] for r in await (await conn.execute(query, params)).fetchall()
-            }
-            skipped = [i for i in group if not verdict.get(i.id)]
-            if skipped:
-                finished = now()
-                await self._record(
-                    conn,
-                    [(i, sid) for i in skipped],
-                    [("skipped", {"reason": "'when' was false"})] * len(skipped),
-                    finished_at=finished,
-                )
-        for item in group:
-            item.progressed = True
-            if verdict.get(item.id):
-                item.when_held.add(sid)
-            else:
-                item.steps[sid].update(
-                    status="skipped", result={"reason": "'when' was false"}, finished_at=finished
-                )
-
-    async def _entity_rows(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        entity: EntitySchema,
-        items: list[Item],
-        lock: bool,
-    ) -> dict[str, dict[str, Any]]:
-        """The group's entity rows now, by key; with ``lock``, locked without waiting."""
-        pks = {json.dumps(i.ex["entity_pk"], sort_keys=True): i.ex["entity_pk"] for i in items}
-        columns = [sql.Identifier("t", c) for c in entity.pk_columns]
-        query = sql.SQL(_q("entity_rows")).format(
-            pairs=sql.SQL(", ").join(
-                sql.SQL("{}, {}").format(sql.Literal(c), col)
-                for c, col in zip(entity.pk_columns, columns, strict=True)
-            ),
-            table=entity.table,
-            t_cols=sql.SQL(", ").join(columns),
-            p_cols=sql.SQL(", ").join(sql.Identifier("p", c) for c in entity.pk_columns),
-            lock=sql.SQL("FOR UPDATE OF t SKIP LOCKED" if lock else ""),
-        )
-        rows = await (
-            await conn.execute(query, {"pks": Jsonb(sorted(pks.values(), key=_dumps))})
-        ).fetchall()
-        return {json.dumps(r["pk"], sort_keys=True): r["row"] for r in rows}
-
-    async def _run_database(self, sid: str, group: list[Item]) -> None:
-        """One step of one workflow version for a group of executions: the effects and
-        the step records in one transaction (exactly once); any error undoes it all and
-        the group takes the careful path, where retries and failures are handled."""
-        step = group[0].plan.steps[sid]
-        action = registry()[step.type]
-        entity = group[0].entity
-        timeout = float(step.timeout or self.settings.default_step_timeout)
-        try:
-            params = action.parse(step.params)
-        except Exception as exc:
-            raise _GroupFallsBack(f"bad parameters: {exc}") from exc
-        try:
-            async with self.pool.connection() as conn, conn.transaction():
-                keys = sorted((i.id, sid) for i in group)
-                locked = await (
-                    await conn.execute(
-                        _q("lock_steps"),
-                        {"execution_ids": [k[0] for k in keys], "step_ids": [k[1] for k in keys]},
-                    )
-                ).fetchall()
-                runnable = {
-                    r["execution_id"]
-                    for r in locked
-                    if r["status"] in ("pending", "scheduled", "running")
-                    and r["execution_status"] in LIVE
-                }
-                members = [i for i in group if i.id in runnable]
-                if len(members) < len(group):
-                    raise _GroupFallsBack("some steps were done or cancelled meanwhile")
-                if entity is not None:
-                    found = await self._entity_rows(conn, entity, members, lock=action.needs_entity)
-                    for item in members:
-                        key = json.dumps(item.ex["entity_pk"], sort_keys=True)
-                        row = found.get(key)
-                        if row is None and action.needs_entity:
-                            raise _GroupFallsBack("an entity row is locked elsewhere or gone")
-                        item.row = (
-                            row or item.ex.get("event_new_row") or item.ex.get("event_old_row")
-                        )
-                attempts = await (
-                    await conn.execute(
-                        _q("steps_running"),
-                        {
-                            "execution_ids": [i.id for i in members],
-                            "step_ids": [sid] * len(members),
-                        },
-                    )
-                ).fetchall()
-                attempt_of = {r["execution_id"]: r["attempts"] for r in attempts}
-                await self._write_context(conn, members)
-                await conn.execute(
-                    sql.SQL(
-                        "SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
-                    ).format(ms=sql.Literal(int(timeout * 1000)))
-                )
-                contexts = [
-                    StepContext(
-                        self.runner,
-                        i.ex,
-                        sid,
-                        step,
-                        attempt_of[i.id],
-                        entity,
-                        i.row,
-                        i.view(),
-                        self.settings,
-                        conn,
-                    )
-                    for i in members
-                ]
-                results = await asyncio.wait_for(action.run_batch(contexts, params), timeout)
-                outcome = [
-                    ("skipped", {"reason": str(r)})
-                    if isinstance(r, Skip)
-                    else ("succeeded", r or {})
-                    for r in results
-                ]
-                finished = now()
-                await self._record(conn, [(i, sid) for i in members], outcome, finished_at=finished)
-        except _GroupFallsBack:
-            raise
-        except Exception as exc:
-            raise _GroupFallsBack(describe(exc)) from exc
-        for status, _ in outcome:
-            metrics.STEPS_RUN.labels(step.type, status, "queue").inc()
-        for item, (status, result) in zip(members, outcome, strict=True):
-            item.steps[sid].update(status=status, result=jsonable(result), finished_at=finished)
-            item.progressed = True
-
-    async def _write_context(self, conn: psycopg.AsyncConnection[Any], items: list[Item]) -> None:
-        """Writes carry depth + 1 and name the executions (one depth per group: a group
-        is one workflow version's step, and its executions may differ in depth only
-        when chains mix; then the deepest is used, which stops loops no later)."""
-        depth = max(int(i.ex["depth"]) for i in items)
-        ids = [i.id for i in items]
-        actor = (
-            f"crmflow:execution:{ids[0]}"
-            if len(ids) == 1
-            else f"crmflow:executions:{min(ids)}-{max(ids)}"
-        )
-        await conn.execute(
-            db.query("set_write_context", "runtime.sql"), {"depth": str(depth + 1), "actor": actor}
-        )
-
-    async def _record(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        keys: list[tuple[Item, str]],
-        outcome: list[tuple[str, Any]],
-        errors: list[str | None] | None = None,
-        retry_ats: list[datetime | None] | None = None,
-        finished_at: datetime | None = None,
-    ) -> None:
-        await conn.execute(
-            _q("steps_finished"),
-            {
-                "execution_ids": [i.id for i, _ in keys],
-                "step_ids": [s for _, s in keys],
-                "statuses": [o[0] for o in outcome],
-                "results": [None if o[1] is None else Jsonb(o[1], dumps=_dumps) for o in outcome],
-                "errors": errors or [None] * len(keys),
-                "retry_ats": retry_ats or [None] * len(keys),
-                # the batch's moment, which the steps that follow count their delays from
-                "finished_at": finished_at,
-            },
-        )
-
-    async def _run_external(self, work: list[tuple[Item, str]]) -> None:
-        """External steps: attempts begun in one statement, calls made concurrently,
-        outcomes (and ``Action.commit``) recorded in one transaction."""
-        actions = registry()
-        async with self.pool.connection() as conn, conn.transaction():
-            keys = sorted((i.id, s) for i, s in work)
-            locked = await (
-                await conn.execute(
-                    _q("lock_steps"),
-                    {"execution_ids": [k[0] for k in keys], "step_ids": [k[1] for k in keys]},
-                )
-            ).fetchall()
-            runnable = {
-                (r["execution_id"], r["step_id"])
-                for r in locked
-                if r["status"] in ("pending", "scheduled", "running")
-                and r["execution_status"] in LIVE
-            }
-            work = [(i, s) for i, s in work if (i.id, s) in runnable]
-            if not work:
-                return
-            attempts = await (
-                await conn.execute(
-                    _q("steps_running"),
-                    {"execution_ids": [i.id for i, _ in work], "step_ids": [s for _, s in work]},
-                )
-            ).fetchall()
-            attempt_of = {(r["execution_id"], r["step_id"]): r["attempts"] for r in attempts}
-            need_rows = [i for i, _ in work if i.entity is not None and i.row is None]
-            by_type: dict[str, list[Item]] = {}
-            for i in need_rows:
-                by_type.setdefault(i.ex["entity_type"], []).append(i)
-            for items in by_type.values():
-                assert items[0].entity is not None
-                found = await self._entity_rows(conn, items[0].entity, items, lock=False)
-                for i in items:
-                    key = json.dumps(i.ex["entity_pk"], sort_keys=True)
-                    i.row = found.get(key) or i.ex.get("event_new_row") or i.ex.get("event_old_row")
-
-        async def call(item: Item, sid: str) -> tuple[StepContext, Action, Any, Any]:
-            step = item.plan.steps[sid]
-            action = actions[step.type]
-            ctx = StepContext(
-                self.runner,
-                item.ex,
-                sid,
-                step,
-                attempt_of[(item.id, sid)],
-                item.entity,
-                item.row,
-                item.view(),
-                self.settings,
-            )
-            async with self._calls:
-                try:
-                    params = action.parse(step.params)
-                    timeout = float(step.timeout or self.settings.default_step_timeout)
-                    result: Any = await asyncio.wait_for(action.run(ctx, params), timeout)
-                except Exception as exc:  # Skip included: recorded below
-                    return ctx, action, None, exc
-            return ctx, action, params, result
-
-        outcomes = await asyncio.gather(*(call(i, s) for i, s in work))
-        await self._record_external(work, outcomes)
-
-    async def _record_external(
-        self,
-        work: list[tuple[Item, str]],
-        outcomes: list[tuple[StepContext, Action, Any, Any]],
-    ) -> None:
-        statuses: list[tuple[str, Any]] = []
-        errors: list[str | None] = []
-        retry_ats: list[datetime | None] = []
-        async with self.pool.connection() as conn, conn.transaction():
-            keys = sorted((i.id, s) for i, s in work)
-            locked = await (
-                await conn.execute(
-                    _q("lock_steps"),
-                    {"execution_ids": [k[0] for k in keys], "step_ids": [k[1] for k in keys]},
-                )
-            ).fetchall()
-            still = {(r["execution_id"], r["step_id"]) for r in locked if r["status"] == "running"}
-            kept: list[tuple[Item, str]] = []
-            for (item, sid), (ctx, action, params, result) in zip(work, outcomes, strict=True):
-                if (item.id, sid) not in still:
-                    continue  # cancelled, or another worker took it over meanwhile
-                kept.append((item, sid))
-                error: BaseException | None = result if isinstance(result, BaseException) else None
-                if error is None and type(action).commit is not Action.commit:
-                    ctx.conn = conn
-                    try:
-                        async with conn.transaction():
-                            await self.runner.write_context(conn, ctx)
-                            result = await action.commit(ctx, params, result)
-                    except Exception as exc:
-                        error = exc
-                if isinstance(error, Skip):
-                    statuses.append(("skipped", {"reason": str(error)}))
-                    errors.append(None)
-                    retry_ats.append(None)
-                elif error is not None:
-                    retry_at = self.runner.retry_at(ctx.step, ctx.attempt, error)
-                    statuses.append(("scheduled" if retry_at else "failed", None))
-                    errors.append(describe(error))
-                    retry_ats.append(retry_at)
-                    metrics.STEPS_RUN.labels(ctx.step.type, "failed attempt", "queue").inc()
-                    log.info(
-                        "execution %s step %s attempt %s failed: %s",
-                        item.id,
-                        sid,
-                        ctx.attempt,
-                        describe(error),
-                    )
-                else:
-                    statuses.append(("succeeded", jsonable(result or {})))
-                    errors.append(None)
-                    retry_ats.append(None)
-                    metrics.STEPS_RUN.labels(ctx.step.type, "succeeded", "queue").inc()
-            finished = now()
-            if kept:
-                await self._record(conn, kept, statuses, errors, retry_ats, finished)
-        for (item, sid), (status, result), error, retry_at in zip(
-            kept, statuses, errors, retry_ats, strict=True
-        ):
-            item.steps[sid].update(
-                status=status,
-                result=result if status in ("succeeded", "skipped") else item.steps[sid]["result"],
-                error=error,
-                scheduled_at=retry_at,
-                finished_at=None if status == "scheduled" else finished,
-            )
-            item.progressed = True
-
     # ───────── the careful path ─────────
 
     async def _carefully(self, ids: list[int]) -> dict[int, tuple[datetime | None, bool]]:
@@ -781,7 +335,7 @@ class BatchExecutor:
         retry: dict[int, datetime] = {}
 
         async def one(execution_id: int) -> None:
-            async with self._calls:
+            async with self.calls:
                 try:
                     await self.runner.run(execution_id)
                 except StepRetryLater as later:

@@ -32,6 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 from engine import catalog, db, metrics, templates
 from engine.actions import registry
 from engine.actions.base import Action
+from engine.breakers import Breakers, verdict
 from engine.catalog import EntitySchema
 from engine.config import Settings, get_settings
 from engine.executor import flow
@@ -63,6 +64,9 @@ class Runner:
         self.pool = pool
         self.settings = settings or get_settings()
         self._entities: dict[str, EntitySchema] = {}
+        # The process's circuit breakers (engine/breakers.py): one per runner, and the
+        # worker has one runner, which its batch executor shares.
+        self.breakers = Breakers(pool, self.settings)
 
     # ───────── loading ─────────
 
@@ -418,6 +422,16 @@ class Runner:
             raise retry
 
     async def _run_external_step(self, ctx: StepContext, action: Action, params: Any) -> None:
+        host = action.target_host(params, ctx)
+        held = await self.breakers.admit(host)
+        if held is not None:  # the host's breaker is open: wait for it, no attempt used
+            async with self.pool.connection() as conn, conn.transaction():
+                await conn.execute(
+                    _q("step_held"),
+                    {"id": ctx.execution_id, "step_id": ctx.step_id, "scheduled_at": held},
+                )
+                await self._set_status(conn, ctx.execution_id, "waiting", None)
+            raise StepRetryLater(ctx.execution_id, held)
         async with self.pool.connection() as conn, conn.transaction():
             lk = await (
                 await conn.execute(
@@ -440,7 +454,12 @@ class Runner:
         # Outside any transaction: a crash from here to the commit below repeats the call.
         retry: StepRetryLater | None = None
         try:
-            result = await asyncio.wait_for(action.run(ctx, params), self._timeout(ctx.step))
+            try:
+                result = await asyncio.wait_for(action.run(ctx, params), self._timeout(ctx.step))
+            except Exception as exc:
+                await self.breakers.record(host, verdict(exc), error=describe(exc))
+                raise
+            await self.breakers.record(host, True)
         except Skip as skip:
             async with self.pool.connection() as conn:
                 await conn.execute(
