@@ -30,7 +30,12 @@ async def test_sigkill_mid_execution_then_restart(
     )
     await crm.execute("INSERT INTO leads (name) SELECT 'lead ' || i FROM generate_series(1, 40) i")
     with processes() as started:
-        first = start_worker(db_url, tmp_path, "worker-1", CRMFLOW_STALLED_WORKER_TIMEOUT="2")
+        # Small batches, so the kill lands between two of them (and inside one); short
+        # leases, so the killed worker's executions are claimable again soon.
+        small = {"CRMFLOW_EXECUTOR_BATCH_SIZE": "4", "CRMFLOW_EXECUTOR_LEASE": "3"}
+        first = start_worker(
+            db_url, tmp_path, "worker-1", CRMFLOW_STALLED_WORKER_TIMEOUT="2", **small
+        )
         started.append(first)
 
         async def some_done() -> bool:
@@ -47,7 +52,9 @@ async def test_sigkill_mid_execution_then_restart(
         )
         assert unfinished > 0, "the kill came too late to test anything"
 
-        second = start_worker(db_url, tmp_path, "worker-2", CRMFLOW_STALLED_WORKER_TIMEOUT="2")
+        second = start_worker(
+            db_url, tmp_path, "worker-2", CRMFLOW_STALLED_WORKER_TIMEOUT="2", **small
+        )
         started.append(second)
 
         async def all_done() -> bool:

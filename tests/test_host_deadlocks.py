@@ -220,7 +220,7 @@ async def test_a_row_locked_by_the_crm_sends_its_executions_to_the_queue(
             {"lead": "3", "status": "completed"},
             {"lead": "2", "status": "pending"},  # behind the first one, in the queue too
         ]
-        assert await value(crm, "SELECT count(*) FROM procrastinate.procrastinate_jobs") == 2
+        assert await value(crm, "SELECT count(*) FROM crmflow.execution_queue") == 2
         await app.rollback()
     assert metrics.INLINE_FALLBACKS._value.get() == before + 2  # executions, not rows
     assert await value(crm, "SELECT title FROM leads WHERE id = 1") == "score 1"

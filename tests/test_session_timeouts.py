@@ -215,7 +215,7 @@ async def test_the_step_runner_retries_a_deadlock_soon(
 
     from engine.runtime import StepRetryLater
 
-    async def deadlocked(execution_id: int, job_lock: str | None) -> str:
+    async def deadlocked(execution_id: int) -> str:
         raise psycopg.errors.DeadlockDetected("deadlock detected")
 
     monkeypatch.setattr(runner, "_run", deadlocked)
