@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from engine import db
+from engine import db, http
 from engine.config import Settings, get_settings
 from engine.executor.batch import BatchExecutor, keep_leases
 from engine.executor.runner import Runner
@@ -326,6 +326,8 @@ class Worker:
         except psycopg.Error as exc:  # PoolTimeout included
             log.warning("could not record this worker's stop: %s", exc)
         await self.app.close_async()
+        with contextlib.suppress(Exception):  # the external actions' kept-open connections
+            await http.close_clients()
         await self.pool.close(timeout=STOP_POOL_CLOSE)
 
     async def wait(self) -> None:

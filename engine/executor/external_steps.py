@@ -100,15 +100,19 @@ async def run_external(x: BatchExecutor, work: list[tuple[Item, str]]) -> None:
             try:
                 params = action.parse(step.params)
                 host = action.target_host(params, ctx)
-                held = await breakers.admit(host)
-                if held is not None:
-                    return ctx, action, params, Held(held)
+            except Exception as exc:  # bad parameters: recorded below, no call made
+                return ctx, action, None, exc
+            held = await breakers.admit(host)
+            if held is not None:
+                return ctx, action, params, Held(held)
+            try:
                 timeout = float(step.timeout or x.settings.default_step_timeout)
                 result: Any = await asyncio.wait_for(action.run(ctx, params), timeout)
-            except Exception as exc:  # Skip included: recorded below
-                if "host" in locals():
-                    await breakers.record(host, verdict(exc), error=describe(exc))
-                return ctx, action, None, exc
+            except BaseException as exc:  # a cancelled probe is released too
+                await breakers.record(host, verdict(exc), error=describe(exc))
+                if not isinstance(exc, Exception):
+                    raise
+                return ctx, action, None, exc  # Skip included: recorded below
             await breakers.record(host, True)
         return ctx, action, params, result
 

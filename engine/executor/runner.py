@@ -443,6 +443,7 @@ class Runner:
                 or lk["status"] in (*DONE_STEP, "failed")
                 or lk["execution_status"] not in LIVE
             ):
+                await self.breakers.record(host, None)  # no call: a probe is released
                 return
             attempt = await (
                 await conn.execute(
@@ -456,7 +457,7 @@ class Runner:
         try:
             try:
                 result = await asyncio.wait_for(action.run(ctx, params), self._timeout(ctx.step))
-            except Exception as exc:
+            except BaseException as exc:  # a cancelled probe is released too
                 await self.breakers.record(host, verdict(exc), error=describe(exc))
                 raise
             await self.breakers.record(host, True)
