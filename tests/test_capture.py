@@ -25,7 +25,7 @@ def test_singular_names() -> None:
 
 
 async def test_watch_defaults_entity_to_singular(conn: psycopg.AsyncConnection[Any]) -> None:
-    w = await capture.watch(conn, "leads")
+    w = await capture.watch(conn, "leads", all_rows=True)
     assert (w.entity_type, w.table_schema, w.table_name, w.pk_columns) == (
         "lead",
         "public",
@@ -50,7 +50,7 @@ async def test_composite_key_in_other_schema(conn: psycopg.AsyncConnection[Any])
         'CREATE SCHEMA "Sales Ops"; CREATE TABLE "Sales Ops"."Line Items" ('
         " deal_id int, line_no int, sku text, qty numeric, PRIMARY KEY (deal_id, line_no))"
     )
-    w = await capture.watch(conn, '"Sales Ops"."Line Items"', entity="line_item")
+    w = await capture.watch(conn, '"Sales Ops"."Line Items"', entity="line_item", all_rows=True)
     assert w.pk_columns == ["deal_id", "line_no"]
     await conn.execute(
         """INSERT INTO "Sales Ops"."Line Items" VALUES (7, 1, 'A', 2), (7, 2, 'B', 1)"""
@@ -75,7 +75,7 @@ async def test_composite_key_in_other_schema(conn: psycopg.AsyncConnection[Any])
 
 
 async def test_rollback_captures_nothing(conn: psycopg.AsyncConnection[Any]) -> None:
-    await capture.watch(conn, "leads")
+    await capture.watch(conn, "leads", all_rows=True)
     with pytest.raises(RuntimeError):
         async with conn.transaction():
             await conn.execute("INSERT INTO leads (name) VALUES ('ghost')")
@@ -90,7 +90,7 @@ async def test_noop_update_is_not_captured_and_key_change_is_delete_insert(
     conn: psycopg.AsyncConnection[Any],
 ) -> None:
     await conn.execute("CREATE TABLE plain (code text PRIMARY KEY, label text)")
-    await capture.watch(conn, "plain")
+    await capture.watch(conn, "plain", all_rows=True)
     await conn.execute("INSERT INTO plain VALUES ('a', 'x')")
     await conn.execute("UPDATE plain SET label = 'x'")  # changes nothing
     await conn.execute("UPDATE plain SET code = 'b'")  # changes the key
@@ -99,7 +99,7 @@ async def test_noop_update_is_not_captured_and_key_change_is_delete_insert(
 
 
 async def test_bulk_insert_is_one_statement_many_events(conn: psycopg.AsyncConnection[Any]) -> None:
-    await capture.watch(conn, "leads")
+    await capture.watch(conn, "leads", all_rows=True)
     await conn.execute(
         "INSERT INTO leads (name, source)"
         " SELECT 'lead ' || i, 'import' FROM generate_series(1, 2000) i"
@@ -109,7 +109,7 @@ async def test_bulk_insert_is_one_statement_many_events(conn: psycopg.AsyncConne
 
 
 async def test_depth_and_actor_come_from_the_engine(conn: psycopg.AsyncConnection[Any]) -> None:
-    await capture.watch(conn, "leads")
+    await capture.watch(conn, "leads", all_rows=True)
     async with conn.transaction():
         await conn.execute("SELECT crmflow.set_write_context(3, 'crmflow:execution:9')")
         await conn.execute("INSERT INTO leads (name) VALUES ('from an action')")
@@ -139,7 +139,7 @@ async def test_a_session_cannot_set_its_own_write_context(
 ) -> None:
     """SET crmflow.depth = '99' used to opt a writer's events out of automation ("loop
     stopped"); a forged actor passed them off as the engine's."""
-    await capture.watch(conn, "leads")
+    await capture.watch(conn, "leads", all_rows=True)
     async with conn.transaction():
         await conn.execute("SELECT crmflow.set_write_context(4, 'x')")
         sig = await value(conn, "SELECT current_setting('crmflow.context_sig')")
@@ -172,7 +172,7 @@ async def _notifications(db_url: str, writes: int, listening: bool) -> int:
 async def test_writers_notify_only_an_idle_listening_matcher(
     conn: psycopg.AsyncConnection[Any], db_url: str
 ) -> None:
-    await capture.watch(conn, "leads")
+    await capture.watch(conn, "leads", all_rows=True)
     # A busy matcher (not listening): writers never NOTIFY.
     assert await _notifications(db_url, 20, listening=False) == 0
     # An idle one: a hint per transaction at most (NOTIFY folds duplicates within one).
@@ -180,7 +180,7 @@ async def test_writers_notify_only_an_idle_listening_matcher(
 
 
 async def test_unwatch_removes_capture(conn: psycopg.AsyncConnection[Any]) -> None:
-    await capture.watch(conn, "leads")
+    await capture.watch(conn, "leads", all_rows=True)
     await capture.unwatch(conn, "leads")
     await conn.execute("INSERT INTO leads (name) VALUES ('after')")
     assert await outbox(conn) == []
@@ -201,7 +201,7 @@ async def test_unwatch_refuses_while_active_workflows_use_it(
 ) -> None:
     from tests.helpers import SEED_QUALIFY, apply
 
-    await capture.watch(conn, "leads")
+    await capture.watch(conn, "leads", all_rows=True)
     await apply(conn, SEED_QUALIFY)
     with pytest.raises(capture.CaptureError, match="active workflows use 'lead'"):
         await capture.unwatch(conn, "leads")
@@ -224,7 +224,7 @@ async def test_watch_refuses_what_it_cannot_capture(
     if ddl:
         await conn.execute(ddl)
     with pytest.raises(capture.CaptureError, match=message):
-        await capture.watch(conn, table)
+        await capture.watch(conn, table, all_rows=True)
     assert await value(conn, "SELECT count(*) FROM leads") == 0  # nothing dropped
 
 
@@ -234,30 +234,33 @@ async def test_hostile_names_are_quoted(conn: psycopg.AsyncConnection[Any]) -> N
     await conn.execute(
         'CREATE TABLE tagged ("k$crmflow_capture$; DROP TABLE leads; --" int PRIMARY KEY)'
     )
-    await capture.watch(conn, "tagged")
+    await capture.watch(conn, "tagged", all_rows=True)
     await conn.execute("INSERT INTO tagged VALUES (7)")
     [event] = await outbox(conn)
     assert event["pk"] == {"k$crmflow_capture$; DROP TABLE leads; --": 7}
     await conn.execute("DELETE FROM crmflow.outbox")
     await conn.execute('CREATE TABLE "x""; DROP TABLE leads; --" (id int PRIMARY KEY, v text)')
-    await capture.watch(conn, '"x""; DROP TABLE leads; --"', entity="weird")
+    await capture.watch(conn, '"x""; DROP TABLE leads; --"', entity="weird", all_rows=True)
     await conn.execute("""INSERT INTO "x""; DROP TABLE leads; --" VALUES (1, 'ok')""")
     assert len(await outbox(conn)) == 1
     assert await value(conn, "SELECT to_regclass('public.leads') IS NOT NULL") is True
 
 
 async def test_entity_name_belongs_to_one_table(conn: psycopg.AsyncConnection[Any]) -> None:
-    await capture.watch(conn, "leads")
+    await capture.watch(conn, "leads", all_rows=True)
     with pytest.raises(capture.CaptureError, match="already used"):
-        await capture.watch(conn, "deals", entity="lead")
+        await capture.watch(conn, "deals", entity="lead", all_rows=True)
     with pytest.raises(capture.CaptureError, match="already watched as 'lead'"):
-        await capture.watch(conn, "leads", entity="prospect")
-    await capture.watch(conn, "leads")  # idempotent
+        await capture.watch(conn, "leads", entity="prospect", all_rows=True)
+    await capture.watch(conn, "leads", all_rows=True)  # idempotent
 
 
 async def test_derived_fields_are_checked(conn: psycopg.AsyncConnection[Any]) -> None:
     await capture.watch(
-        conn, "deals", derived={"idle_days": "current_date - CAST(last_activity_at AS date)"}
+        conn,
+        "deals",
+        derived={"idle_days": "current_date - CAST(last_activity_at AS date)"},
+        all_rows=True,
     )
     rows = await capture.list_watched(conn)
     [deal] = [r for r in rows if r["entity_type"] == "deal"]

@@ -56,7 +56,7 @@ COLLIDING = [
 async def test_column_names_cannot_collide_with_capture(conn: psycopg.AsyncConnection[Any]) -> None:
     columns = ", ".join(f'"{c}" int' for c in COLLIDING)
     await conn.execute(f"CREATE TABLE points (id serial PRIMARY KEY, {columns}, label text)")
-    await capture.watch(conn, "points")
+    await capture.watch(conn, "points", all_rows=True)
     await conn.execute("INSERT INTO points (n, o, label) VALUES (1, 2, 'a'), (3, 4, 'b')")
     await conn.execute("UPDATE points SET n = n + 10, write_depth = 5")
     await conn.execute("DELETE FROM points WHERE id = 1")
@@ -75,7 +75,7 @@ async def test_column_names_cannot_collide_with_capture(conn: psycopg.AsyncConne
 
 
 async def test_adding_column_o_to_a_watched_table(conn: psycopg.AsyncConnection[Any]) -> None:
-    await capture.watch(conn, "leads")
+    await capture.watch(conn, "leads", all_rows=True)
     await conn.execute("ALTER TABLE leads ADD COLUMN o integer, ADD COLUMN n text")
     await conn.execute("INSERT INTO leads (name, o) VALUES ('Ann', 1)")
     await conn.execute("UPDATE leads SET o = 2, n = 'x'")
@@ -91,7 +91,7 @@ async def test_primary_key_rename_never_fails_a_write(
     if not event_trigger:
         await without_event_trigger(conn)
     await conn.execute("CREATE TABLE gadgets (id int PRIMARY KEY, v text)")
-    await capture.watch(conn, "gadgets")
+    await capture.watch(conn, "gadgets", all_rows=True)
     await conn.execute("INSERT INTO gadgets VALUES (1, 'a'), (2, 'b')")
     await events(conn)
     await conn.execute("ALTER TABLE gadgets RENAME COLUMN id TO gadget_id")
@@ -123,7 +123,7 @@ async def test_primary_key_rename_never_fails_a_write(
 
 async def test_key_type_change_and_composite_key(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute("CREATE TABLE lines (deal int, line int, qty int, PRIMARY KEY (deal, line))")
-    await capture.watch(conn, "lines")
+    await capture.watch(conn, "lines", all_rows=True)
     await conn.execute("ALTER TABLE lines ALTER COLUMN line TYPE text")
     await conn.execute("INSERT INTO lines VALUES (1, 'x', 2)")
     await conn.execute("UPDATE lines SET qty = 3")
@@ -137,7 +137,7 @@ async def test_key_type_change_and_composite_key(conn: psycopg.AsyncConnection[A
 async def test_dropped_primary_key_still_captures(conn: psycopg.AsyncConnection[Any]) -> None:
     await without_event_trigger(conn)
     await conn.execute("CREATE TABLE loose (id int PRIMARY KEY, v int)")
-    await capture.watch(conn, "loose")
+    await capture.watch(conn, "loose", all_rows=True)
     await conn.execute("ALTER TABLE loose DROP CONSTRAINT loose_pkey, DROP COLUMN id")
     await conn.execute("INSERT INTO loose VALUES (1)")
     await conn.execute("UPDATE loose SET v = 2")
@@ -157,7 +157,7 @@ async def test_partitions_present_created_and_attached_later(
         " PARTITION BY LIST (region);"
         "CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu')"
     )
-    await capture.watch(conn, "events", entity="event_row")
+    await capture.watch(conn, "events", entity="event_row", all_rows=True)
     await conn.execute("INSERT INTO events VALUES (1, 'eu', 1)")  # through the parent
     await conn.execute("INSERT INTO events_eu VALUES (2, 'eu', 1)")  # straight in
     await conn.execute("UPDATE events_eu SET v = 5 WHERE id = 2")
@@ -216,7 +216,7 @@ async def test_partitions_present_created_and_attached_later(
 async def test_renamed_table_is_followed(conn: psycopg.AsyncConnection[Any]) -> None:
     await without_event_trigger(conn)
     await conn.execute("CREATE TABLE gizmos (id int PRIMARY KEY)")
-    await capture.watch(conn, "gizmos")
+    await capture.watch(conn, "gizmos", all_rows=True)
     await conn.execute("ALTER TABLE gizmos RENAME TO widgets")
     await conn.execute("INSERT INTO widgets VALUES (1)")
     [event] = await events(conn)
@@ -231,7 +231,7 @@ async def test_renamed_table_is_followed(conn: psycopg.AsyncConnection[Any]) -> 
     # unwatch works by the new name, and by the entity name for a table that is gone.
     await capture.unwatch(conn, "widgets")
     await conn.execute("CREATE TABLE gone (id int PRIMARY KEY)")
-    await capture.watch(conn, "gone")
+    await capture.watch(conn, "gone", all_rows=True)
     await conn.execute("DROP TABLE gone")
     assert await capture.heal(conn) == [{"entity_type": "gone", "change": "table missing"}]
     await capture.unwatch(conn, "gone")
@@ -240,7 +240,7 @@ async def test_renamed_table_is_followed(conn: psycopg.AsyncConnection[Any]) -> 
 async def test_recreated_table_is_captured_again(conn: psycopg.AsyncConnection[Any]) -> None:
     await without_event_trigger(conn)
     await conn.execute("CREATE TABLE things (id int PRIMARY KEY)")
-    await capture.watch(conn, "things")
+    await capture.watch(conn, "things", all_rows=True)
     await conn.execute("DROP TABLE things; CREATE TABLE things (id int PRIMARY KEY, x int)")
     assert await capture.heal(conn) == [{"entity_type": "thing", "change": "things captured"}]
     await conn.execute("INSERT INTO things VALUES (1, 2)")
@@ -257,7 +257,7 @@ async def test_heal_does_not_wait_for_a_busy_table(
     await conn.execute(
         "CREATE TABLE parts (id int, r text, PRIMARY KEY (id, r)) PARTITION BY LIST (r)"
     )
-    await capture.watch(conn, "parts")
+    await capture.watch(conn, "parts", all_rows=True)
     await conn.execute("CREATE TABLE parts_a PARTITION OF parts FOR VALUES IN ('a')")
     async with await psycopg.AsyncConnection.connect(db_url) as writer:
         await writer.execute("INSERT INTO parts VALUES (1, 'a')")  # open transaction
@@ -282,7 +282,7 @@ async def test_the_worker_heals_capture(
     await conn.execute(
         "CREATE TABLE shards (id int, r text, PRIMARY KEY (id, r)) PARTITION BY LIST (r)"
     )
-    await capture.watch(conn, "shards")
+    await capture.watch(conn, "shards", all_rows=True)
     quick = settings.model_copy(update={"capture_heal_interval": 0.2})
     async with running_worker(db_url, settings=quick, concurrency=1):
         await conn.execute("ALTER TABLE shards RENAME COLUMN id TO shard_id")
@@ -305,7 +305,7 @@ async def test_migrate_repairs_capture(conn: psycopg.AsyncConnection[Any]) -> No
 
     await without_event_trigger(conn)
     await conn.execute("CREATE TABLE gadgets (id int PRIMARY KEY, v text)")
-    await capture.watch(conn, "gadgets")
+    await capture.watch(conn, "gadgets", all_rows=True)
     await conn.execute("ALTER TABLE gadgets RENAME COLUMN id TO gadget_id")
     await migrate(conn)
     stored = await value(
@@ -325,7 +325,7 @@ async def test_unrelated_ddl_does_not_heal(conn: psycopg.AsyncConnection[Any]) -
     """The event trigger leaves the CRM's other DDL alone: a table recreated under a
     watched name is only the worker's business."""
     await conn.execute("CREATE TABLE things (id int PRIMARY KEY)")
-    await capture.watch(conn, "things")
+    await capture.watch(conn, "things", all_rows=True)
     await conn.execute("DROP TABLE things")
     await conn.execute("CREATE TABLE things (id int PRIMARY KEY)")
     await conn.execute("CREATE TEMP TABLE scratch (id int PRIMARY KEY)")

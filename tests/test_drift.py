@@ -341,11 +341,12 @@ async def test_a_slow_event_times_out_alone(
     crm: psycopg.AsyncConnection[Any], pool: AsyncConnectionPool, settings: Settings
 ) -> None:
     wf = await apply(crm, ON_LEAD)
-    # A predicate slow on one row only (no user condition can sleep: written directly).
+    # A predicate slow on one row only (no user condition can sleep: written directly;
+    # its capture filter, made from the definition, goes with the definition's predicate).
     await crm.execute(
         "UPDATE crmflow.workflow_versions SET predicate = "
-        "'(CASE WHEN n.name = ''slow'' THEN pg_sleep(2) IS NULL ELSE true END)' "
-        "WHERE workflow_id = %s",
+        "'(CASE WHEN n.name = ''slow'' THEN pg_sleep(2) IS NULL ELSE true END)', "
+        "capture_filter = NULL WHERE workflow_id = %s",
         [wf],
     )
     await crm.execute("INSERT INTO leads (name) VALUES ('a'), ('slow'), ('b')")
@@ -364,7 +365,7 @@ async def test_batches_are_bounded_in_bytes(
     await apply(crm, ON_LEAD)
     # incompressible ~300 kB values (md5 chains), five rows
     await crm.execute(
-        "INSERT INTO leads (name, company) SELECT 'big' || i, "
+        "INSERT INTO leads (name, score, company) SELECT 'big' || i, 99, "
         "(SELECT string_agg(md5(i::text || j::text), '') FROM generate_series(1, 10000) j) "
         "FROM generate_series(1, 5) i"
     )
@@ -376,7 +377,7 @@ async def test_batches_are_bounded_in_bytes(
         sizes.append(r.claimed)
     assert sizes == [2, 2, 1]
     tiny = Matcher(pool, settings.model_copy(update={"matcher_batch_bytes": 1}))
-    await crm.execute("INSERT INTO leads (name) VALUES ('a'), ('b')")
+    await crm.execute("INSERT INTO leads (name, score) VALUES ('a', 99), ('b', 99)")
     assert (await tiny.run_once()).claimed == 1  # always at least one event
 
 

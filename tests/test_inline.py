@@ -160,6 +160,10 @@ async def test_writes_carry_depth_and_actor(
             "actions": [{"type": "update_field", "field": "status", "value": "tagged"}],
         },
     )
+    # No workflow matches lead updates: keep every row, to read the action's own update.
+    from engine import capture
+
+    await capture.watch(crm, "leads", all_rows=True)
     await crm.execute("INSERT INTO leads (name) VALUES ('a')")
     await matcher.drain()
     [update] = await fetch(crm, "SELECT depth, actor FROM crmflow.outbox WHERE op = 'update'")

@@ -97,7 +97,9 @@ async def owned_db(server_url: str, roles: dict[str, str]) -> AsyncIterator[dict
         await migrate(conn)
         await install_example_crm(conn, Settings(database_url=owner_url))
         for table, derived in WATCHED.items():
-            await capture.watch(conn, f"public.{table}", derived=derived)
+            # leads keep every row (the tests below read the outbox for what capture
+            # records); the others filter, with workflows saved by the runtime role.
+            await capture.watch(conn, f"public.{table}", derived=derived, all_rows=table == "leads")
         await conn.execute(
             "INSERT INTO users (id, name, email, role) VALUES (1, 'Ann Rep', 'ann@acme.test',"
             " 'sales_rep')"
