@@ -83,6 +83,11 @@ def drop_ddl(w: Watched, relations: list[str]) -> list[sql.Composable]:
                 function=function_name(w.entity_type, op)
             )
         )
+    statements.append(
+        db.template("drop_sequence", "capture.sql").format(
+            sequence=sql.Identifier("crmflow", f"tg_{w.entity_type}__epoch")
+        )
+    )
     return statements
 
 
@@ -123,8 +128,13 @@ async def watch(
     table: str,
     entity: str | None = None,
     derived: dict[str, str] | None = None,
+    all_rows: bool | None = None,
 ) -> Watched:
-    """Capture writes to ``table`` as events of ``entity`` (default: the table's singular)."""
+    """Capture writes to ``table`` as events of ``entity`` (default: the table's singular).
+
+    Capture keeps the rows some active workflow could match (docs/design.md, "Capture
+    keeps what can match"); ``all_rows=True`` keeps every row of the table (an audit
+    trail), ``False`` goes back to filtering, ``None`` leaves the table's choice as is."""
     async with conn.transaction():
         found = await catalog.resolve_table(conn, table)
         if found is None:
@@ -173,6 +183,10 @@ async def watch(
                 f"{row['entity_type']!r}; unwatch it first to rename the entity"
             )
         w = Watched(entity, found["table_schema"], found["table_name"], pk)
+        if all_rows is not None:
+            await conn.execute(
+                db.query("set_capture_all"), {"entity_type": entity, "capture_all": all_rows}
+            )
         try:
             async with conn.transaction():
                 await install(conn, w, found["relid"])

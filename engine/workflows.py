@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
 
-from engine import catalog, db
+from engine import catalog, db, prefilter
 from engine.actions import registry
 from engine.catalog import EntitySchema
 from engine.conditions import (
@@ -27,6 +27,7 @@ from engine.conditions import (
     walk,
 )
 from engine.config import get_settings
+from engine.executor.context import with_steps
 from engine.model import (
     EVENT_TRIGGERS,
     UNSET,
@@ -42,7 +43,8 @@ from engine.model import (
     parse_definition,
     step_ids,
 )
-from engine.executor.context import with_steps
+
+T = TypeVar("T")
 
 
 class WorkflowNotFound(LookupError):
@@ -64,6 +66,8 @@ class CompiledWorkflow:
     predicate: str
     entity: EntitySchema | None
     definition_hash: str
+    # Which captured rows it could match (engine/prefilter.py), per operation.
+    capture_filter: dict[str, Any] | None = None
 
 
 def definition_hash(stored: dict[str, Any]) -> str:
@@ -204,9 +208,14 @@ async def compile_workflow(conn: psycopg.AsyncConnection[Any], raw: Any) -> Comp
     predicate_text = predicate.as_string(conn)
     await _check_in_database(conn, compiler, entity, predicate_text)
 
+    facts = await prefilter.column_facts(conn, entity) if entity is not None else {}
+    capture_filter = prefilter.compile_filter(wf, entity, facts)
+
     # The name as normalised (NFKC), so the definition and the workflow agree.
     stored = {k: wf.name if k == "name" else v for k, v in raw.items() if k != "status"}
-    return CompiledWorkflow(wf, stored, predicate_text, entity, definition_hash(stored))
+    return CompiledWorkflow(
+        wf, stored, predicate_text, entity, definition_hash(stored), capture_filter
+    )
 
 
 def _check_steps(
@@ -327,8 +336,8 @@ async def apply(conn: psycopg.AsyncConnection[Any], raw: Any) -> SaveResult:
             )
         ).fetchone()
         if existing is None:
-            return await _create(conn, compiled, raw)
-        return await _new_version(conn, existing["id"], compiled, raw)
+            return await refreshed(conn, await _create(conn, compiled, raw))
+        return await refreshed(conn, await _new_version(conn, existing["id"], compiled, raw))
 
     return await db.retry_lock_timeouts(conn, save, f"saving workflow {compiled.definition.name!r}")
 
@@ -343,7 +352,7 @@ async def update(conn: psycopg.AsyncConnection[Any], workflow_id: int, raw: Any)
         ).fetchone()
         if existing is None or existing["status"] == "archived":
             raise WorkflowNotFound(workflow_id)
-        return await _new_version(conn, workflow_id, compiled, raw)
+        return await refreshed(conn, await _new_version(conn, workflow_id, compiled, raw))
 
     return await db.retry_lock_timeouts(conn, save, f"saving workflow {workflow_id}")
 
@@ -351,13 +360,24 @@ async def update(conn: psycopg.AsyncConnection[Any], workflow_id: int, raw: Any)
 async def create(conn: psycopg.AsyncConnection[Any], raw: Any) -> SaveResult:
     """Create a new workflow; its name must be free."""
     compiled = await compile_workflow(conn, raw)
-    return await db.retry_lock_timeouts(
-        conn, lambda: _create(conn, compiled, raw), f"saving workflow {compiled.definition.name!r}"
-    )
+
+    async def save() -> SaveResult:
+        return await refreshed(conn, await _create(conn, compiled, raw))
+
+    return await db.retry_lock_timeouts(conn, save, f"saving workflow {compiled.definition.name!r}")
 
 
 class NameTaken(ValueError):
     pass
+
+
+async def refreshed(conn: psycopg.AsyncConnection[Any], result: T) -> T:
+    """Regenerate the capture of the entities this save touched, in its transaction
+    (crmflow.refresh_capture; docs/design.md, "Capture keeps what can match"). Inside
+    the save's lock-timeout retries: it waits for writers still filtering with the old
+    capture. The deferred triggers of migration 0018 would do it at commit otherwise."""
+    await conn.execute("SELECT crmflow.refresh_capture()")
+    return result
 
 
 async def _create(
@@ -399,6 +419,15 @@ async def _new_version(
     if changed:
         version += 1
         await _insert_version(conn, workflow_id, version, compiled)
+    elif current["capture_filter"] != compiled.capture_filter:
+        # Derived from the definition and the catalog, like the predicate, but no reason
+        # for a new version (a version saved before capture filters existed, say).
+        from psycopg.types.json import Jsonb
+
+        await conn.execute(
+            db.query("set_version_capture_filter"),
+            {"id": current["id"], "capture_filter": Jsonb(compiled.capture_filter)},
+        )
     try:
         row = await (
             await conn.execute(
@@ -436,6 +465,7 @@ async def _insert_version(
             "priority": c.definition.priority,
             "limits": Jsonb(c.definition.limits.model_dump(exclude_none=True)),
             "predicate": c.predicate,
+            "capture_filter": None if c.capture_filter is None else Jsonb(c.capture_filter),
         },
     )
 
@@ -444,11 +474,14 @@ async def set_status(
     conn: psycopg.AsyncConnection[Any], workflow_id: int, status: str
 ) -> dict[str, Any]:
     async def save() -> Any:
-        return await (
-            await conn.execute(
-                db.query("set_workflow_status"), {"id": workflow_id, "status": status}
-            )
-        ).fetchone()
+        return await refreshed(
+            conn,
+            await (
+                await conn.execute(
+                    db.query("set_workflow_status"), {"id": workflow_id, "status": status}
+                )
+            ).fetchone(),
+        )
 
     row = await db.retry_lock_timeouts(conn, save, f"setting workflow {workflow_id} {status}")
     if row is None:

@@ -1,6 +1,6 @@
 -- Capture: statement-level AFTER triggers with transition tables copy each changed
--- row into crmflow.outbox in the writer's own transaction (a rollback captures
--- nothing). One INSERT ... SELECT per statement, so a 100k-row INSERT ... SELECT
+-- row that some active workflow could match (the capture filter, below) into
+-- crmflow.outbox in the writer's own transaction (a rollback captures nothing). One INSERT ... SELECT per statement, so a 100k-row INSERT ... SELECT
 -- pays one trigger call, not 100k.
 --
 -- The capture code lives in the writer's transaction, so it must never be the reason a
@@ -104,9 +104,180 @@ CREATE OR REPLACE FUNCTION crmflow.capture_key(relid oid, captured jsonb) RETURN
       FROM unnest(crmflow.primary_key_of(relid)) AS k(name)
 $$;
 
--- (Re)generate the three capture functions of an entity. Replacing a function takes no
--- lock on the table (writers pick up the new body at their next statement), but every
--- session recompiles it, so it is done only when something changed.
+-- ── The capture filter (docs/design.md, "Capture keeps what can match") ──
+-- Each workflow version carries its filter (workflow_versions.capture_filter, compiled
+-- by engine/prefilter.py when it is saved): per operation, a tree that is true for
+-- every row pair the version could match, over the captured rows' JSON alone. It is
+-- rendered here, node by node from a fixed list, every key and value a quoted literal:
+-- whatever a stored tree holds, the SQL it renders cannot fail on any row (no cast,
+-- no function that raises), so it can sit in the writer's trigger. Unknown nodes
+-- render as true (keep).
+--   true | false
+--   {"and": [...]} | {"or": [...]} | {"not": node}
+--   {"changed": key}: the key's value differs between old and new (true when either
+--       row lacks the key: a renamed column is not a reason to drop a row)
+--   {"test": {"row": "n"|"o", "key", "type": "number"|"string"|"boolean"|"array",
+--             "op": "eq"|"lt"|"le"|"gt"|"ge"|"empty"|"null", "value", "null": bool,
+--             "other": bool}}: the value under key, when of that JSON type, compared
+--       with value (numbers as numbers, strings bytewise, as COLLATE "C"); JSON null
+--       gives "null", a missing key or another JSON type gives "other".
+CREATE OR REPLACE FUNCTION crmflow.render_capture_filter(
+    node jsonb, new_row text, old_row text, depth integer DEFAULT 0)
+    RETURNS text LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $render$
+DECLARE
+    k text;
+    parts text[];
+    t jsonb;
+    r text;
+    v text;
+    kind text;
+    op text;
+    val jsonb;
+    sym text;
+    cmp text;
+BEGIN
+    IF node IS NULL OR depth > 64 THEN
+        RETURN 'true';
+    END IF;
+    IF jsonb_typeof(node) = 'boolean' THEN
+        RETURN CASE WHEN node = 'false'::jsonb THEN 'false' ELSE 'true' END;
+    END IF;
+    IF jsonb_typeof(node) <> 'object' THEN
+        RETURN 'true';
+    END IF;
+    IF node ? 'and' OR node ? 'or' THEN
+        k := CASE WHEN node ? 'and' THEN 'and' ELSE 'or' END;
+        IF jsonb_typeof(node -> k) <> 'array' THEN
+            RETURN 'true';
+        END IF;
+        SELECT array_agg(crmflow.render_capture_filter(e.item, new_row, old_row, depth + 1)
+                         ORDER BY e.i)
+          INTO parts
+          FROM jsonb_array_elements(node -> k) WITH ORDINALITY AS e(item, i);
+        IF parts IS NULL THEN
+            RETURN CASE k WHEN 'and' THEN 'true' ELSE 'false' END;
+        END IF;
+        RETURN '(' || array_to_string(parts, CASE k WHEN 'and' THEN ' AND ' ELSE ' OR ' END) || ')';
+    END IF;
+    IF node ? 'not' THEN
+        RETURN '(NOT ' || crmflow.render_capture_filter(node -> 'not', new_row, old_row, depth + 1)
+               || ')';
+    END IF;
+    IF node ? 'changed' THEN
+        IF old_row IS NULL OR new_row IS NULL OR jsonb_typeof(node -> 'changed') <> 'string' THEN
+            RETURN 'true';
+        END IF;
+        RETURN format('(CASE WHEN %1$s ? %3$L AND %2$s ? %3$L '
+                      'THEN (%1$s -> %3$L) IS DISTINCT FROM (%2$s -> %3$L) ELSE true END)',
+                      new_row, old_row, node ->> 'changed');
+    END IF;
+    IF node ? 'test' THEN
+        t := node -> 'test';
+        IF jsonb_typeof(t) <> 'object' OR jsonb_typeof(t -> 'key') IS DISTINCT FROM 'string' THEN
+            RETURN 'true';
+        END IF;
+        r := CASE t ->> 'row' WHEN 'n' THEN new_row WHEN 'o' THEN old_row END;
+        k := t ->> 'key';
+        kind := t ->> 'type';
+        op := t ->> 'op';
+        val := t -> 'value';
+        IF r IS NULL OR kind IS NULL OR kind NOT IN ('number', 'string', 'boolean', 'array') THEN
+            RETURN 'true';
+        END IF;
+        v := format('(%s -> %L)', r, k);
+        sym := CASE op WHEN 'lt' THEN '<' WHEN 'le' THEN '<=' WHEN 'gt' THEN '>'
+                       WHEN 'ge' THEN '>=' END;
+        cmp := CASE
+            WHEN op = 'eq' AND jsonb_typeof(val) = kind THEN
+                format('%s = %L::jsonb', v, val::text)
+            WHEN sym IS NOT NULL AND kind = 'number' AND jsonb_typeof(val) = 'number' THEN
+                format('%s %s %L::jsonb', v, sym, val::text)
+            WHEN sym IS NOT NULL AND kind = 'string' AND jsonb_typeof(val) = 'string' THEN
+                format('(%s #>> ''{}'') COLLATE "C" %s %L::text', v, sym, val #>> '{}')
+            WHEN op = 'empty' AND kind = 'string' THEN format('%s = ''""''::jsonb', v)
+            WHEN op = 'empty' AND kind = 'array' THEN format('%s = ''[]''::jsonb', v)
+            WHEN op IN ('empty', 'null') THEN 'false'
+        END;
+        IF cmp IS NULL THEN
+            RETURN 'true';
+        END IF;
+        RETURN format('(CASE WHEN NOT (%1$s ? %2$L) THEN %3$s '
+                      'WHEN jsonb_typeof(%4$s) = ''null'' THEN %5$s '
+                      'WHEN jsonb_typeof(%4$s) = %6$L THEN %7$s ELSE %3$s END)',
+                      r, k,
+                      CASE WHEN t -> 'other' = 'false'::jsonb THEN 'false' ELSE 'true' END,
+                      v,
+                      CASE WHEN t -> 'null' = 'true'::jsonb THEN 'true' ELSE 'false' END,
+                      kind, cmp);
+    END IF;
+    RETURN 'true';
+END
+$render$;
+
+-- The rows of an entity's operation (insert, update, delete) that capture keeps: some
+-- active workflow's filter for it holds (broken workflows count: their events are
+-- replayed once they are fixed). 'false' when no active workflow matches that
+-- operation, 'true' when the table keeps every row (capture_all) or one of them keeps
+-- everything. new_row and old_row: the SQL of the captured rows' JSON ("n" of the
+-- matcher is new_row, the deleted row for deletes).
+-- Read under the entity's capture lock in READ COMMITTED (crmflow.generate_capture),
+-- so no concurrent activation can be missed; in a transaction that keeps one snapshot
+-- (REPEATABLE READ and up) a concurrent one could be, so everything is kept.
+CREATE OR REPLACE FUNCTION crmflow.capture_filter(
+    entity text, op text, new_row text, old_row text) RETURNS text
+    LANGUAGE plpgsql STABLE AS $filter$
+DECLARE
+    parts text[];
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed'
+       OR coalesce((SELECT w.capture_all FROM crmflow.watched_tables AS w
+                     WHERE w.entity_type = entity), true) THEN
+        RETURN 'true';
+    END IF;
+    SELECT array_agg(DISTINCT f.part ORDER BY f.part) INTO parts
+      FROM (SELECT CASE
+                   WHEN v.capture_filter IS NULL THEN
+                       CASE WHEN (v.trigger_type, op) IN (('entity_created', 'insert'),
+                                                          ('entity_updated', 'update'),
+                                                          ('field_updated', 'update'),
+                                                          ('entity_deleted', 'delete'))
+                            THEN 'true' END
+                   WHEN v.capture_filter ? op THEN
+                       crmflow.render_capture_filter(v.capture_filter -> op, new_row, old_row)
+                   END AS part
+              FROM crmflow.workflows AS w
+              JOIN crmflow.workflow_versions AS v
+                ON v.workflow_id = w.id AND v.version = w.current_version
+             WHERE w.status = 'active' AND v.entity_type = entity) AS f
+     WHERE f.part IS NOT NULL AND f.part <> 'false';
+    IF parts IS NULL THEN
+        RETURN 'false';
+    END IF;
+    IF 'true' = ANY(parts) THEN
+        RETURN 'true';
+    END IF;
+    RETURN '(' || array_to_string(parts, ' OR ') || ')';
+END
+$filter$;
+
+-- (Re)generate the three capture functions of an entity, with its capture filter.
+-- Replacing a function takes no lock on the table (writers pick up the new body at
+-- their next statement), but every session recompiles it, so it is done only when the
+-- body changes.
+--
+-- A filtered body must never drop a row that a workflow activated (or edited) in
+-- another transaction is entitled to: every write committed after the activation
+-- (migration 0015's snapshot). Three things make that exact:
+--   * the writer takes the entity's capture lock in shared mode without waiting
+--     (pg_try_advisory_xact_lock_shared, held to the end of its transaction) before
+--     filtering; when it cannot (a regeneration holds or awaits it), it keeps every row;
+--   * a regeneration takes that lock exclusively (here): it waits for the writers still
+--     filtering with the old body, and holds it until it commits;
+--   * the body carries an epoch, the value of the entity's sequence when it was made;
+--     the regeneration bumps the sequence (not transactional: visible at once), so a
+--     writer still running a body it looked up before the commit keeps every row;
+-- and crmflow.refresh_capture takes the activation's snapshot again once it holds the
+-- lock. Writers never wait: only the regeneration does.
 CREATE OR REPLACE FUNCTION crmflow.generate_capture(entity text, key_columns text[])
     RETURNS void LANGUAGE plpgsql AS $generate$
 DECLARE
@@ -119,14 +290,27 @@ DECLARE
     depth_expr constant text := '(SELECT crmflow.current_depth())';
     actor_expr constant text := '(SELECT crmflow.current_actor())';
     wake constant text :=
-        'IF (SELECT listening FROM crmflow.matcher_state) THEN '
+        'IF FOUND AND (SELECT listening FROM crmflow.matcher_state) THEN '
         'PERFORM pg_notify(''crmflow_outbox'', ''''); END IF; RETURN NULL;';
     rows_json constant text := '(SELECT to_jsonb(t.*) AS j FROM %s AS t OFFSET 0) AS r';
     -- They run as crmflow's owner, so the CRM's role needs no privilege on crmflow's
     -- tables (and cannot write the outbox itself: events cannot be forged); the search
     -- path is pinned so a writer's own search_path cannot redirect what they call.
     definer constant text := 'SECURITY DEFINER SET search_path = pg_catalog, pg_temp';
-    body text;
+    lock_key constant integer := hashtext('crmflow.capture');
+    epoch_seq text := format('crmflow.%I', 'tg_' || entity || '__epoch');
+    epoch bigint;
+    guard text;
+    f_insert text;
+    f_update text;
+    f_delete text;
+    f_key_delete text;
+    f_key_insert text;
+    bodies text[];
+    names text[];
+    i integer;
+    insert_sql text;
+    update_sql text;
 BEGIN
     IF entity !~ '^[a-z_][a-z0-9_]{0,62}$' THEN
         RAISE EXCEPTION 'entity name % cannot be captured', entity;
@@ -134,58 +318,200 @@ BEGIN
     IF coalesce(cardinality(key_columns), 0) = 0 THEN
         RAISE EXCEPTION 'entity % has no key columns', entity;
     END IF;
+    IF to_regclass(epoch_seq) IS NULL THEN
+        EXECUTE format('CREATE SEQUENCE IF NOT EXISTS %s', epoch_seq);
+        PERFORM nextval(epoch_seq::regclass);
+    END IF;
+    -- Wait for the writers filtering with the current body; the filters are read after.
+    PERFORM pg_advisory_xact_lock(lock_key, hashtext(entity));
+    f_insert := crmflow.capture_filter(entity, 'insert', 'r.j', NULL);
+    f_delete := crmflow.capture_filter(entity, 'delete', 'r.j', NULL);
+    f_update := crmflow.capture_filter(entity, 'update', 'n.j', 'o.j');
+    f_key_delete := crmflow.capture_filter(entity, 'delete', 'o.j', NULL);
+    f_key_insert := crmflow.capture_filter(entity, 'insert', 'n.j', NULL);
+
     -- {"id": r.j -> 'id'} when the row has the key it was generated with, else the
     -- table's key now (TG_RELID: the partition or table the statement wrote).
     key_expr := format(
         'CASE WHEN r.j ?& %L::text[] THEN jsonb_build_object(%s) '
         'ELSE crmflow.capture_key(TG_RELID, r.j) END',
         key_columns,
-        (SELECT string_agg(format('%L, r.j -> %L', c, c), ', ' ORDER BY i)
+        (SELECT string_agg(format('%L, r.j -> %L', c, c), ', ' ORDER BY u.i)
            FROM unnest(key_columns) WITH ORDINALITY AS u(c, i)));
 
-    -- Inserts and deletes: every row of the statement's one transition table.
-    FOR op, rows_table, row_column IN
-        VALUES ('insert', 'new_rows', 'new_row'), ('delete', 'old_rows', 'old_row')
-    LOOP
-        body := format(
-            'BEGIN INSERT INTO crmflow.outbox (entity_type, op, pk, %s, depth, actor) '
-            'SELECT %L, %L, %s, r.j, %s, %s FROM %s; %s END',
-            row_column, entity, op, key_expr, depth_expr, actor_expr,
-            format(rows_json, rows_table), wake);
-        EXECUTE format('CREATE OR REPLACE FUNCTION crmflow.%I() RETURNS trigger '
-                       'LANGUAGE plpgsql %s AS %L', 'tg_' || entity || '__' || op, definer, body);
+    names := ARRAY['tg_' || entity || '__insert', 'tg_' || entity || '__update',
+                   'tg_' || entity || '__delete'];
+    -- Twice at most: with the epoch of the bodies in place (nothing to do when they are
+    -- the same), then with a new one.
+    EXECUTE format('SELECT last_value FROM %s', epoch_seq) INTO epoch;
+    FOR attempt IN 1..2 LOOP
+        IF attempt = 2 THEN
+            epoch := nextval(epoch_seq::regclass);
+        END IF;
+        guard := format('pg_try_advisory_xact_lock_shared(%s, %s) AND '
+                        '(SELECT last_value FROM %s) = %s',
+                        lock_key, hashtext(entity), epoch_seq, epoch);
+        bodies := ARRAY[]::text[];
+        -- Inserts and deletes: the rows of the statement's one transition table.
+        FOR op, rows_table, row_column IN
+            VALUES ('insert', 'new_rows', 'new_row'), ('delete', 'old_rows', 'old_row')
+        LOOP
+            insert_sql := format(
+                'INSERT INTO crmflow.outbox (entity_type, op, pk, %s, depth, actor) '
+                'SELECT %L, %L, %s, r.j, %s, %s FROM %s',
+                row_column, entity, op, key_expr, depth_expr, actor_expr,
+                format(rows_json, rows_table));
+            bodies := bodies || CASE CASE op WHEN 'insert' THEN f_insert ELSE f_delete END
+                WHEN 'true' THEN format('BEGIN %s; %s END', insert_sql, wake)
+                WHEN 'false' THEN format('BEGIN IF %s THEN NULL; ELSE %s; END IF; %s END',
+                                         guard, insert_sql, wake)
+                ELSE format('BEGIN IF %s THEN %s WHERE %s; ELSE %s; END IF; %s END',
+                            guard, insert_sql,
+                            CASE op WHEN 'insert' THEN f_insert ELSE f_delete END,
+                            insert_sql, wake)
+                END;
+        END LOOP;
+
+        -- Updates: rows are paired old/new by primary key. A row whose key itself
+        -- changed has no pair: it is captured as the delete of the old key and the
+        -- insert of the new one (and filtered as such). Updates that change no column
+        -- are not captured. Which columns changed is left to readers
+        -- (crmflow.changed_columns): that diff was half the writer's cost on wide tables.
+        -- The update body: filtered (variant 1) and keeping every row (variant 2).
+        update_sql := NULL;
+        FOR variant IN 1..2 LOOP
+            insert_sql := format(
+                'WITH n AS MATERIALIZED (SELECT r.j, %1$s AS k FROM %2$s), '
+                '     o AS MATERIALIZED (SELECT r.j, %1$s AS k FROM %3$s) '
+                'INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, old_row, changed, depth, actor) '
+                'SELECT %4$L, c.op, c.pk, c.new_row, c.old_row, c.changed, %5$s, %6$s FROM ('
+                '  SELECT ''update'' AS op, n.k AS pk, n.j AS new_row, o.j AS old_row, '
+                '         NULL::text[] AS changed, 0 AS part '
+                '    FROM n JOIN o ON o.k = n.k WHERE n.j IS DISTINCT FROM o.j%7$s '
+                '  UNION ALL '
+                '  SELECT ''delete'', o.k, NULL, o.j, NULL, 1 FROM o '
+                '   WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k = o.k)%8$s '
+                '  UNION ALL '
+                '  SELECT ''insert'', n.k, n.j, NULL, NULL, 2 FROM n '
+                '   WHERE NOT EXISTS (SELECT 1 FROM o WHERE o.k = n.k)%9$s '
+                ') AS c ORDER BY c.part',
+                key_expr, format(rows_json, 'new_rows'), format(rows_json, 'old_rows'),
+                entity, depth_expr, actor_expr,
+                CASE WHEN variant = 1 AND f_update <> 'true' THEN ' AND ' || f_update ELSE '' END,
+                CASE WHEN variant = 1 AND f_key_delete <> 'true' THEN ' AND ' || f_key_delete ELSE '' END,
+                CASE WHEN variant = 1 AND f_key_insert <> 'true' THEN ' AND ' || f_key_insert ELSE '' END);
+            IF variant = 1 THEN
+                update_sql := insert_sql;
+            END IF;
+        END LOOP;
+        bodies := bodies || CASE
+            WHEN (f_update, f_key_delete, f_key_insert) = ('true', 'true', 'true') THEN
+                format('BEGIN %s; %s END', insert_sql, wake)
+            WHEN (f_update, f_key_delete, f_key_insert) = ('false', 'false', 'false') THEN
+                format('BEGIN IF %s THEN NULL; ELSE %s; END IF; %s END', guard, insert_sql, wake)
+            ELSE format('BEGIN IF %s THEN %s; ELSE %s; END IF; %s END',
+                        guard, update_sql, insert_sql, wake)
+            END;
+        bodies := ARRAY[bodies[1], bodies[3], bodies[2]];  -- insert, update, delete
+
+        IF attempt = 1 AND NOT EXISTS (
+            SELECT 1 FROM unnest(names, bodies) AS b(name, body)
+             WHERE NOT EXISTS (SELECT 1 FROM pg_proc AS p
+                                WHERE p.oid = to_regprocedure(format('crmflow.%I()', b.name))
+                                  AND p.prosrc = b.body AND p.prosecdef))
+        THEN
+            RETURN;
+        END IF;
+        EXIT WHEN attempt = 2;
     END LOOP;
 
-    -- Updates: rows are paired old/new by primary key. A row whose key itself changed
-    -- has no pair: it is captured as the delete of the old key and the insert of the
-    -- new one. Updates that change no column are not captured. Which columns changed
-    -- is left to readers (crmflow.changed_columns): that diff was half the writer's
-    -- cost on wide tables.
-    body := format(
-        'BEGIN WITH n AS MATERIALIZED (SELECT r.j, %1$s AS k FROM %2$s), '
-        '           o AS MATERIALIZED (SELECT r.j, %1$s AS k FROM %3$s) '
-        'INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, old_row, changed, depth, actor) '
-        'SELECT %4$L, c.op, c.pk, c.new_row, c.old_row, c.changed, %5$s, %6$s FROM ('
-        '  SELECT ''update'' AS op, n.k AS pk, n.j AS new_row, o.j AS old_row, '
-        '         NULL::text[] AS changed, 0 AS part '
-        '    FROM n JOIN o ON o.k = n.k WHERE n.j IS DISTINCT FROM o.j '
-        '  UNION ALL '
-        '  SELECT ''delete'', o.k, NULL, o.j, NULL, 1 FROM o '
-        '   WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k = o.k) '
-        '  UNION ALL '
-        '  SELECT ''insert'', n.k, n.j, NULL, NULL, 2 FROM n '
-        '   WHERE NOT EXISTS (SELECT 1 FROM o WHERE o.k = n.k) '
-        ') AS c ORDER BY c.part; %7$s END',
-        key_expr, format(rows_json, 'new_rows'), format(rows_json, 'old_rows'),
-        entity, depth_expr, actor_expr, wake);
-    -- Pairing sorts or hashes whole captured rows: with the default 4 MB a 1,000-row
-    -- update of a 500-column table spilled three sorts to disk (20 MB each).
-    EXECUTE format('CREATE OR REPLACE FUNCTION crmflow.%I() RETURNS trigger '
-                   'LANGUAGE plpgsql %s SET work_mem = ''64MB'' AS %L',
-                   'tg_' || entity || '__update', definer, body);
-
+    FOR i IN 1..3 LOOP
+        -- Pairing sorts or hashes whole captured rows: with the default 4 MB a 1,000-row
+        -- update of a 500-column table spilled three sorts to disk (20 MB each).
+        EXECUTE format('CREATE OR REPLACE FUNCTION crmflow.%I() RETURNS trigger '
+                       'LANGUAGE plpgsql %s %s AS %L', names[i], definer,
+                       CASE WHEN i = 2 THEN 'SET work_mem = ''64MB''' ELSE '' END, bodies[i]);
+    END LOOP;
 END
 $generate$;
+
+-- Regenerate the capture of the entities whose workflows changed in this transaction
+-- (crmflow.note_capture_change lists them), then take the snapshot of the workflows
+-- it activated again (see crmflow.generate_capture). engine/workflows.py calls it at
+-- the end of each save, inside its lock-timeout retries; the deferred triggers of
+-- migration 0018 call it at commit for any other change (SQL, `unwatch --force`).
+-- It runs as crmflow's owner (the runtime role saves workflows, the functions are
+-- the owner's); it takes no argument, so it can only regenerate what the workflows
+-- say.
+CREATE OR REPLACE FUNCTION crmflow.refresh_capture() RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $refresh$
+DECLARE
+    w record;
+    activated bigint[];
+BEGIN
+    FOR w IN
+        SELECT x.entity_type, x.pk_columns
+          FROM crmflow.watched_tables AS x
+         WHERE x.entity_type = ANY(string_to_array(
+                   coalesce(current_setting('crmflow.capture_stale', true), ''), ','))
+         ORDER BY x.entity_type
+    LOOP
+        PERFORM crmflow.generate_capture(w.entity_type, w.pk_columns);
+    END LOOP;
+    PERFORM set_config('crmflow.capture_stale', '', true);
+    activated := ARRAY(SELECT u::bigint FROM unnest(string_to_array(
+                           coalesce(current_setting('crmflow.activated', true), ''), ',')) AS u
+                        WHERE u ~ '^[0-9]{1,18}$');
+    IF cardinality(activated) > 0 THEN
+        UPDATE crmflow.workflows SET active_since = pg_current_snapshot()
+         WHERE id = ANY(activated) AND status = 'active';
+        PERFORM set_config('crmflow.activated', '', true);
+    END IF;
+END
+$refresh$;
+REVOKE EXECUTE ON FUNCTION crmflow.refresh_capture() FROM PUBLIC;
+
+-- Row triggers of crmflow.workflows and crmflow.workflow_versions: note the entities
+-- whose capture may change (the entity of the workflow's current version, before and
+-- after; a new version's entity).
+CREATE OR REPLACE FUNCTION crmflow.note_capture_change() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+DECLARE
+    touched text[];
+BEGIN
+    IF TG_TABLE_NAME = 'workflow_versions' THEN
+        touched := ARRAY[CASE WHEN TG_OP <> 'DELETE' THEN NEW.entity_type END,
+                         CASE WHEN TG_OP <> 'INSERT' THEN OLD.entity_type END];
+    ELSE
+        touched := ARRAY(
+            SELECT v.entity_type FROM crmflow.workflow_versions AS v
+             WHERE (TG_OP <> 'DELETE' AND v.workflow_id = NEW.id AND v.version = NEW.current_version)
+                OR (TG_OP <> 'INSERT' AND v.workflow_id = OLD.id AND v.version = OLD.current_version));
+    END IF;
+    touched := ARRAY(SELECT DISTINCT e FROM unnest(touched) AS e
+                      WHERE e IS NOT NULL
+                        AND NOT e = ANY(string_to_array(
+                                coalesce(current_setting('crmflow.capture_stale', true), ''), ',')));
+    IF cardinality(touched) > 0 THEN
+        PERFORM set_config('crmflow.capture_stale',
+                           concat_ws(',', nullif(current_setting('crmflow.capture_stale', true), ''),
+                                     array_to_string(touched, ',')), true);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- The deferred triggers: whatever is still to regenerate when the transaction commits.
+CREATE OR REPLACE FUNCTION crmflow.refresh_capture_at_commit() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(current_setting('crmflow.capture_stale', true), '') <> ''
+       OR coalesce(current_setting('crmflow.activated', true), '') <> '' THEN
+        PERFORM crmflow.refresh_capture();
+    END IF;
+    RETURN NULL;
+END
+$$;
 
 -- The table and every partition below it (partitioned ones too: a statement may name
 -- any level of the tree).
@@ -425,3 +751,6 @@ DROP TRIGGER IF EXISTS {trigger} ON {table};
 
 -- name: drop_function
 DROP FUNCTION IF EXISTS {function}();
+
+-- name: drop_sequence
+DROP SEQUENCE IF EXISTS {sequence};

@@ -113,6 +113,10 @@ SELECT entity_type FROM inserted
 UNION ALL
 SELECT entity_type FROM existing;
 
+-- name: set_capture_all
+UPDATE crmflow.watched_tables SET capture_all = %(capture_all)s
+ WHERE entity_type = %(entity_type)s;
+
 -- name: watched_by_entity
 SELECT entity_type, table_schema, table_name, pk_columns
   FROM crmflow.watched_tables WHERE entity_type = %(entity_type)s;
@@ -187,15 +191,18 @@ RETURNING id, status;
 -- name: insert_workflow_version
 INSERT INTO crmflow.workflow_versions
        (workflow_id, version, definition, definition_hash, trigger_type, entity_type,
-        priority, limits, predicate)
+        priority, limits, predicate, capture_filter)
 VALUES (%(workflow_id)s, %(version)s, %(definition)s, %(definition_hash)s, %(trigger_type)s,
-        %(entity_type)s, %(priority)s, %(limits)s, %(predicate)s);
+        %(entity_type)s, %(priority)s, %(limits)s, %(predicate)s, %(capture_filter)s);
 
 -- name: current_version
-SELECT v.version, v.definition_hash, v.predicate
+SELECT v.id, v.version, v.definition_hash, v.predicate, v.capture_filter
   FROM crmflow.workflows AS w
   JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
  WHERE w.id = %(id)s;
+
+-- name: set_version_capture_filter
+UPDATE crmflow.workflow_versions SET capture_filter = %(capture_filter)s WHERE id = %(id)s;
 
 -- name: update_workflow_head
 UPDATE crmflow.workflows
