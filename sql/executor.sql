@@ -212,3 +212,32 @@ SELECT k.id, coalesce({predicate}, false) AS ok
 SELECT k.id, coalesce({predicate}, false) AS ok
   FROM unnest(%(ids)s::bigint[], %(steps)s::jsonb[]) AS k(id, steps)
  CROSS JOIN LATERAL (SELECT k.steps AS steps) AS s;
+
+-- name: wake_held_back
+-- Slots freed under max_concurrent (engine/executor/flow.py): per workflow, as many held-
+-- back executions (queued for later with a not_before, not leased) as it has free slots
+-- are due now.
+WITH w AS (
+    SELECT * FROM unnest(%(workflow_ids)s::bigint[], %(limits)s::int[]) AS w(id, lim)
+), free AS (
+    SELECT w.id, w.lim - (SELECT count(*) FROM crmflow.executions AS x
+                           WHERE x.workflow_id = w.id AND x.status = 'running') AS n
+      FROM w
+), held AS (
+    SELECT h.execution_id
+      FROM free
+     CROSS JOIN LATERAL (
+           SELECT q.execution_id
+             FROM crmflow.execution_queue AS q
+             JOIN crmflow.executions AS x ON x.id = q.execution_id
+            WHERE x.workflow_id = free.id AND x.not_before > clock_timestamp()
+              AND x.status IN ('pending', 'waiting') AND q.leased_until IS NULL
+            ORDER BY q.priority DESC, q.execution_id
+            LIMIT greatest(free.n, 0)) AS h
+), due AS (
+    UPDATE crmflow.executions AS x SET not_before = NULL FROM held WHERE x.id = held.execution_id
+)
+UPDATE crmflow.execution_queue AS q
+   SET run_at = clock_timestamp()
+  FROM held
+ WHERE q.execution_id = held.execution_id;

@@ -137,9 +137,13 @@ class BatchExecutor:
             if later:
                 async with self.pool.connection() as conn:
                     await queue.release(conn, self.worker, later)
-            wakes = await self.advance(mine)
+            freed: dict[int, int] = {}
+            wakes = await self.advance(mine, freed)
             async with self.pool.connection() as conn:
                 await queue.settle(conn, self.worker, self.settings.queue_name, wakes)
+                # once settled (unleased), the executions max_concurrent held back can
+                # take the slots this batch freed
+                await flow.wake_held_back(conn, freed)
             return len(mine)
         except asyncio.CancelledError:  # shutdown: release_all gives them back
             self._abandoned.update(ids)
@@ -165,8 +169,12 @@ class BatchExecutor:
 
     # ───────── one batch ─────────
 
-    async def advance(self, ids: list[int]) -> dict[int, tuple[datetime | None, bool]]:
-        """Advance the executions as far as they go now; returns their next wake-ups."""
+    async def advance(
+        self, ids: list[int], freed: dict[int, int] | None = None
+    ) -> dict[int, tuple[datetime | None, bool]]:
+        """Advance the executions as far as they go now; returns their next wake-ups.
+        ``freed`` gets the workflows with ``max_concurrent`` whose executions ran here
+        (id -> limit): slots may have freed."""
         wakes: dict[int, tuple[datetime | None, bool]] = {}
         careful: list[int] = []
         items: list[Item] = []
@@ -213,6 +221,13 @@ class BatchExecutor:
             wakes[item.id] = (now(), True)
         if careful:
             wakes.update(await self._carefully(careful))
+            limited = {  # workflows whose slots these executions may have freed
+                int(r["workflow_id"]): int(r["limits"]["max_concurrent"])
+                for r in rows
+                if r["id"] in set(careful) and (r["limits"] or {}).get("max_concurrent")
+            }
+            if freed is not None:
+                freed.update(limited)
         return wakes
 
     def _needs_care(self, ex: dict[str, Any]) -> bool:

@@ -7,7 +7,10 @@ whenever it resumes after a wait (a delay, a retry back-off), so steps after a d
 never overlap beyond it, while an execution that only waits holds no slot. Both checks
 of a workflow are serialised by a transaction-level advisory lock on the workflow.
 
-An execution held back gets ``not_before``; the execution queue wakes it then.
+An execution held back gets ``not_before``; the execution queue wakes it then. One
+held back by ``max_concurrent`` is not polled: a slot that frees wakes the next one in
+line (:func:`wake_held_back`, after every batch that ran executions of the workflow);
+its ``not_before`` is only a safety net.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import psycopg
 from engine import db
 
 LIVE = ("pending", "running", "waiting")
-# How soon an execution held back by max_concurrent looks again (plus a little spread).
-CONCURRENCY_RETRY = 0.25
+# When an execution held back by max_concurrent looks again if no freed slot woke it
+# first (seconds, plus a little spread): a safety net, not a poll.
+CONCURRENCY_RETRY = 10.0
 
 
 def _q(name: str) -> str:
@@ -99,3 +103,14 @@ async def admit_resume(conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -
         return "concurrency limited"
     await _set(conn, ex["id"], "running", None, None)
     return None
+
+
+async def wake_held_back(conn: psycopg.AsyncConnection[Any], workflows: dict[int, int]) -> None:
+    """For each workflow (id -> max_concurrent), as many of its held-back executions as
+    it has free slots now are due at once, in priority then arrival order."""
+    if workflows:
+        ids = sorted(workflows)
+        await conn.execute(
+            db.query("wake_held_back", "executor.sql"),
+            {"workflow_ids": ids, "limits": [workflows[i] for i in ids]},
+        )
