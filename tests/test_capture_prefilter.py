@@ -173,6 +173,25 @@ async def test_activation_pause_edit_archive_regenerate_in_their_transaction(
     assert await body(crm, "tg_lead__insert") == none
 
 
+async def test_a_rolled_back_change_keeps_rows_until_the_heal(
+    crm: psycopg.AsyncConnection[Any],
+) -> None:
+    """A regeneration that rolls back has bumped the epoch all the same (a sequence): the
+    bodies in place keep every row (never fewer) until capture's heal makes them anew."""
+    await apply(crm, HOT)
+    with pytest.raises(RuntimeError):
+        async with crm.transaction():
+            await apply(crm, {**HOT, "name": "other", "conditions": []})
+            raise RuntimeError("roll back")
+    await crm.execute("INSERT INTO leads (name, source) VALUES ('kept', 'referral')")
+    assert await captured(crm) == [("insert", "kept")]
+    changes = await capture.heal(crm)
+    assert [c["entity_type"] for c in changes] == ["lead"]
+    await crm.execute("INSERT INTO leads (name, source) VALUES ('dropped', 'referral')")
+    assert await captured(crm) == [("insert", "kept")]
+    assert await capture.heal(crm) == []
+
+
 async def test_sql_changes_to_workflows_regenerate_at_commit(
     crm: psycopg.AsyncConnection[Any],
 ) -> None:
