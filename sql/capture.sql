@@ -513,6 +513,27 @@ BEGIN
 END
 $$;
 
+-- Do an entity's filtering capture functions carry another epoch than its sequence's?
+CREATE OR REPLACE FUNCTION crmflow.capture_epoch_stale(entity text) RETURNS boolean
+    LANGUAGE plpgsql STABLE AS $stale$
+DECLARE
+    seq regclass := to_regclass(format('crmflow.%I', 'tg_' || entity || '__epoch'));
+    now_at bigint;
+BEGIN
+    IF seq IS NULL THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('SELECT last_value FROM %s', seq) INTO now_at;
+    RETURN EXISTS (
+        SELECT 1
+          FROM unnest(ARRAY['insert', 'update', 'delete']) AS op(name)
+          JOIN pg_proc AS p
+            ON p.oid = to_regprocedure(format('crmflow.%I()', 'tg_' || entity || '__' || op.name))
+         CROSS JOIN LATERAL regexp_match(p.prosrc, '__epoch\) = ([0-9]+) THEN') AS m(found)
+         WHERE m.found[1]::bigint <> now_at);
+END
+$stale$;
+
 -- The table and every partition below it (partitioned ones too: a statement may name
 -- any level of the tree).
 CREATE OR REPLACE FUNCTION crmflow.capture_tree(root regclass) RETURNS SETOF regclass
@@ -640,6 +661,18 @@ BEGIN
             PERFORM crmflow.generate_capture(w.entity_type, key_now);
             change := format('primary key is now (%s)', array_to_string(key_now, ', '));
             RETURN NEXT;
+        END IF;
+        -- A regeneration that rolled back after using an epoch leaves bodies whose epoch
+        -- is not the sequence's: they keep every row (safe, and slow). Made anew here,
+        -- when the capture lock is free now (the next round otherwise).
+        IF crmflow.capture_epoch_stale(w.entity_type) THEN
+            BEGIN
+                PERFORM crmflow.generate_capture(w.entity_type, key_now);
+                change := 'capture filter regenerated (its last change was rolled back)';
+                RETURN NEXT;
+            EXCEPTION WHEN lock_not_available OR query_canceled OR insufficient_privilege THEN
+                NULL;  -- next time
+            END;
         END IF;
         -- Partitions (and a table made anew under the name) without the triggers.
         FOR rel IN SELECT t.rel FROM crmflow.capture_tree(root) AS t(rel)
