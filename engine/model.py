@@ -400,6 +400,9 @@ class Limits(_Strict):
     max_per_minute: int | None = Field(None, ge=1)
     on_rate_limit: Literal["wait", "drop"] = "wait"
     max_concurrent: int | None = Field(None, ge=1)
+    # A template naming what the limits count per ("{{ entity.account_id }}"): at most
+    # max_concurrent executions (and max_per_minute starts) per key (engine/executor/flow.py).
+    key: str | None = Field(None, min_length=1, max_length=500)
     debounce: Duration | None = None
     reenrollment: Literal["always", "never", "after"] = "always"
     reenroll_after: Duration | None = None

@@ -219,21 +219,21 @@ SELECT k.id, coalesce({predicate}, false) AS ok
 -- are due now.
 WITH w AS (
     SELECT * FROM unnest(%(workflow_ids)s::bigint[], %(limits)s::int[]) AS w(id, lim)
-), free AS (
-    SELECT w.id, w.lim - (SELECT count(*) FROM crmflow.executions AS x
-                           WHERE x.workflow_id = w.id AND x.status = 'running') AS n
-      FROM w
 ), held AS (
+    -- with limits.key, slots are per key: a held-back execution whose key has one free
     SELECT h.execution_id
-      FROM free
+      FROM w
      CROSS JOIN LATERAL (
            SELECT q.execution_id
              FROM crmflow.execution_queue AS q
              JOIN crmflow.executions AS x ON x.id = q.execution_id
-            WHERE x.workflow_id = free.id AND x.not_before > clock_timestamp()
+            WHERE x.workflow_id = w.id AND x.not_before > clock_timestamp()
               AND x.status IN ('pending', 'waiting') AND q.leased_until IS NULL
+              AND (SELECT count(*) FROM crmflow.executions AS r
+                    WHERE r.workflow_id = w.id AND r.status = 'running'
+                      AND r.flow_key IS NOT DISTINCT FROM x.flow_key) < w.lim
             ORDER BY q.priority DESC, q.execution_id
-            LIMIT greatest(free.n, 0)) AS h
+            LIMIT w.lim) AS h
 ), due AS (
     UPDATE crmflow.executions AS x SET not_before = NULL FROM held WHERE x.id = held.execution_id
 )

@@ -25,11 +25,15 @@ SELECT status, not_before FROM crmflow.executions WHERE id = %(id)s FOR UPDATE;
 SELECT count(*) AS n, min(started_at) + interval '1 minute' AS frees_at
   FROM crmflow.executions
  WHERE workflow_id = %(workflow_id)s AND started_at > clock_timestamp() - interval '1 minute'
-   AND id <> %(id)s;
+   AND flow_key IS NOT DISTINCT FROM %(key)s::text AND id <> %(id)s;
 
 -- name: running_count
 SELECT count(*) AS n FROM crmflow.executions
- WHERE workflow_id = %(workflow_id)s AND status = 'running' AND id <> %(id)s;
+ WHERE workflow_id = %(workflow_id)s AND status = 'running'
+   AND flow_key IS NOT DISTINCT FROM %(key)s::text AND id <> %(id)s;
+
+-- name: set_flow_key
+UPDATE crmflow.executions SET flow_key = %(key)s WHERE id = %(id)s;
 
 -- name: start_execution
 UPDATE crmflow.executions

@@ -265,3 +265,46 @@ async def test_an_open_circuit_breaker_holds_steps_back_without_using_attempts(
         assert state == "open"
         statuses = {r["status"] for r in await fetch(crm, "SELECT status FROM crmflow.executions")}
         assert statuses == {"waiting"}  # waiting, not failed
+
+
+async def test_limits_key_limits_per_key(crm: psycopg.AsyncConnection[Any], worker: Worker) -> None:
+    """max_concurrent per limits.key: one at a time per source, the two sources side
+    by side."""
+    await apply(
+        crm,
+        on_new_lead(
+            [{"type": "test_wait", "seconds": 1}],
+            limits={"max_concurrent": 1, "key": "{{ entity.source }}"},
+        ),
+    )
+    await crm.execute(
+        "INSERT INTO leads (name, source) VALUES ('a1', 'a'), ('b1', 'b'), ('a2', 'a'), ('b2', 'b')"
+    )
+    rows = await wait_executions_settled(crm, expected=4, timeout=30)
+    assert [r["status"] for r in rows] == ["completed"] * 4
+    assert sorted(r["flow_key"] for r in rows) == ["a", "a", "b", "b"]
+    spans = await fetch(
+        crm,
+        "SELECT x.flow_key AS key, s.started_at, s.finished_at FROM crmflow.execution_steps AS s"
+        " JOIN crmflow.executions AS x ON x.id = s.execution_id ORDER BY s.started_at",
+    )
+    for key in ("a", "b"):
+        mine = [s for s in spans if s["key"] == key]
+        assert mine[0]["finished_at"] <= mine[1]["started_at"], f"two of {key} overlapped"
+    a, b = (next(s for s in spans if s["key"] == k) for k in ("a", "b"))
+    assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]
+
+
+async def test_limits_key_must_be_a_template(crm: psycopg.AsyncConnection[Any]) -> None:
+    import pytest
+
+    from engine.model import DefinitionError
+
+    with pytest.raises(DefinitionError, match=r"limits\.key"):
+        await apply(
+            crm,
+            on_new_lead(
+                [{"type": "create_task", "title": "t"}],
+                limits={"max_concurrent": 1, "key": "{{ entity.source "},
+            ),
+        )

@@ -68,42 +68,10 @@ class StepContext:
 
     @property
     def entity_id(self) -> Any:
-        pk = self.entity_pk
-        if isinstance(pk, dict) and len(pk) == 1:
-            return next(iter(pk.values()))
-        return json.dumps(pk, sort_keys=True) if pk is not None else None
+        return entity_id_of(self.entity_pk)
 
     def template_context(self) -> dict[str, Any]:
-        ex = self.execution
-        event = {
-            "op": ex.get("event_op"),
-            "name": ex.get("event_name"),
-            "changed": ex.get("event_changed") or [],
-            "new": ex.get("event_new_row"),
-            "old": ex.get("event_old_row"),
-            "payload": ex.get("event_payload"),
-        }
-        context: dict[str, Any] = {
-            "entity": self.row or {},
-            "event": event,
-            "input": ex.get("input") or {},
-            "steps": self.steps,
-            "execution": {
-                "id": ex["id"],
-                "workflow_id": ex["workflow_id"],
-                "workflow_name": ex.get("workflow_name"),
-                "workflow_version": ex["workflow_version"],
-                "triggered_at": ex["triggered_at"],
-                "entity_type": ex.get("entity_type"),
-                "entity_id": self.entity_id,
-            },
-            "workflow": {"id": ex["workflow_id"], "name": ex.get("workflow_name")},
-            "now": now(),
-        }
-        entity_type = ex.get("entity_type")
-        if entity_type and entity_type not in context:
-            context[entity_type] = self.row or {}
-        return context
+        return template_context(self.execution, self.row, self.steps, self.entity_id)
 
     def render(self, text: str | None) -> str | None:
         if text is None:
@@ -219,3 +187,48 @@ def with_steps(entity: EntitySchema | None) -> EntitySchema:
         {**entity.columns, "steps": steps_field},
         entity.derived,
     )
+
+
+def entity_id_of(pk: Any) -> Any:
+    """An entity's id as templates see it: the key's value, or the key as JSON."""
+    if isinstance(pk, dict) and len(pk) == 1:
+        return next(iter(pk.values()))
+    return json.dumps(pk, sort_keys=True) if pk is not None else None
+
+
+def template_context(
+    ex: dict[str, Any],
+    row: dict[str, Any] | None,
+    steps: dict[str, dict[str, Any]],
+    entity_id: Any = None,
+) -> dict[str, Any]:
+    """What templates see: the entity, the event, the input, earlier steps' results."""
+    event = {
+        "op": ex.get("event_op"),
+        "name": ex.get("event_name"),
+        "changed": ex.get("event_changed") or [],
+        "new": ex.get("event_new_row"),
+        "old": ex.get("event_old_row"),
+        "payload": ex.get("event_payload"),
+    }
+    context: dict[str, Any] = {
+        "entity": row or {},
+        "event": event,
+        "input": ex.get("input") or {},
+        "steps": steps,
+        "execution": {
+            "id": ex["id"],
+            "workflow_id": ex["workflow_id"],
+            "workflow_name": ex.get("workflow_name"),
+            "workflow_version": ex["workflow_version"],
+            "triggered_at": ex["triggered_at"],
+            "entity_type": ex.get("entity_type"),
+            "entity_id": entity_id if entity_id is not None else entity_id_of(ex.get("entity_pk")),
+        },
+        "workflow": {"id": ex["workflow_id"], "name": ex.get("workflow_name")},
+        "now": now(),
+    }
+    entity_type = ex.get("entity_type")
+    if entity_type and entity_type not in context:
+        context[entity_type] = row or {}
+    return context

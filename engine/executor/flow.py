@@ -1,5 +1,9 @@
 """Flow control: how many executions of a workflow may run, and how often they start.
 
+``limits.key`` (a template: ``"{{ entity.account_id }}"``, the target host) makes
+both limits count per key: at most ``max_concurrent`` executions of one account at
+once, say, however many accounts run side by side.
+
 ``limits.max_per_minute`` counts starts in a sliding minute (``on_rate_limit: drop``
 skips the ones over it, otherwise they wait for the window). ``limits.max_concurrent``
 counts executions *running a step*: it is checked when an execution starts and again
@@ -55,9 +59,12 @@ def _soon() -> datetime:
     return datetime.now(UTC) + timedelta(seconds=CONCURRENCY_RETRY * random.uniform(1, 2))
 
 
-async def admit_start(conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -> str | None:
+async def admit_start(
+    conn: psycopg.AsyncConnection[Any], ex: dict[str, Any], key: str | None = None
+) -> str | None:
     """In the starting transaction: None if the execution may start now, else what
-    happened to it (dropped, or held back with ``not_before``)."""
+    happened to it (dropped, or held back with ``not_before``). ``key``: the
+    execution's ``limits.key``, rendered; its limits count executions of that key."""
     limits = ex["limits"] or {}
     execution_id = ex["id"]
     if limits.get("max_per_minute") or limits.get("max_concurrent"):
@@ -65,7 +72,9 @@ async def admit_start(conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) ->
     current = await (await conn.execute(_q("lock_execution"), {"id": execution_id})).fetchone()
     if current is None or current["status"] not in LIVE:
         return "nothing to do"
-    args = {"workflow_id": ex["workflow_id"], "id": execution_id}
+    if key is not None and key != ex.get("flow_key"):
+        await conn.execute(_q("set_flow_key"), {"id": execution_id, "key": key})
+    args = {"workflow_id": ex["workflow_id"], "id": execution_id, "key": key}
     if limits.get("max_per_minute"):
         window = await (await conn.execute(_q("started_last_minute"), args)).fetchone()
         assert window is not None
@@ -95,7 +104,7 @@ async def admit_resume(conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -
     current = await (await conn.execute(_q("lock_execution"), {"id": ex["id"]})).fetchone()
     if current is None or current["status"] not in LIVE:
         return "nothing to do"
-    args = {"workflow_id": ex["workflow_id"], "id": ex["id"]}
+    args = {"workflow_id": ex["workflow_id"], "id": ex["id"], "key": ex.get("flow_key")}
     running = await (await conn.execute(_q("running_count"), args)).fetchone()
     assert running is not None
     if running["n"] >= limits["max_concurrent"]:

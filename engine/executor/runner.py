@@ -37,7 +37,7 @@ from engine.catalog import EntitySchema
 from engine.config import Settings, get_settings
 from engine.executor import flow
 from engine.executor.compensation import cancel, compensate, replay
-from engine.executor.context import StepContext, now, pk_match
+from engine.executor.context import StepContext, now, pk_match, template_context
 from engine.executor.errors import (
     PermanentError,
     RetryAfter,
@@ -146,8 +146,11 @@ class Runner:
         if ex["not_before"] is not None and ex["not_before"] > now():
             return "not yet"
         if ex["started_at"] is None or ex["status"] == "pending":
+            key = ex.get("flow_key")
+            if key is None and (ex["limits"] or {}).get("key"):
+                key = await self.flow_key(ex)
             async with self.pool.connection() as conn, conn.transaction():
-                outcome = await flow.admit_start(conn, ex)
+                outcome = await flow.admit_start(conn, ex, key)
                 if outcome is None:
                     await self._start(conn, ex)
             if outcome is not None:
@@ -158,6 +161,19 @@ class Runner:
             if outcome is not None:
                 return outcome
         return await self._run_steps(execution_id)
+
+    async def flow_key(self, ex: dict[str, Any]) -> str:
+        """The execution's ``limits.key``, rendered on the entity as it is now; a key that
+        cannot be rendered is the template itself (one shared key), with a warning."""
+        template = str(ex["limits"]["key"])
+        async with db.autocommit(self.pool) as conn:
+            entity = await self.entity(conn, ex["entity_type"])
+            row = await self.entity_row(conn, ex, entity)
+        try:
+            return templates.render(template, template_context(ex, row, {}))[:500]
+        except Exception as exc:
+            log.warning("execution %s: limits.key cannot be rendered: %s", ex["id"], exc)
+            return template
 
     async def _start(self, conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -> None:
         """Mark the execution running and create its step rows (in the admitting
