@@ -407,8 +407,20 @@ class Limits(_Strict):
     reenrollment: Literal["always", "never", "after"] = "always"
     reenroll_after: Duration | None = None
 
+:    @field_validator("key")
+    @classmethod
+    def _key_is_a_template(cls, v: str | None) -> str | None:
+        if v is not None:
+            from engine import templates  # (templates imports this module's neighbours)
+
+            try:
+                templates.check(v)
+            except templates.TemplateProblem as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
     @model_validator(mode="after")
-    def _reenroll(self) -> Limits:
+    def _reenroll(self) -> Limits::
         if self.reenrollment == "after" and not self.reenroll_after:
             raise ValueError("reenrollment 'after' needs reenroll_after (e.g. '30d')")
         return self
