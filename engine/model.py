@@ -407,7 +407,7 @@ class Limits(_Strict):
     reenrollment: Literal["always", "never", "after"] = "always"
     reenroll_after: Duration | None = None
 
-:    @field_validator("key")
+    @field_validator("key")
     @classmethod
     def _key_is_a_template(cls, v: str | None) -> str | None:
         if v is not None:
@@ -420,7 +420,7 @@ class Limits(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _reenroll(self) -> Limits::
+    def _reenroll(self) -> Limits:
         if self.reenrollment == "after" and not self.reenroll_after:
             raise ValueError("reenrollment 'after' needs reenroll_after (e.g. '30d')")
         return self
