@@ -23,6 +23,7 @@ from typing import Any
 from psycopg import sql
 
 from engine.catalog import EntitySchema, FieldSpec
+from engine.durations import parse_duration
 
 NEW, OLD = "n", "o"
 
@@ -209,8 +210,6 @@ def _check_value_shape(
             issues.append((path, f"{op} takes at most {MAX_LIST} values"))
             return False
     elif op in RECENCY:
-        from engine.model import parse_duration
-
         try:
             parse_duration(value, default_unit="d")
         except ValueError as exc:
@@ -487,8 +486,6 @@ class Compiler:
         )
 
     def _recency(self, op: str, f: sql.Composable, value: Any, kind: str) -> sql.Composable:
-        from engine.model import parse_duration
-
         seconds = parse_duration(value, default_unit="d")
         cutoff: sql.Composable = sql.SQL("({} - make_interval(secs => {}))").format(
             self.now, sql.Literal(float(seconds))

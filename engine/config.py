@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.durations import parse_duration
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CRMFLOW_", env_file=".env", extra="ignore")
@@ -134,15 +136,11 @@ class Settings(BaseSettings):
     def _duration(cls, value: object) -> object:
         if value is None or value == "":
             return None
-        from engine.model import parse_duration
-
         return parse_duration(value)
 
     @field_validator("ui_session_ttl", mode="before")
     @classmethod
     def _session_ttl(cls, value: object) -> object:
-        from engine.model import parse_duration
-
         return parse_duration(value)
 
 

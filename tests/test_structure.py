@@ -1,0 +1,192 @@
+"""The layout of the code: no import cycles among the modules of ``engine/`` and ``api/``.
+
+An import counts when it runs at import time: module level (also inside ``if``, ``try``,
+``with`` and class bodies), not under ``if TYPE_CHECKING:`` and not inside a function.
+A cycle found is printed as ``a -> b -> c -> a`` with the line of each import.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("engine", "api")
+
+# (importer, imported) -> line of the first such import in the importer
+Graph = dict[str, dict[str, int]]
+
+
+def module_names(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
+    """Every module of ``packages`` under ``root``: dotted name -> file."""
+    modules: dict[str, Path] = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join(parts)] = path
+    return modules
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def import_time_imports(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
+    """The import statements that run when the module is imported."""
+
+    def walk(body: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
+        for node in body:
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                yield node
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            elif isinstance(node, ast.If):
+                if not _is_type_checking(node.test):
+                    yield from walk(node.body)
+                yield from walk(node.orelse)
+            elif isinstance(node, ast.Try | ast.TryStar):
+                yield from walk(node.body)
+                for handler in node.handlers:
+                    yield from walk(handler.body)
+                yield from walk(node.orelse)
+                yield from walk(node.finalbody)
+            elif isinstance(node, ast.With | ast.AsyncWith | ast.ClassDef):
+                yield from walk(node.body)
+            elif isinstance(node, ast.For | ast.AsyncFor | ast.While):
+                yield from walk(node.body)
+                yield from walk(node.orelse)
+            elif isinstance(node, ast.Match):
+                for case in node.cases:
+                    yield from walk(case.body)
+
+    yield from walk(tree.body)
+
+
+def import_graph(root: Path, packages: tuple[str, ...]) -> Graph:
+    """Edges between the modules of ``packages``: ``from a import b`` points at the module
+    ``a.b`` when there is one, else at ``a``; ``import a.b`` points at ``a.b``."""
+    modules = module_names(root, packages)
+    graph: Graph = {name: {} for name in modules}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in import_time_imports(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                if node.level:
+                    base_parts = name.split(".")
+                    if not is_package:
+                        base_parts.pop()
+                    base_parts = base_parts[: len(base_parts) - (node.level - 1)]
+                    base = ".".join([*base_parts, *([node.module] if node.module else [])])
+                else:
+                    base = node.module or ""
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    targets.append(sub if sub in modules else base)
+            for target in targets:
+                if target in modules and target != name:
+                    graph[name].setdefault(target, node.lineno)
+    return graph
+
+
+def cycles(graph: Graph) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def strongconnect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            strongconnect(v)
+
+    found = []
+    for component in components:
+        members = set(component)
+        start = component[0]
+        # The shortest way back to the start within the component (BFS).
+        previous: dict[str, str] = {}
+        queue = [start]
+        while queue:
+            v = queue.pop(0)
+            for w in sorted(graph[v]):
+                if w not in members:
+                    continue
+                if w == start:
+                    path = [v]
+                    while path[-1] != start:
+                        path.append(previous[path[-1]])
+                    found.append([*reversed(path), start])
+                    queue = []
+                    break
+                if w not in previous:
+                    previous[w] = v
+                    queue.append(w)
+    return found
+
+
+def describe(cycle: list[str], graph: Graph) -> str:
+    steps = [f"{a} -> {b} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:], strict=False)]
+    return " -> ".join(cycle) + "\n    " + "\n    ".join(steps)
+
+
+def test_no_import_cycles_in_engine_and_api() -> None:
+    graph = import_graph(ROOT, PACKAGES)
+    assert "engine.model" in graph and "api.main" in graph  # the walk found the code
+    found = cycles(graph)
+    assert not found, "import cycles (module-level imports):\n" + "\n".join(
+        describe(c, graph) for c in found
+    )
+
+
+def test_the_check_finds_a_cycle(tmp_path: Path) -> None:
+    """The checker itself: a cycle through a relative import and a package is found,
+    imports under TYPE_CHECKING or inside functions are not counted."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg.sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("try:\n    from ..c import x\nexcept ImportError:\n    x = 1\n")
+    (pkg / "c.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "import pkg.a\n"
+        "if TYPE_CHECKING:\n    from pkg import d\n"
+        "def f():\n    from pkg import d\n"
+    )
+    (pkg / "d.py").write_text("import pkg.c\n")
+    graph = import_graph(tmp_path, ("pkg",))
+    assert graph["pkg.sub.b"] == {"pkg.c": 2}
+    assert graph["pkg.c"] == {"pkg.a": 2}
+    assert cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]]
+    assert "pkg.a -> pkg.sub.b (line 1)" in describe(cycles(graph)[0], graph)
