@@ -498,3 +498,14 @@ async def test_no_matching_write_after_an_activation_is_lost_under_concurrent_wr
         )
         if after and source in ("hot", "warm"):
             assert lead in enrolled, (lead, source, txid)
+
+
+def test_watch_takes_all_rows_or_filtered() -> None:
+    from engine.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["watch", "leads"]).all_rows is None  # the table's choice stays
+    assert parser.parse_args(["watch", "leads", "--all-rows"]).all_rows is True
+    assert parser.parse_args(["watch", "leads", "--filtered"]).all_rows is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["watch", "leads", "--all-rows", "--filtered"])
