@@ -509,3 +509,48 @@ def test_watch_takes_all_rows_or_filtered() -> None:
     assert parser.parse_args(["watch", "leads", "--filtered"]).all_rows is False
     with pytest.raises(SystemExit):
         parser.parse_args(["watch", "leads", "--all-rows", "--filtered"])
+
+
+async def test_filtered_capture_with_colliding_column_names(
+    conn: psycopg.AsyncConnection[Any],
+) -> None:
+    """The filtered bodies read the row's JSON by quoted keys: columns named like the
+    capture code's aliases, or with quotes and spaces, work as any other."""
+    from tests.test_capture_hostile import COLLIDING
+
+    columns = ", ".join(f'"{c}" int' for c in COLLIDING)
+    await conn.execute(
+        f'CREATE TABLE points (id serial PRIMARY KEY, {columns}, "it\'s a b" text, label text)'
+    )
+    await capture.watch(conn, "points")
+    definition = {
+        "trigger": {"type": "entity_created", "entity_type": "point"},
+        "actions": [{"type": "update_field", "field": "label", "value": "x"}],
+        "status": "active",
+    }
+    for name, trigger, conditions in (
+        ("n big", "entity_created", [{"field": "n", "operator": "greater_than", "value": 5}]),
+        ("quoted", "entity_deleted", [{"field": "it's a b", "operator": "equals", "value": "q"}]),
+        ("o moved", "field_updated", []),
+    ):
+        await workflows.apply(
+            conn,
+            {
+                **definition,
+                "name": name,
+                "trigger": {"type": trigger, "entity_type": "point"}
+                | ({"field": "o"} if trigger == "field_updated" else {}),
+                "conditions": conditions,
+            },
+        )
+    await conn.execute(
+        "INSERT INTO points (n, o, j, r, k, \"it's a b\") VALUES (1, 1, 1, 1, 1, 'q'),"
+        " (9, 1, 1, 1, 1, 'z')"
+    )
+    await conn.execute("UPDATE points SET n = n + 1")  # o unchanged
+    await conn.execute("UPDATE points SET o = 2 WHERE id = 1")
+    await conn.execute("DELETE FROM points")
+    got = await fetch(
+        conn, "SELECT op, pk FROM crmflow.outbox WHERE entity_type = 'point' ORDER BY id"
+    )
+    assert [(e["op"], e["pk"]["id"]) for e in got] == [("insert", 2), ("update", 1), ("delete", 1)]
