@@ -348,8 +348,9 @@ BEGIN
         IF attempt = 2 THEN
             epoch := nextval(epoch_seq::regclass);
         END IF;
+        -- (A sequence dropped by hand gives NULL: every row kept, no error.)
         guard := format('pg_try_advisory_xact_lock_shared(%s, %s) AND '
-                        '(SELECT last_value FROM %s) = %s',
+                        'pg_sequence_last_value(to_regclass(%L)) = %s',
                         lock_key, hashtext(entity), epoch_seq, epoch);
         bodies := ARRAY[]::text[];
         -- Inserts and deletes: the rows of the statement's one transition table.
@@ -520,17 +521,16 @@ DECLARE
     seq regclass := to_regclass(format('crmflow.%I', 'tg_' || entity || '__epoch'));
     now_at bigint;
 BEGIN
-    IF seq IS NULL THEN
-        RETURN false;
+    IF seq IS NOT NULL THEN
+        EXECUTE format('SELECT last_value FROM %s', seq) INTO now_at;
     END IF;
-    EXECUTE format('SELECT last_value FROM %s', seq) INTO now_at;
     RETURN EXISTS (
         SELECT 1
           FROM unnest(ARRAY['insert', 'update', 'delete']) AS op(name)
           JOIN pg_proc AS p
             ON p.oid = to_regprocedure(format('crmflow.%I()', 'tg_' || entity || '__' || op.name))
-         CROSS JOIN LATERAL regexp_match(p.prosrc, '__epoch\) = ([0-9]+) THEN') AS m(found)
-         WHERE m.found[1]::bigint <> now_at);
+         CROSS JOIN LATERAL regexp_match(p.prosrc, '__epoch''\)\) = ([0-9]+) THEN') AS m(found)
+         WHERE m.found[1]::bigint IS DISTINCT FROM now_at);
 END
 $stale$;
 
