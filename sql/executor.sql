@@ -22,9 +22,10 @@ SELECT execution_id, entity_key
   FROM crmflow.claim_executions(%(worker)s, %(limit)s, %(lease)s);
 
 -- name: load_batch
--- The claimed executions with what a step needs: the version's definition, the event,
--- the workflow's name, and the steps recorded so far (as JSON, in position order).
-SELECT x.*, v.definition, v.limits, w.name AS workflow_name,
+-- The claimed executions with what a step needs: the event, the workflow's name, and the
+-- steps recorded so far (as JSON, in position order). Versions are loaded apart, once
+-- per process (load_versions): they never change.
+SELECT x.*, w.name AS workflow_name,
        ev.op AS event_op, ev.new_row AS event_new_row, ev.old_row AS event_old_row,
        coalesce(ev.changed, crmflow.changed_columns(ev.new_row, ev.old_row)) AS event_changed,
        ev.event_name, ev.payload AS event_payload,
@@ -35,11 +36,13 @@ SELECT x.*, v.definition, v.limits, w.name AS workflow_name,
                    'result', s.result, 'error', s.error) ORDER BY s.position), '[]'::jsonb)
           FROM crmflow.execution_steps AS s WHERE s.execution_id = x.id) AS steps
   FROM crmflow.executions AS x
-  JOIN crmflow.workflow_versions AS v ON v.id = x.workflow_version_id
   JOIN crmflow.workflows AS w ON w.id = x.workflow_id
   LEFT JOIN crmflow.outbox AS ev ON ev.id = x.event_id
  WHERE x.id = ANY(%(ids)s)
  ORDER BY x.id;
+
+-- name: load_versions
+SELECT id, definition, limits FROM crmflow.workflow_versions WHERE id = ANY(%(ids)s);
 
 -- name: start_executions
 -- Executions without start-time limits start together: running, with their step rows.

@@ -49,7 +49,7 @@ from engine.executor.context import now
 from engine.executor.database_steps import GroupFallsBack, check_conditions, run_database
 from engine.executor.errors import StepRetryLater
 from engine.executor.external_steps import run_external
-from engine.executor.plans import plan_for
+from engine.executor.plans import Plan, plan_for
 from engine.executor.runner import LIVE, Runner
 from engine.executor.waves import Item, Wave, plan_wave
 
@@ -85,6 +85,9 @@ class BatchExecutor:
         self._abandoned: set[int] = set()
         self.calls = asyncio.Semaphore(settings.executor_concurrency)
         self._entities: dict[str, EntitySchema] = {}
+        # this database's versions and their plans (versions are immutable)
+        self._version_cache: dict[int, dict[str, Any]] = {}
+        self._plan_cache: dict[int, Plan] = {}
 
     # ───────── draining the queue ─────────
 
@@ -180,7 +183,10 @@ class BatchExecutor:
         items: list[Item] = []
         async with db.autocommit(self.pool) as conn:
             rows = await (await conn.execute(_q("load_batch"), {"ids": ids})).fetchall()
+            await self._versions(conn, {int(r["workflow_version_id"]) for r in rows})
             for ex in rows:
+                version = self._version_cache[int(ex["workflow_version_id"])]
+                ex["definition"], ex["limits"] = version["definition"], version["limits"]
                 if ex["status"] not in LIVE:
                     wakes[ex["id"]] = (None, False)
                 elif ex["not_before"] is not None and ex["not_before"] > now():
@@ -230,6 +236,17 @@ class BatchExecutor:
                 freed.update(limited)
         return wakes
 
+    async def _versions(self, conn: psycopg.AsyncConnection[Any], ids: set[int]) -> None:
+        """Workflow versions never change: each is read once per process."""
+        missing = sorted(ids - self._version_cache.keys())
+        if missing:
+            if len(self._version_cache) > 5000:
+                self._version_cache.clear()
+                self._plan_cache.clear()
+                missing = sorted(ids)
+            for v in await (await conn.execute(_q("load_versions"), {"ids": missing})).fetchall():
+                self._version_cache[int(v["id"])] = v
+
     def _needs_care(self, ex: dict[str, Any]) -> bool:
         limits = ex["limits"] or {}
         return bool(limits.get("max_per_minute") or flow.limits_steps(ex))
@@ -238,7 +255,10 @@ class BatchExecutor:
         entity = await self._entity(conn, ex["entity_type"])
         if ex["entity_type"] is not None and entity is None:
             raise LookupError(f"entity {ex['entity_type']!r} is not watched")
-        plan = plan_for(int(ex["workflow_version_id"]), ex["definition"], entity)
+        version_id = int(ex["workflow_version_id"])
+        plan = self._plan_cache.get(version_id)
+        if plan is None:
+            plan = self._plan_cache[version_id] = plan_for(version_id, ex["definition"], entity)
         steps = {s["step_id"]: s for s in ex["steps"]}
         for s in steps.values():
             for key in ("scheduled_at", "started_at", "finished_at"):
