@@ -1,14 +1,18 @@
-"""Real PostgreSQL for every test: a template database built once per session (migrated,
-example CRM installed), cloned into a fresh database for each test.
+"""Real PostgreSQL for every test, through pytest-postgresql: a template database built
+once per session (migrated, example CRM installed), cloned into a fresh database for each
+test by its ``DatabaseJanitor``, which drops it afterwards.
 
 The server is ``CRMFLOW_DATABASE_URL``'s when set (its database is only used to
 create and drop the test databases); otherwise an embedded PostgreSQL (pgserver) is
-started in a temporary directory.
+started in a temporary directory. Either way pytest-postgresql gets it as a noproc
+executor (``postgresql_server``): it starts and stops no server itself. Database names
+carry this run's id, so runs sharing a server do not meet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import tempfile
 import uuid
@@ -18,9 +22,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
+from pytest_postgresql.executors import NoopExecutor
+from pytest_postgresql.janitor import DatabaseJanitor
 
 from engine import db
 from engine.config import Settings
@@ -51,17 +56,45 @@ def server_url() -> Iterator[str]:
         yield start_embedded(Path(tmp) / "data")
 
 
-def _admin(server_url: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(server_url, autocommit=True)
-
-
 @pytest.fixture(scope="session")
-def template_db(server_url: str) -> Iterator[str]:
-    """A migrated database with the example CRM tables (not watched), used as template."""
-    name = f"crmflow_tpl_{RUN_ID}"
-    with _admin(server_url) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_dbname(server_url, name)
+def postgresql_server(server_url: str) -> NoopExecutor:
+    """The server as pytest-postgresql sees it (a noproc executor: nothing to start or
+    stop), its connection parameters resolved by libpq from ``server_url``. Its
+    ``template_dbname`` is this run's template database."""
+    with psycopg.connect(server_url) as conn:
+        info = conn.info
+        return NoopExecutor(
+            host=info.host,
+            port=info.port,
+            user=info.user,
+            password=info.password or None,
+            options=info.get_parameters().get("options", ""),
+            dbname=f"crmflow_{RUN_ID}",
+            maintenance_dbname=info.dbname,
+        )
+
+
+def janitor(
+    server: NoopExecutor, dbname: str, *, template: str | None = None, as_template: bool = False
+) -> DatabaseJanitor:
+    """pytest-postgresql's janitor for ``dbname`` on the test server: creates it (cloned
+    from ``template`` when given), drops it after closing every connection to it."""
+    return DatabaseJanitor(
+        user=server.user,
+        host=server.host,
+        port=server.port,
+        password=server.password,
+        dbname=dbname,
+        template_dbname=template,
+        maintenance_dbname=server.maintenance_dbname,
+        as_template=as_template,
+    )
+
+
+def _load_template(server_url: str, *, dbname: str, **_connection: Any) -> None:
+    """The template's content (a pytest-postgresql loader): crmflow migrated and the
+    example CRM installed (not watched)."""
+    url = with_dbname(server_url, dbname)
 
     async def build() -> None:
         from engine.migrations import migrate
@@ -72,42 +105,33 @@ def template_db(server_url: str) -> Iterator[str]:
             await install_example_crm(conn, Settings(database_url=url))
 
     asyncio.run(build())
-    yield name
-    with _admin(server_url) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+
+
+@pytest.fixture(scope="session")
+def template_db(server_url: str, postgresql_server: NoopExecutor) -> Iterator[str]:
+    """A migrated database with the example CRM tables (not watched), used as template:
+    built once per session, as pytest-postgresql's noproc fixture builds its template."""
+    name = postgresql_server.template_dbname
+    with janitor(postgresql_server, name, as_template=True) as template:
+        template.load(functools.partial(_load_template, server_url))
+        yield name
 
 
 @pytest.fixture
-def db_url(server_url: str, template_db: str) -> Iterator[str]:
+def db_url(server_url: str, postgresql_server: NoopExecutor, template_db: str) -> Iterator[str]:
     """A fresh database for this test, cloned from the template."""
     name = f"crmflow_t_{RUN_ID}_{uuid.uuid4().hex[:10]}"
-    with _admin(server_url) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template_db)
-            )
-        )
-    yield with_dbname(server_url, name)
-    with _admin(server_url) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    with janitor(postgresql_server, name, template=template_db):
+        yield with_dbname(server_url, name)
 
 
 @pytest.fixture
-def empty_db(server_url: str) -> Iterator[str]:
+def empty_db(server_url: str, postgresql_server: NoopExecutor) -> Iterator[str]:
     """A database with nothing in it (not cloned from the migrated template), as on a
     fresh machine."""
     name = f"crmflow_empty_{RUN_ID}_{uuid.uuid4().hex[:10]}"
-    with _admin(server_url) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield with_dbname(server_url, name)
-    with _admin(server_url) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    with janitor(postgresql_server, name):
+        yield with_dbname(server_url, name)
 
 
 @pytest.fixture
