@@ -8,6 +8,7 @@ import json
 import platform
 import sys
 import time
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -56,19 +57,72 @@ def render(results: list[Result], seconds: float, console: Console) -> None:
     console.print(table)
 
 
-def main(quick: bool, as_json: bool, only: str | None) -> int:
+def render_peers(out: dict[str, Any], console: Console) -> None:
+    from bench.peers import FIGURES, ahead, ratio
+
+    crmflow = out["crmflow"]
+    reports = [r for r in out["peers"] if r.skipped is None]
+    table = Table(
+        title="peers: the same jobs, one worker process, concurrency 10 (crmflow ÷ peer)",
+        title_justify="left",
+    )
+    table.add_column("job")
+    table.add_column("crmflow", justify="right")
+    for r in reports:
+        table.add_column(f"{r.name} {r.version}", justify="right")
+        table.add_column("÷", justify="right")
+    for key, what, _higher in FIGURES:
+        cells = [what, _fmt(crmflow.get(key))]
+        for r in reports:
+            cells.append(_fmt(r.figures.get(key)))
+            q = ratio(crmflow, r, key)
+            cells.append("" if q is None else f"[{'green' if ahead(key, q) else 'red'}]{q:.2f}[/]")
+        table.add_row(*cells)
+    if reports:
+        console.print(table)
+    for r in out["peers"]:
+        if r.skipped:
+            console.print(f"[yellow]peer {r.name} skipped:[/] {r.skipped}")
+        for job, error in r.errors.items():
+            console.print(f"[red]peer {r.name}, job {job} failed:[/] {error}")
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
+
+
+async def _run(quick: bool, chosen: set[str] | None, peers: bool, progress: Any) -> tuple:
+    results = await run_all(quick, chosen, progress=progress)
+    peer_out = None
+    if peers:
+        from bench.peers import run_peers
+
+        by_id = {r.id: r for r in results}
+        peer_out = await run_peers(quick, by_id, progress=progress)
+    return results, peer_out
+
+
+def main(quick: bool, as_json: bool, only: str | None, peers: bool = False) -> int:
     console = Console(stderr=as_json)
     chosen = {o.strip().upper() for o in only.split(",")} if only else None
     started = time.monotonic()
     with console.status("benchmarking") as status:
-        results = asyncio.run(
-            run_all(quick, chosen, progress=lambda key: status.update(f"benchmarking {key}"))
+        results, peer_out = asyncio.run(
+            _run(quick, chosen, peers, lambda key: status.update(f"benchmarking {key}"))
         )
     elapsed = time.monotonic() - started
     if as_json:
-        out = {r.id: r.as_json() for r in results}
-        out["_run"] = {"quick": quick, "seconds": round(elapsed, 1), **_machine()}
+        out: dict[str, Any] = {r.id: r.as_json() for r in results}
+        if peer_out is not None:
+            from bench.peers import as_json as peers_json
+
+            out["peers"] = peers_json(peer_out)
+        out["_run"] = {"quick": quick, "seconds": round(elapsed, 1), "peers": peers, **_machine()}
         sys.stdout.write(json.dumps(out, indent=2) + "\n")
     else:
         render(results, elapsed, console)
+        if peer_out is not None:
+            render_peers(peer_out, console)
     return 0

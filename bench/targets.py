@@ -646,10 +646,10 @@ SELECT extract(epoch FROM s.started_at - s.scheduled_at) AS late_scheduled,
 """
 
 
-async def q1(quick: bool) -> Result:
+async def q1(quick: bool, events: int | None = None) -> Result:
     """Q1: the delayed wave. Inline steps on (the default): the first create_task runs in
     the matcher's transaction, the delayed one goes through the queue."""
-    events = 500 if quick else 5_000
+    events = events or (500 if quick else 5_000)
     with scratch_database() as url:
         await prepare(url)
         statuses = await _queued_run(url, Q1_WORKFLOW, events, {}, timeout=600)
@@ -717,11 +717,11 @@ SELECT count(*) AS n,
 """
 
 
-async def q2(quick: bool) -> Result:
+async def q2(quick: bool, events: int | None = None) -> Result:
     """Q2: an external step (http_request to a local endpoint) then create_task; the
     endpoint counts calls per idempotency key. http_request is never inline, so the
     inline setting changes nothing here (left at its default)."""
-    events = 300 if quick else 3_000
+    events = events or (300 if quick else 3_000)
     with scratch_database() as url, local_endpoint() as hook:
         await prepare(url)
         statuses = await _queued_run(url, _q2_workflow(hook), events, HOOK_ENV, timeout=600)
@@ -790,12 +790,12 @@ SELECT count(*) AS n, extract(epoch FROM max(finished_at) - min(started_at)) AS 
 """
 
 
-async def q3(quick: bool) -> Result:
+async def q3(quick: bool, events: int | None = None) -> Result:
     """Q3: queued steps per second, one worker process. CRMFLOW_INLINE_STEPS=false, so
     every step goes through the queue whatever a step runner would run inline; the
     steps are one of each queued kind (a `when`, a `timeout`, an external call, and a
     1 s delay, whose wait is within the window only while the queue is not behind)."""
-    events = 300 if quick else 3_000
+    events = events or (300 if quick else 3_000)
     with scratch_database() as url, local_endpoint() as hook:
         await prepare(url)
         env = {**HOOK_ENV, "CRMFLOW_INLINE_STEPS": "false"}

@@ -512,7 +512,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.cli import main as bench_main
 
-    return bench_main(quick=args.quick, as_json=args.json, only=args.only)
+    return bench_main(quick=args.quick, as_json=args.json, only=args.only, peers=args.peers)
 
 
 # ───────────────────────────── API keys, API ─────────────────────────────
@@ -795,7 +795,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the benchmark suite (docs/design.md, Targets)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, under a minute")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--only", help="comma-separated ids, e.g. P3,P4")
+    p.add_argument("--only", help="comma-separated ids, e.g. P3,Q1")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run the same jobs on procrastinate, pgqueuer and graphile-worker "
+        "(those that can be installed) and print crmflow ÷ peer",
+    )
     p.set_defaults(func=cmd_bench)
 
     keys = sub.add_parser("apikey", help="API keys of the management API").add_subparsers(
