@@ -17,10 +17,10 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg import pq
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
 from api.problems import ApiError
-from engine import apikeys
+from engine import apikeys, db
 from engine.config import Settings
 from engine.executor.runner import Runner
 
@@ -38,8 +38,8 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def get_pool(request: Request) -> AsyncConnectionPool:
-    pool: AsyncConnectionPool = request.app.state.pool
+def get_pool(request: Request) -> db.Pool:
+    pool: db.Pool = request.app.state.pool
     return pool
 
 
@@ -49,14 +49,14 @@ def get_runner(request: Request) -> Runner:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-PoolDep = Annotated[AsyncConnectionPool, Depends(get_pool)]
+PoolDep = Annotated[db.Pool, Depends(get_pool)]
 RunnerDep = Annotated[Runner, Depends(get_runner)]
 
 
-async def _reachable(pool: AsyncConnectionPool) -> bool:
+async def _reachable(pool: db.Pool) -> bool:
     """Whether the database accepts a connection now (a busy pool is not an outage)."""
     try:
-        probe = await psycopg.AsyncConnection.connect(pool.conninfo, connect_timeout=2)
+        probe = await psycopg.AsyncConnection.connect(db.pool_conninfo(pool), connect_timeout=2)
     except psycopg.Error:
         return False
     await probe.close()
@@ -64,7 +64,7 @@ async def _reachable(pool: AsyncConnectionPool) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def _connection(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+async def _connection(pool: db.Pool) -> AsyncIterator[db.DictConnection]:
     """``pool.connection(CONNECTION_TIMEOUT)``, failing fast when the database is away."""
     try:
         conn = await pool.getconn(timeout=min(UNREACHABLE_WAIT, CONNECTION_TIMEOUT))

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import psycopg
@@ -53,7 +53,7 @@ class ExecutionFeed:
         self._subscribers = 0
         self._task: asyncio.Task[None] | None = None
 
-    async def follow(self) -> AsyncIterator[list[dict[str, Any]]]:
+    async def follow(self) -> AsyncGenerator[list[dict[str, Any]], None]:
         """Each new snapshot (newest execution first) until the feed closes; the first
         one as soon as the listener has read it."""
         self._subscribers += 1

@@ -16,7 +16,6 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from psycopg_pool import AsyncConnectionPool
 
 from api import deps, docs, problems
 from api.live import ExecutionFeed
@@ -37,9 +36,7 @@ management an `admin` key. Errors are `application/problem+json`:
 """
 
 
-def create_app(
-    settings: Settings | None = None, *, pool: AsyncConnectionPool | None = None
-) -> FastAPI:
+def create_app(settings: Settings | None = None, *, pool: db.Pool | None = None) -> FastAPI:
     """The FastAPI app. ``pool``: an open pool to use (and leave open) instead of the
     app's own, for a process that already has one."""
     settings = settings or get_settings()

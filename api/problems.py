@@ -204,11 +204,12 @@ async def _input_invalid(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:
-    what = {
+    names: dict[type[Exception], str] = {
         workflows.WorkflowNotFound: "workflow",
         executions.ExecutionNotFound: "execution",
         apikeys.ApiKeyNotFound: "API key",
-    }.get(type(exc), "resource")
+    }
+    what = names.get(type(exc), "resource")
     return problem_response(404, f"no {what} {exc.args[0]!r}" if exc.args else f"no such {what}")
 
 

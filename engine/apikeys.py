@@ -24,7 +24,7 @@ from engine import db
 
 Scope = Literal["read", "write", "admin"]
 SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
-_RANK = {scope: rank for rank, scope in enumerate(SCOPES)}
+_RANK: dict[str, int] = {scope: rank for rank, scope in enumerate(SCOPES)}
 KEY_RE = re.compile(r"^cf_([0-9a-f]{12})_([A-Za-z0-9_-]{32,128})$")
 # Compared against when no key has the presented prefix, so a miss costs a comparison too.
 _NO_HASH = "0" * 64
@@ -105,7 +105,9 @@ async def list_keys(
 
 async def revoke(conn: psycopg.AsyncConnection[Any], key_id: int) -> dict[str, Any]:
     """Revoke a key (revoking a revoked key changes nothing); returns the key."""
-    row = await (await conn.execute(_q("revoke_api_key"), {"id": key_id})).fetchone()
+    row: dict[str, Any] | None = await (
+        await conn.execute(_q("revoke_api_key"), {"id": key_id})
+    ).fetchone()
     if row is None:
         raise ApiKeyNotFound(key_id)
     return row

@@ -174,11 +174,12 @@ async def load_entities(conn: psycopg.AsyncConnection[Any]) -> dict[str, EntityS
         entity = entities.get(d["entity_type"])
         if entity is None:
             continue
-        facts: dict[str, Any] | None = d
+        facts: dict[str, Any] = d
         if d["type_sql"] is None:  # its type was renamed or dropped since it was declared
-            facts = await _derived_type_now(conn, entity, d)
-            if facts is None:
+            now = await _derived_type_now(conn, entity, d)
+            if now is None:
                 continue  # the expression no longer compiles: workflows using it break
+            facts = now
         entity.derived[d["name"]] = derived_spec(d["name"], d["source"], facts)
     return entities
 

@@ -189,7 +189,9 @@ def _parse(
         ok = False
     if op not in VALUELESS:
         ok = _check_value_shape(op, raw.get("value"), has_value, f"{path}.value", issues) and ok
-    return FieldCondition(path, fld, op, raw.get("value")) if ok else None
+    if not ok or not isinstance(fld, str):  # a field that is not a name is not ok
+        return None
+    return FieldCondition(path, fld, op, raw.get("value"))
 
 
 def _check_value_shape(
@@ -566,7 +568,7 @@ def _negate_if(negate: bool, expr: sql.Composable) -> sql.Composable:
     return sql.SQL("(NOT {})").format(expr) if negate else expr
 
 
-def _json_empty(f: sql.Composable) -> sql.Composable:
+def _json_empty(f: sql.Composable) -> sql.Composed:
     empties = sql.SQL(", ").join(
         sql.SQL("CAST({} AS jsonb)").format(sql.Literal(e)) for e in ("null", '""', "[]", "{}")
     )

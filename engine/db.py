@@ -29,6 +29,10 @@ from engine.config import Settings, get_settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# The connections crmflow opens (connect(), create_pool()): rows come as dicts (dict_row).
+DictConnection = psycopg.AsyncConnection[dict[str, Any]]
+Pool = AsyncConnectionPool[DictConnection]
+
 _NAME_RE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 
 
@@ -59,7 +63,9 @@ def sql_file(filename: str) -> dict[str, str]:
 
 def query(name: str, filename: str = "queries.sql") -> LiteralString:
     """A static named query; these files are ours, so they are as safe as literals in code."""
-    return cast(LiteralString, sql_file(filename)[name])
+    # mypy takes LiteralString for str (a redundant cast to it); type checkers that tell
+    # them apart need the cast.
+    return cast(LiteralString, sql_file(filename)[name])  # type: ignore[redundant-cast]
 
 
 def template(name: str, filename: str) -> sql.SQL:
@@ -121,9 +127,7 @@ async def configure(conn: psycopg.AsyncConnection[Any], settings: Settings | Non
         await conn.commit()
 
 
-async def connect(
-    url: str, settings: Settings | None = None, **kwargs: Any
-) -> psycopg.AsyncConnection[dict[str, Any]]:
+async def connect(url: str, settings: Settings | None = None, **kwargs: Any) -> DictConnection:
     conn = await psycopg.AsyncConnection.connect(
         engine_conninfo(url, settings), row_factory=dict_row, **kwargs
     )
@@ -156,7 +160,7 @@ async def check_unless_just_used(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def autocommit(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+async def autocommit(pool: Pool) -> AsyncIterator[DictConnection]:
     """A pooled connection in autocommit, for reads and for writes of one statement.
 
     A pooled connection opens a transaction with its first statement: a BEGIN and a
@@ -177,12 +181,12 @@ async def autocommit(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncCo
                 await conn.set_autocommit(False)
 
 
-def create_pool(url: str, settings: Settings | None = None, **kwargs: Any) -> AsyncConnectionPool:
+def create_pool(url: str, settings: Settings | None = None, **kwargs: Any) -> Pool:
     """The async pool shared by the matcher, the runtime, procrastinate and the API."""
     settings = settings or get_settings()
     kwargs.setdefault("min_size", settings.pool_min_size)
     kwargs.setdefault("max_size", settings.pool_max_size)
-    return AsyncConnectionPool(
+    return AsyncConnectionPool[DictConnection](
         engine_conninfo(url, settings),
         kwargs={"row_factory": dict_row},
         configure=functools.partial(configure, settings=settings),
@@ -193,6 +197,14 @@ def create_pool(url: str, settings: Settings | None = None, **kwargs: Any) -> As
         open=False,
         **kwargs,
     )
+
+
+def pool_conninfo(pool: Pool) -> str:
+    """The connection string of a pool from :func:`create_pool` (a string, never a
+    callable there), for a connection of its own beside the pool."""
+    if not isinstance(pool.conninfo, str):
+        raise TypeError("expected a pool made by create_pool, with a conninfo string")
+    return pool.conninfo
 
 
 class Busy(Exception):

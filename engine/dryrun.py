@@ -222,7 +222,7 @@ def _escape(predicate: str) -> str:
 
 
 async def _evaluate(
-    conn: psycopg.AsyncConnection[Any], query: sql.Composable, event: dict[str, Any]
+    conn: psycopg.AsyncConnection[Any], query: sql.Composed, event: dict[str, Any]
 ) -> dict[str, Any]:
     """Run the evaluation read-only, under a timeout, in a transaction rolled back."""
     outer = conn.info.transaction_status == pq.TransactionStatus.IDLE
@@ -235,7 +235,9 @@ async def _evaluate(
                     sql.Literal(STATEMENT_TIMEOUT_MS)
                 )
             )
-            result = await (await conn.execute(query, {"event": Jsonb(event)})).fetchone()
+            result: dict[str, Any] | None = await (
+                await conn.execute(query, {"event": Jsonb(event)})
+            ).fetchone()
     except psycopg.DataError as exc:  # a value of the row that does not fit its column
         reason = exc.diag.message_primary or str(exc)
         raise DryRunError([Issue("row", f"the row does not fit the table: {reason}")]) from None

@@ -23,13 +23,13 @@ _servers: dict[Path, Any] = {}
 
 def start_embedded(data_dir: Path) -> str:
     """Start (or reuse) the embedded server in ``data_dir``; return its server URL."""
-    import pgserver  # imported lazily: starting it is the only use
+    from pgserver.postgres_server import get_server  # imported lazily: starting it is the only use
 
     data_dir = data_dir.resolve()
     if data_dir not in _servers:
         data_dir.mkdir(parents=True, exist_ok=True)
         log.info("starting embedded PostgreSQL in %s", data_dir)
-        _servers[data_dir] = pgserver.get_server(data_dir, cleanup_mode="stop")
+        _servers[data_dir] = get_server(data_dir, cleanup_mode="stop")
     return str(_servers[data_dir].get_uri())
 
 

@@ -98,7 +98,7 @@ async def _insert(
     actor: str | None,
 ) -> dict[str, Any]:
     async with conn.transaction():
-        row = await (
+        row: dict[str, Any] | None = await (
             await conn.execute(
                 db.query("insert_event", "api.sql"),
                 {

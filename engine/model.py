@@ -324,7 +324,7 @@ class Step(BaseModel):
     on_failure: Literal["stop", "continue", "compensate"] = "stop"
     depends_on: list[str] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
-    _when: Any = PrivateAttr(None)  # the parsed ``when`` tree, set by parse_definition
+    _when: Condition | None = PrivateAttr(None)  # the parsed ``when`` tree, set by parse_definition
 
     @field_validator("retry", mode="before")
     @classmethod
@@ -505,7 +505,8 @@ def parse_definition(raw: Any) -> WorkflowDefinition:
         issues.extend(Issue(p, m) for p, m in exc.issues)
         conditions = None
 
-    steps = raw.get("actions") if isinstance(raw.get("actions"), list) else []
+    actions = raw.get("actions")
+    steps: list[Any] = actions if isinstance(actions, list) else []
     whens: list[Condition | None] = []
     for i, step in enumerate(steps):
         when = step.get("when") if isinstance(step, dict) else None

@@ -27,7 +27,6 @@ import psycopg
 from croniter import croniter
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 
 from engine import catalog, db
 from engine.catalog import EntitySchema
@@ -62,7 +61,7 @@ def next_fire(trigger: Scheduled, after: datetime) -> datetime:
 def smallest_interval(trigger: Scheduled, samples: int = 6) -> float:
     """The shortest gap between the next few fires (to refuse every-second schedules)."""
     it = cron_iter(trigger.schedule, datetime.now(UTC), trigger.timezone)
-    times = [it.get_next(datetime) for _ in range(samples)]
+    times: list[datetime] = [it.get_next(datetime) for _ in range(samples)]
     return min((b - a).total_seconds() for a, b in itertools.pairwise(times))
 
 
@@ -204,7 +203,7 @@ async def run_now(
 
 
 class Scheduler:
-    def __init__(self, pool: AsyncConnectionPool, settings: Settings | None = None) -> None:
+    def __init__(self, pool: db.Pool, settings: Settings | None = None) -> None:
         self.pool = pool
         self.settings = settings or get_settings()
         self.generation: int | None = None

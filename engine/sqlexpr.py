@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import pglast
 from pglast import ast, enums
@@ -229,7 +229,7 @@ class UnsafeExpression(ValueError):
 
 
 def _names(nodes: Iterable[Any] | None) -> list[str]:
-    return [n.sval for n in (nodes or ()) if isinstance(n, ast.String)]
+    return [cast(str, n.sval) for n in (nodes or ()) if isinstance(n, ast.String)]
 
 
 def _parse(source: str) -> ast.Node:
@@ -249,7 +249,8 @@ def _parse(source: str) -> ast.Node:
     targets = select.targetList or ()
     if len(targets) != 1 or targets[0].name:
         raise UnsafeExpression("only a single expression is allowed")
-    return targets[0].val
+    expression: ast.Node = targets[0].val
+    return expression
 
 
 def _has_clauses(select: ast.SelectStmt) -> bool:
@@ -299,7 +300,9 @@ def _check(node: Any, columns: set[str] | None, seen: list[int]) -> None:
         return
     if isinstance(node, ast.A_Expr):
         if node.kind not in ALLOWED_EXPR_KINDS:
-            raise UnsafeExpression(f"the construct {node.kind.name} is not allowed")
+            raise UnsafeExpression(
+                f"the construct {getattr(node.kind, 'name', None)} is not allowed"
+            )
         names = node.name or ()
         if len(names) != 1 or _names(names)[0] not in ALLOWED_OPERATORS | {
             "~~",
@@ -331,7 +334,7 @@ def _check(node: Any, columns: set[str] | None, seen: list[int]) -> None:
         return
     if isinstance(node, ast.SQLValueFunction):
         if node.op not in ALLOWED_VALUE_FUNCTIONS:
-            raise UnsafeExpression(f"{node.op.name} is not allowed")
+            raise UnsafeExpression(f"{getattr(node.op, 'name', None)} is not allowed")
         return
     if isinstance(node, ast.A_Indirection):
         if not all(isinstance(i, ast.A_Indices) for i in node.indirection or ()):
@@ -346,7 +349,9 @@ def _check(node: Any, columns: set[str] | None, seen: list[int]) -> None:
     raise UnsafeExpression(f"{type(node).__name__} is not allowed in an expression")
 
 
-def _check_type(type_name: ast.TypeName) -> None:
+def _check_type(type_name: ast.TypeName | None) -> None:
+    if type_name is None:
+        raise UnsafeExpression("casts are allowed to plain built-in types only")
     parts = _names(type_name.names)
     if len(parts) == 2 and parts[0] == "pg_catalog":
         parts = parts[1:]
@@ -375,7 +380,7 @@ class _Qualify:
         if not isinstance(node, ast.Node):
             return node
         if isinstance(node, ast.ColumnRef):
-            return ast.ColumnRef(fields=(ast.String(sval=self.alias), *node.fields))
+            return ast.ColumnRef(fields=(ast.String(sval=self.alias), *(node.fields or ())))
         for slot in node:
             value = getattr(node, slot)
             if isinstance(value, ast.Node | tuple | list):
@@ -627,7 +632,7 @@ def _surely_numeric(node: Any) -> bool:
     if isinstance(node, ast.A_Const):
         return isinstance(node.val, ast.Integer | ast.Float)
     if isinstance(node, ast.TypeCast):
-        names = _names(node.typeName.names)
+        names = _names(node.typeName.names if node.typeName else None)
         return bool(names) and names[-1].lower() in _NUMERIC_TYPES
     if isinstance(node, ast.A_Expr):
         return _names(node.name)[:1] in (["+"], ["-"], ["*"], ["/"], ["%"])
@@ -690,7 +695,7 @@ class _Bounds:
         if isinstance(node, ast.ColumnRef):
             return (1, 0)
         if isinstance(node, ast.A_Const):
-            return (0, len(node.val.sval)) if isinstance(node.val, ast.String) else (0, 0)
+            return (0, len(node.val.sval or "")) if isinstance(node.val, ast.String) else (0, 0)
         if isinstance(node, ast.TypeCast):
             return self.size(node.arg, depth)
         if isinstance(node, ast.A_Expr):

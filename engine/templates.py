@@ -34,11 +34,19 @@ import string
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
-from jinja2 import StrictUndefined, TemplateError, filters, nodes, pass_environment
+from jinja2 import (
+    StrictUndefined,
+    TemplateError,
+    filters,
+    nodes,
+    pass_environment,
+    pass_eval_context,
+)
 from jinja2.compiler import CodeGenerator, Frame, operators
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import _PassArg
 
 MAX_OUTPUT = 100_000
@@ -279,7 +287,7 @@ def _check_int(value: Any) -> None:
 
 def _binop(op: str, left: Any, right: Any) -> None:
     """Refuse an operation whose result would be too big, before computing it."""
-    seqs = str | bytes | list | tuple
+    seqs = (str, bytes, list, tuple)
     if op == "*":
         if isinstance(left, seqs) and isinstance(right, int):
             _bounded(len(left) * right)
@@ -314,10 +322,11 @@ def _indent(s: Any, width: int | str = 4, first: bool = False, blank: bool = Fal
 
 def _format(value: Any, *args: Any, **kwargs: Any) -> str:
     _check_percent_format(str(value))
-    return _sized(filters.do_format(value, *args, **kwargs))
+    formatted: str = _sized(filters.do_format(value, *args, **kwargs))
+    return formatted
 
 
-@filters.pass_eval_context
+@pass_eval_context
 def _replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: int | None = None) -> str:
     text, old_s, new_s = str(s), str(old), str(new)
     hits = len(text) + 1 if old_s == "" else text.count(old_s)
@@ -344,7 +353,7 @@ def _wordwrap(
     )
 
 
-@filters.pass_eval_context
+@pass_eval_context
 def _join(eval_ctx: Any, value: Any, d: str = "", attribute: str | int | None = None) -> str:
     items = list(_metered(value))
     if attribute is not None:
@@ -420,7 +429,8 @@ class _CodeGenerator(CodeGenerator):
             node.else_,
             node.test,
             node.recursive,
-        ).set_lineno(node.lineno)
+        )
+        bounded.set_lineno(node.lineno)
         super().visit_For(bounded, frame)
 
     def visit_Compare(self, node: nodes.Compare, frame: Frame) -> None:
@@ -494,7 +504,9 @@ def environment() -> _Environment:
     env.filters = {
         name: _budgeted(f, _SLOW_FILTERS.get(name, 1)) for name, f in env.filters.items()
     }
-    env.tests = {name: _budgeted_test(f) for name, f in env.tests.items()}
+    # jinja2 types its tests as builtins.function, which mypy does not call.
+    tests = cast(dict[str, Callable[..., Any]], env.tests)
+    env.tests = {name: _budgeted_test(f) for name, f in tests.items()}
     return env
 
 
@@ -546,7 +558,10 @@ def render(text: str, context: dict[str, Any]) -> str:
         return text
     _checked(text)
     budget = _budget.get()
-    token = None if budget is not None else _budget.set(budget := _Budget())
+    token = None
+    if budget is None:
+        budget = _Budget()
+        token = _budget.set(budget)
     try:
         size, parts = 0, []
         for part in _compiled(text).generate(context):

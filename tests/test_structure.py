@@ -8,6 +8,7 @@ A cycle found is printed as ``a -> b -> c -> a`` with the line of each import.
 from __future__ import annotations
 
 import ast
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def cycles(graph: Graph) -> list[list[str]]:
 
 
 def describe(cycle: list[str], graph: Graph) -> str:
-    steps = [f"{a} -> {b} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:], strict=False)]
+    steps = [f"{a} -> {b} (line {graph[a][b]})" for a, b in itertools.pairwise(cycle)]
     return " -> ".join(cycle) + "\n    " + "\n    ".join(steps)
 
 
@@ -177,7 +178,9 @@ def test_the_check_finds_a_cycle(tmp_path: Path) -> None:
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from pkg.sub import b\n")
     (pkg / "sub" / "__init__.py").write_text("")
-    (pkg / "sub" / "b.py").write_text("try:\n    from ..c import x\nexcept ImportError:\n    x = 1\n")
+    (pkg / "sub" / "b.py").write_text(
+        "try:\n    from ..c import x\nexcept ImportError:\n    x = 1\n"
+    )
     (pkg / "c.py").write_text(
         "from typing import TYPE_CHECKING\n"
         "import pkg.a\n"

@@ -16,7 +16,7 @@ from psycopg_pool import PoolTimeout
 
 from api.deps import PoolDep, SettingsDep
 from api.problems import problem_responses
-from api.schemas import Health
+from api.schemas import DatabaseHealth, Health
 from engine import db
 from engine.breakers import list_breakers
 from engine.matcher import broken_workflows
@@ -55,7 +55,9 @@ async def health(pool: PoolDep, settings: SettingsDep) -> Any:
     except (PoolTimeout, psycopg.Error) as exc:
         down = Health(
             status="down",
-            database={"ok": False, "error": str(exc).splitlines()[0] if str(exc) else "error"},
+            database=DatabaseHealth(
+                ok=False, error=str(exc).splitlines()[0] if str(exc) else "error"
+            ),
             workers=None,
             outbox=None,
         )

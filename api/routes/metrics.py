@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import PoolDep, require
 from api.problems import problem_responses
-from engine import metrics
+from engine import db, metrics
 
 router = APIRouter(tags=["metrics"], dependencies=[Depends(require("read"))])
 
@@ -29,5 +29,5 @@ router = APIRouter(tags=["metrics"], dependencies=[Depends(require("read"))])
     },
 )
 async def prometheus_metrics(pool: PoolDep) -> Response:
-    body = await asyncio.to_thread(metrics.render, pool.conninfo)
+    body = await asyncio.to_thread(metrics.render, db.pool_conninfo(pool))
     return Response(body, media_type=CONTENT_TYPE_LATEST)

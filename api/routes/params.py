@@ -32,19 +32,20 @@ def _flag(value: Any) -> Any:
     return value
 
 
-def _integer(minimum: int, maximum: int) -> Any:
+def _schema(minimum: int, maximum: int) -> WithJsonSchema:
     # The JSON schema is spelled out: with a validator before it, pydantic would
     # document the bounds as "ge"/"le" instead of minimum/maximum.
-    return Annotated[
-        int,
-        BeforeValidator(_digits),
-        Field(ge=minimum, le=maximum),
-        WithJsonSchema({"type": "integer", "minimum": minimum, "maximum": maximum}),
-    ]
+    return WithJsonSchema({"type": "integer", "minimum": minimum, "maximum": maximum})
 
 
-Id = _integer(1, MAX_BIGINT)
+Id = Annotated[int, BeforeValidator(_digits), Field(ge=1, le=MAX_BIGINT), _schema(1, MAX_BIGINT)]
 Flag = Annotated[bool, BeforeValidator(_flag)]
 
 ObjectId = Annotated[Id, Path(description="the object's id")]
-Limit = Annotated[_integer(1, 500), Query(description="at most this many items")]
+Limit = Annotated[
+    int,
+    BeforeValidator(_digits),
+    Field(ge=1, le=500),
+    _schema(1, 500),
+    Query(description="at most this many items"),
+]

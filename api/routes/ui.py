@@ -161,16 +161,14 @@ async def login_form(
 async def login(request: Request, conn: Conn, settings: SettingsDep) -> Response:
     form = urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace"))
     presented = (form.get("key") or [""])[0].strip()
-    next_path = _safe_next((form.get("next") or [None])[0])
+    next_path = _safe_next((form.get("next") or [""])[0])
     if not same_origin(request):
         return _refuse(403, "refused: the login form was not posted from this dashboard")
     key = await apikeys.verify(conn, presented) if presented else None
     if key is None:
-        response = _page(
-            request, "login.html", None, next=next_path, error="That key is not valid."
-        )
-        response.status_code = 401
-        return response
+        refused = _page(request, "login.html", None, next=next_path, error="That key is not valid.")
+        refused.status_code = 401
+        return refused
     token = await apikeys.create_session(conn, key["id"], settings.ui_session_ttl)
     response = RedirectResponse(next_path, status_code=303)
     response.set_cookie(

@@ -43,7 +43,7 @@ class Chart:
 def nice_step(top: float, ticks: int = 4) -> float:
     """A round tick step (1, 2 or 5 times a power of ten) covering ``top`` in ``ticks``."""
     raw = top / ticks
-    magnitude = 10 ** math.floor(math.log10(raw))
+    magnitude: float = 10 ** math.floor(math.log10(raw))
     return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
 
 
