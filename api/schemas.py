@@ -12,15 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
+from engine.statuses import ExecutionStatus, StepStatus, WorkflowStatus
+
 MAX_BIGINT = 2**63 - 1
 
-WorkflowStatus = Literal["active", "paused", "archived"]
-ExecutionStatus = Literal[
-    "pending", "running", "waiting", "completed", "failed", "cancelled", "skipped"
-]
-StepStatus = Literal[
-    "pending", "scheduled", "running", "succeeded", "failed", "skipped", "compensated"
-]
 ScopeName = Literal["read", "write", "admin"]
 # An entity's id: 42, "42", or {"deal_id": 7, "line_no": 2} for a composite key.
 EntityId = Annotated[

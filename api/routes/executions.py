@@ -16,9 +16,9 @@ from api.schemas import (
     EntityType,
     ExecutionDetail,
     ExecutionPage,
-    ExecutionStatus,
 )
 from engine import executions
+from engine.statuses import ExecutionStatus
 
 router = APIRouter(
     prefix="/executions",
