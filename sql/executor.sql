@@ -18,7 +18,7 @@ WITH queued AS (
 SELECT crmflow.wake_executor(%(queue)s, array_agg(DISTINCT run_at)) AS woken FROM queued;
 
 -- name: claim
-SELECT execution_id, entity_key
+SELECT execution_id, entity_key, taken_over
   FROM crmflow.claim_executions(%(worker)s, %(limit)s, %(lease)s);
 
 -- name: load_batch

@@ -18,14 +18,25 @@ $$;
 -- the claim's snapshot (a plpgsql statement gets a new one): two workers claiming at the
 -- same moment would otherwise each miss the other's fresh leases and could run two
 -- executions of one entity side by side. A claim takes a few milliseconds.
+-- taken_over: the worker whose lease on it ran out (it died or froze), if any.
+DO $$
+BEGIN
+    -- (a development version returned no taken_over: its result type cannot be replaced)
+    IF EXISTS (SELECT 1 FROM pg_proc
+                WHERE proname = 'claim_executions' AND pronamespace = 'crmflow'::regnamespace
+                  AND pg_get_function_result(oid) NOT LIKE '%taken_over%') THEN
+        DROP FUNCTION crmflow.claim_executions(text, integer, double precision);
+    END IF;
+END
+$$;
 CREATE OR REPLACE FUNCTION crmflow.claim_executions(worker text, max_rows integer, lease double precision)
-    RETURNS TABLE (execution_id bigint, entity_key text)
+    RETURNS TABLE (execution_id bigint, entity_key text, taken_over text)
     LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended('crmflow:executor:claim', 0));
     RETURN QUERY
     WITH due AS (
-        SELECT q.execution_id
+        SELECT q.execution_id, q.leased_by AS previous
           FROM crmflow.execution_queue AS q
          WHERE q.run_at <= clock_timestamp()
            AND (q.leased_until IS NULL OR q.leased_until < clock_timestamp())
@@ -42,7 +53,7 @@ BEGIN
            leased_until = clock_timestamp() + make_interval(secs => lease)
       FROM due
      WHERE q.execution_id = due.execution_id
-    RETURNING q.execution_id, q.entity_key;
+    RETURNING q.execution_id, q.entity_key, due.previous;
 END
 $$;
 

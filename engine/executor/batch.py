@@ -108,6 +108,13 @@ class BatchExecutor:
                     due = await queue.next_due(conn)
             if claimed:
                 lingered = False
+                taken = sorted({c.taken_over for c in claimed if c.taken_over})
+                if taken:
+                    log.warning(
+                        "took over %d executions whose lease ran out (worker %s died or froze)",
+                        sum(1 for c in claimed if c.taken_over),
+                        ", ".join(taken),
+                    )
                 done += await self.run_batch(claimed)
                 continue
             wait = (due - now()).total_seconds() if due is not None else None

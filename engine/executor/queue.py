@@ -34,6 +34,8 @@ def _q(name: str) -> str:
 class Claimed:
     execution_id: int
     entity_key: str
+    # the worker whose lease on it ran out (it died or froze), if any
+    taken_over: str | None = None
 
 
 async def enqueue(conn: psycopg.AsyncConnection[Any], ids: list[int], queue: str) -> None:
@@ -48,7 +50,7 @@ async def claim(
     rows = await (
         await conn.execute(_q("claim"), {"worker": worker, "limit": limit, "lease": lease})
     ).fetchall()
-    return [Claimed(r["execution_id"], r["entity_key"]) for r in rows]
+    return [Claimed(r["execution_id"], r["entity_key"], r["taken_over"]) for r in rows]
 
 
 async def settle(

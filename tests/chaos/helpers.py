@@ -102,6 +102,8 @@ def process_env(db_url: str, **settings: str) -> dict[str, str]:
         # tests.plugins (CRMFLOW_PLUGINS, set by conftest) must import in the subprocess.
         "PYTHONPATH": str(REPO),
         "CRMFLOW_STALLED_WORKER_TIMEOUT": "3",
+        # a dead or frozen worker's executions are claimable again after 3 s too
+        "CRMFLOW_EXECUTOR_LEASE": "3",
         "CRMFLOW_HEARTBEAT_INTERVAL": "0.5",
         "CRMFLOW_MATCHER_POLL_INTERVAL": "0.2",
         **settings,

@@ -47,7 +47,8 @@ async def test_sigkill_mid_execution(
     await crm.execute(
         "INSERT INTO leads (name) SELECT 'lead ' || i FROM generate_series(1, %s) i", [LEADS]
     )
-    first = start_worker(db_url, log_dir, "worker-1")
+    # Small batches, so the kill lands between two of them, or inside one.
+    first = start_worker(db_url, log_dir, "worker-1", CRMFLOW_EXECUTOR_BATCH_SIZE="4")
     procs.append(first)
 
     async def some_completed() -> bool:
@@ -66,7 +67,7 @@ async def test_sigkill_mid_execution(
     )
     assert unfinished > 0, "the kill came too late to test anything"
 
-    second = start_worker(db_url, log_dir, "worker-2")
+    second = start_worker(db_url, log_dir, "worker-2", CRMFLOW_EXECUTOR_BATCH_SIZE="4")
     procs.append(second)
 
     async def all_completed() -> bool:
