@@ -119,6 +119,17 @@ async def test_schema_drift_under_load(
             "actions": [{"type": "create_task", "title": "gadget", "assignee": None}],
         },
     )
+    # Capture keeps only what active workflows could match (docs/design.md): one on the
+    # inserts (all labelled 'w'), so that every insert is captured through the filter too.
+    await apply(
+        crm,
+        {
+            "name": "New gadgets",
+            "trigger": {"type": "entity_created", "entity_type": "gadget"},
+            "conditions": [{"field": "label", "operator": "equals", "value": "w"}],
+            "actions": [{"type": "create_task", "title": "new gadget", "assignee": None}],
+        },
+    )
     worker = start_worker(db_url, log_dir, concurrency=4, CRMFLOW_CAPTURE_HEAL_INTERVAL="1")
     procs.append(worker)
 
