@@ -85,16 +85,17 @@ def sizes(quick: bool) -> Sizes:
 
 # Figures, what they are, and whether more is better (for "ahead").
 FIGURES: list[tuple[str, str, bool]] = [
-    ("burst_rate", "burst: tasks/s", True),
-    ("delayed_rate", "delayed wave: executions/s", True),
-    ("delayed_late_p99_s", "delayed wave: p99 lateness, s", False),
-    ("http_rate", "HTTP call then insert: executions/s", True),
-    ("http_duplicates", "HTTP call: duplicate calls", False),
-    ("latency_p50_ms", "commit → effect at 50 writes/s: p50 ms", False),
-    ("latency_p99_ms", "commit → effect: p99 ms", False),
-    ("writers_non_matching", "writers, non-matching rows: tps ÷ unwatched", True),
-    ("writers_matching", "writers, matching rows: tps ÷ unwatched", True),
+    ("burst_rate", "burst, tasks/s", True),
+    ("delayed_rate", "delayed wave, exec/s", True),
+    ("delayed_late_p99_s", "delayed, p99 late s", False),
+    ("http_rate", "HTTP + insert, exec/s", True),
+    ("http_duplicates", "HTTP duplicate calls", False),
+    ("latency_p50_ms", "commit→effect p50 ms", False),
+    ("latency_p99_ms", "commit→effect p99 ms", False),
+    ("writers_non_matching", "writers, other rows", True),
+    ("writers_matching", "writers, matching", True),
 ]
+
 
 PEER_SCHEMA = """
 CREATE TABLE leads (id bigserial PRIMARY KEY, name text, source text, score int,
@@ -642,7 +643,9 @@ async def crmflow_burst(events: int) -> float:
     return float(run["rate"])
 
 
-async def crmflow_figures(quick: bool, results: dict[str, Any], progress: Any = None) -> dict:
+async def crmflow_figures(
+    quick: bool, results: dict[str, Any], progress: Any = None
+) -> dict[str, float]:
     """crmflow's figures for the peers' jobs: from this run's results (P1, P3, Q1, Q2),
     running those that were left out; the burst is run here at the peers' size."""
     from bench import targets

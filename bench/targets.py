@@ -837,8 +837,6 @@ def _wanted(key: str, only: set[str] | None) -> bool:
         return True
     if key == "P4":  # P4 and P6 come from the same drain
         return bool({"P4", "P6"} & only)
-    if key == "Q":
-        return bool({"Q1", "Q2", "Q3"} & only)
     if key in ("V", "S"):
         return any(o.startswith(key) for o in only)
     return key in only
