@@ -87,7 +87,9 @@ def _parse_derived(items: Sequence[str] | None) -> dict[str, str]:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     async def run(conn: psycopg.AsyncConnection[Any]) -> int:
-        w = await capture.watch(conn, args.table, args.entity, _parse_derived(args.derived))
+        w = await capture.watch(
+            conn, args.table, args.entity, _parse_derived(args.derived), all_rows=args.all_rows
+        )
         console.print(
             f"watching {w.table_schema}.{w.table_name} as entity [bold]{w.entity_type}[/] "
             f"(key: {', '.join(w.pk_columns)})"
@@ -716,7 +718,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=EXPR",
         help="declare a derived field (a whitelisted SQL expression over the row)",
     )
-    p.set_defaults(func=cmd_watch)
+    rows = p.add_mutually_exclusive_group()
+    rows.add_argument(
+        "--all-rows",
+        dest="all_rows",
+        action="store_const",
+        const=True,
+        help="capture every row (an audit trail), not only those active workflows could match",
+    )
+    rows.add_argument(
+        "--filtered",
+        dest="all_rows",
+        action="store_const",
+        const=False,
+        help="capture only the rows active workflows could match (the default)",
+    )
+    p.set_defaults(func=cmd_watch, all_rows=None)
 
     p = sub.add_parser("unwatch", help="stop capturing a table")
     p.add_argument("table")
