@@ -592,26 +592,17 @@ def ahead(key: str, value: float) -> bool:
     return value >= 1.0 if higher else value <= 1.0
 
 
-async def run_peer(
-    peer: Peer, quick: bool, hook: str, calls: Any, progress: Any = None
-) -> PeerReport:
-    report = PeerReport(peer.name)
-    try:
-        reason = await asyncio.to_thread(peer.missing)
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-    if reason:
-        report.skipped = reason
-        return report
-    report.version = peer.version()
+async def _run_jobs(
+    peer: Peer, quick: bool, hook: str, calls: Any, report: PeerReport, progress: Any
+) -> None:
     size = sizes(quick)
     with scratch_database(f"crmflow_bench_peer_{peer.name.replace('-', '_')}") as url:
         run = PeerRun(peer, url, hook, calls, size.timeout)
         try:
             await run.setup()
         except Exception as exc:
-            report.skipped = f"cannot be installed: {type(exc).__name__}: {exc}"
-            return report
+            report.skipped = f"cannot be installed: {type(exc).__name__}: {exc}"[:500]
+            return
         jobs: list[tuple[str, Callable[[], Any]]] = [
             ("burst", lambda: run.burst(size.burst)),
             ("delayed", lambda: run.delayed(size.delayed)),
@@ -626,6 +617,24 @@ async def run_peer(
                 report.figures.update(await fn())
             except Exception as exc:
                 report.errors[job] = f"{type(exc).__name__}: {exc}"[:500]
+
+
+async def run_peer(
+    peer: Peer, quick: bool, hook: str, calls: Any, progress: Any = None
+) -> PeerReport:
+    report = PeerReport(peer.name)
+    try:
+        reason = await asyncio.to_thread(peer.missing)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    if reason:
+        report.skipped = reason
+        return report
+    report.version = peer.version()
+    try:
+        await _run_jobs(peer, quick, hook, calls, report, progress)
+    except Exception as exc:  # the scratch database itself: never fail the bench
+        report.skipped = f"{type(exc).__name__}: {exc}"[:500]
     return report
 
 
