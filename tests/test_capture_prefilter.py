@@ -564,3 +564,26 @@ async def test_filtered_capture_with_colliding_column_names(
         conn, "SELECT op, pk FROM crmflow.outbox WHERE entity_type = 'point' ORDER BY id"
     )
     assert [(e["op"], e["pk"]["id"]) for e in got] == [("insert", 2), ("update", 1), ("delete", 1)]
+
+
+async def test_a_key_change_is_filtered_as_the_delete_and_insert_it_is_captured_as(
+    crm: psycopg.AsyncConnection[Any],
+) -> None:
+    await capture.watch(crm, "leads", all_rows=True)
+    await crm.execute(
+        "INSERT INTO leads (id, name, source) VALUES (1, 'x', 'x'), (2, 'y', 'y'), (3, 'z', 'z')"
+    )
+    await capture.watch(crm, "leads", all_rows=False)
+    for name, kind, source in (("gone", "entity_deleted", "x"), ("new", "entity_created", "y")):
+        await apply(
+            crm,
+            {
+                **HOT,
+                "name": name,
+                "trigger": {"type": kind, "entity_type": "lead"},
+                "conditions": [{"field": "source", "operator": "equals", "value": source}],
+            },
+        )
+    await crm.execute("DELETE FROM crmflow.outbox")
+    await crm.execute("UPDATE leads SET id = id + 100")
+    assert await captured(crm) == [("delete", "x"), ("insert", "y")]
