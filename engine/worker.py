@@ -44,6 +44,9 @@ STOP_CANCEL_WAIT = 2.0
 STOP_WRITE_TIMEOUT = 1.5
 STOP_POOL_CLOSE = 2.0
 
+# How often the worker clears the execution queue's dead rows (seconds).
+QUEUE_VACUUM_INTERVAL = 30.0
+
 
 def _q(name: str) -> str:
     return db.query(name, "runtime.sql")
@@ -105,6 +108,7 @@ class Worker:
             asyncio.create_task(self._heal_capture(), name="capture heal"),
             asyncio.create_task(keep_leases(self.executor, self._every), name="leases"),
             asyncio.create_task(self._wake_due(), name="queue sweep"),
+            asyncio.create_task(self._vacuum_queue(), name="queue vacuum"),
         ]
         if self.run_matcher:
             self._tasks.append(
@@ -181,6 +185,15 @@ class Worker:
                     )
             except psycopg.Error as exc:
                 log.debug("queue sweep failed: %s", exc)
+
+    async def _vacuum_queue(self) -> None:
+        """Dead rows of the execution queue cleared every half minute (see executor.sql)."""
+        while await self._every(QUEUE_VACUUM_INTERVAL):
+            try:
+                async with db.autocommit(self.pool) as conn:  # VACUUM: no transaction
+                    await conn.execute(db.query("vacuum_queue", "executor.sql"))
+            except psycopg.Error as exc:
+                log.debug("queue vacuum failed: %s", exc)
 
     async def _heartbeat(self) -> None:
         while await self._every(self.settings.heartbeat_interval):

@@ -343,7 +343,8 @@ UPDATE crmflow.matcher_state AS s SET listening = %(listening)s
 -- plans that visit every queued row (procrastinate's fetch went from 0.2 ms to 70 ms
 -- per job on a 2,000-job backlog). The matcher refreshes them itself after pushing a few
 -- thousand rows through; ANALYZE samples, so it costs milliseconds.
-ANALYZE crmflow.outbox, crmflow.executions, crmflow.execution_steps, procrastinate_jobs;
+ANALYZE crmflow.outbox, crmflow.executions, crmflow.execution_steps, crmflow.execution_queue,
+        procrastinate_jobs;
 
 -- name: may_refresh_statistics
 -- ANALYZE needs the tables' ownership (PostgreSQL 15; 17 adds a MAINTAIN privilege): a
@@ -352,4 +353,5 @@ ANALYZE crmflow.outbox, crmflow.executions, crmflow.execution_steps, procrastina
 SELECT coalesce(bool_and(pg_has_role(current_user, c.relowner, 'USAGE')), false) AS allowed
   FROM pg_class AS c
  WHERE c.oid IN ('crmflow.outbox'::regclass, 'crmflow.executions'::regclass,
-                 'crmflow.execution_steps'::regclass, 'procrastinate_jobs'::regclass);
+                 'crmflow.execution_steps'::regclass, 'crmflow.execution_queue'::regclass,
+                 'procrastinate_jobs'::regclass);

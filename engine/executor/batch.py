@@ -127,7 +127,7 @@ class BatchExecutor:
             # waiting and deferred none. One more look closes that gap.
             lingered = True
             await asyncio.sleep(0.05)
-        async with self.pool.connection() as conn:
+        async with db.autocommit(self.pool) as conn:  # one statement
             await conn.execute(
                 "SELECT crmflow.wake_executor(%s, ARRAY[clock_timestamp()])",
                 [self.settings.queue_name],
@@ -145,11 +145,11 @@ class BatchExecutor:
                 (later if c.entity_key in seen else mine).append(c.execution_id)
                 seen.add(c.entity_key)
             if later:
-                async with self.pool.connection() as conn:
+                async with db.autocommit(self.pool) as conn:  # one statement
                     await queue.release(conn, self.worker, later)
             freed: dict[int, int] = {}
             wakes = await self.advance(mine, freed)
-            async with self.pool.connection() as conn:
+            async with db.autocommit(self.pool) as conn:  # two statements, each on its own
                 await queue.settle(conn, self.worker, self.settings.queue_name, wakes)
                 # once settled (unleased), the executions max_concurrent held back can
                 # take the slots this batch freed
@@ -163,7 +163,7 @@ class BatchExecutor:
 
     async def renew_leases(self) -> None:
         if self.in_flight:
-            async with self.pool.connection() as conn:
+            async with db.autocommit(self.pool) as conn:  # one statement
                 await queue.renew(
                     conn, self.worker, sorted(self.in_flight), self.settings.executor_lease
                 )
@@ -173,7 +173,7 @@ class BatchExecutor:
         the lease runs out."""
         held = self.in_flight | self._abandoned
         if held:
-            async with self.pool.connection() as conn:
+            async with db.autocommit(self.pool) as conn:  # one statement
                 await queue.release(conn, self.worker, sorted(held))
             self._abandoned.clear()
 
@@ -313,7 +313,7 @@ class BatchExecutor:
                 cols["step_ids"].append(sid)
                 cols["positions"].append(position)
                 cols["types"].append(item.plan.steps[sid].type)
-        async with self.pool.connection() as conn:
+        async with db.autocommit(self.pool) as conn:  # one statement
             await conn.execute(_q("start_executions"), {"ids": [i.id for i in items], **cols})
         started = now()
         for item in items:
@@ -326,7 +326,7 @@ class BatchExecutor:
 
     async def _run_wave(self, wave: Wave) -> None:
         if wave.delays:
-            async with self.pool.connection() as conn:
+            async with db.autocommit(self.pool) as conn:  # one statement
                 await conn.execute(
                     _q("steps_scheduled"),
                     {
@@ -357,7 +357,7 @@ class BatchExecutor:
             if external is not None:
                 await external
         if wave.completed:
-            async with self.pool.connection() as conn:
+            async with db.autocommit(self.pool) as conn:  # one statement
                 await conn.execute(
                     _q("executions_finished"),
                     {
@@ -367,7 +367,7 @@ class BatchExecutor:
                     },
                 )
         if wave.waiting:
-            async with self.pool.connection() as conn:
+            async with db.autocommit(self.pool) as conn:  # one statement
                 await conn.execute(_q("executions_waiting"), {"ids": sorted(wave.waiting)})
 
     # ───────── the careful path ─────────
