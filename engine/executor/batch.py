@@ -50,8 +50,9 @@ from engine.executor.database_steps import GroupFallsBack, check_conditions, run
 from engine.executor.errors import StepRetryLater
 from engine.executor.external_steps import run_external
 from engine.executor.plans import Plan, plan_for
-from engine.executor.runner import LIVE, Runner
+from engine.executor.runner import Runner
 from engine.executor.waves import Item, Wave, plan_wave
+from engine.statuses import LIVE, ExecutionStatus
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +363,7 @@ class BatchExecutor:
                     _q("executions_finished"),
                     {
                         "ids": [i.id for i in wave.completed],
-                        "statuses": ["completed"] * len(wave.completed),
+                        "statuses": [ExecutionStatus.COMPLETED] * len(wave.completed),
                         "errors": [None] * len(wave.completed),
                     },
                 )

@@ -23,8 +23,9 @@ from engine.actions import registry
 from engine.catalog import EntitySchema
 from engine.executor.context import StepContext, now
 from engine.executor.errors import Skip, describe, jsonable
-from engine.executor.runner import LIVE
+from engine.executor.runner import RUNNABLE_STEP
 from engine.executor.waves import Item
+from engine.statuses import LIVE
 
 if TYPE_CHECKING:
     from engine.executor.batch import BatchExecutor
@@ -137,8 +138,7 @@ async def run_database(x: BatchExecutor, sid: str, group: list[Item]) -> None:
             runnable = {
                 r["execution_id"]
                 for r in locked
-                if r["status"] in ("pending", "scheduled", "running")
-                and r["execution_status"] in LIVE
+                if r["status"] in RUNNABLE_STEP and r["execution_status"] in LIVE
             }
             members = [i for i in group if i.id in runnable]
             if len(members) < len(group):

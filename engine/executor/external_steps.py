@@ -23,8 +23,9 @@ from engine.breakers import verdict
 from engine.executor.context import StepContext, now
 from engine.executor.database_steps import entity_rows, record
 from engine.executor.errors import Skip, describe, jsonable
-from engine.executor.runner import LIVE
+from engine.executor.runner import RUNNABLE_STEP
 from engine.executor.waves import Item
+from engine.statuses import LIVE, StepStatus
 
 if TYPE_CHECKING:
     from engine.executor.batch import BatchExecutor
@@ -58,7 +59,7 @@ async def run_external(x: BatchExecutor, work: list[tuple[Item, str]]) -> None:
         runnable = {
             (r["execution_id"], r["step_id"])
             for r in locked
-            if r["status"] in ("pending", "scheduled", "running") and r["execution_status"] in LIVE
+            if r["status"] in RUNNABLE_STEP and r["execution_status"] in LIVE
         }
         work = [(i, s) for i, s in work if (i.id, s) in runnable]
         if not work:
@@ -162,7 +163,7 @@ async def record_external(
                 retry_ats.append(None)
             elif error is not None:
                 retry_at = x.runner.retry_at(ctx.step, ctx.attempt, error)
-                statuses.append(("scheduled" if retry_at else "failed", None))
+                statuses.append((StepStatus.SCHEDULED if retry_at else StepStatus.FAILED, None))
                 errors.append(describe(error))
                 retry_ats.append(retry_at)
                 metrics.STEPS_RUN.labels(ctx.step.type, "failed attempt", "queue").inc()

@@ -26,8 +26,8 @@ from typing import Any
 import psycopg
 
 from engine import db
+from engine.statuses import LIVE, ExecutionStatus
 
-LIVE = ("pending", "running", "waiting")
 # When an execution held back by max_concurrent looks again if no freed slot woke it
 # first (seconds, plus a little spread): a safety net, not a poll.
 CONCURRENCY_RETRY = 10.0
@@ -81,17 +81,17 @@ async def admit_start(
         if window["n"] >= limits["max_per_minute"]:
             if limits.get("on_rate_limit") == "drop":
                 reason = f"dropped: over {limits['max_per_minute']}/min"
-                await _set(conn, execution_id, "skipped", reason, None)
+                await _set(conn, execution_id, ExecutionStatus.SKIPPED, reason, None)
                 return "dropped by rate limit"
             # Wait for the oldest start to leave the window (plus a little spread).
             at = window["frees_at"] + timedelta(milliseconds=random.randint(0, 250))
-            await _set(conn, execution_id, "pending", None, at)
+            await _set(conn, execution_id, ExecutionStatus.PENDING, None, at)
             return "rate limited"
     if limits.get("max_concurrent"):
         running = await (await conn.execute(_q("running_count"), args)).fetchone()
         assert running is not None
         if running["n"] >= limits["max_concurrent"]:
-            await _set(conn, execution_id, "pending", None, _soon())
+            await _set(conn, execution_id, ExecutionStatus.PENDING, None, _soon())
             return "concurrency limited"
     return None
 
@@ -108,9 +108,9 @@ async def admit_resume(conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -
     running = await (await conn.execute(_q("running_count"), args)).fetchone()
     assert running is not None
     if running["n"] >= limits["max_concurrent"]:
-        await _set(conn, ex["id"], "waiting", None, _soon())
+        await _set(conn, ex["id"], ExecutionStatus.WAITING, None, _soon())
         return "concurrency limited"
-    await _set(conn, ex["id"], "running", None, None)
+    await _set(conn, ex["id"], ExecutionStatus.RUNNING, None, None)
     return None
 
 

@@ -48,11 +48,16 @@ from engine.executor.errors import (
 )
 from engine.executor.plans import Plan, plan_for
 from engine.model import DelayUntil, RetryPolicy, Step
+from engine.statuses import DONE_STEP, LIVE, ExecutionStatus, StepStatus
 
 log = logging.getLogger(__name__)
 
-LIVE = ("pending", "running", "waiting")
-DONE_STEP = ("succeeded", "skipped", "compensated")
+# A step that may run now or later (not done, not failed for good).
+RUNNABLE_STEP: tuple[StepStatus, ...] = (
+    StepStatus.PENDING,
+    StepStatus.SCHEDULED,
+    StepStatus.RUNNING,
+)
 
 
 def _q(name: str) -> str:
@@ -220,7 +225,7 @@ class Runner:
                         await conn.execute(_q("load_steps"), {"id": execution_id})
                     ).fetchall()
                 }
-            failed = [s for s in plan.ids if rows[s]["status"] == "failed"]
+            failed = [s for s in plan.ids if rows[s]["status"] == StepStatus.FAILED]
             stopping = [s for s in failed if plan.steps[s].on_failure != "continue"]
             if stopping:
                 await self._fail(ex, plan, stopping[0], rows)
@@ -229,14 +234,13 @@ class Runner:
             ready = [
                 s
                 for s in plan.ids
-                if rows[s]["status"] in ("pending", "scheduled", "running")
-                and all(d in satisfied for d in plan.deps[s])
+                if rows[s]["status"] in RUNNABLE_STEP and all(d in satisfied for d in plan.deps[s])
             ]
             if not ready:
-                if all(rows[s]["status"] in (*DONE_STEP, "failed") for s in plan.ids):
+                if all(rows[s]["status"] in (*DONE_STEP, StepStatus.FAILED) for s in plan.ids):
                     error = f"continued past failed steps: {', '.join(failed)}" if failed else None
                     async with db.autocommit(self.pool) as conn:
-                        await self._set_status(conn, execution_id, "completed", error)
+                        await self._set_status(conn, execution_id, ExecutionStatus.COMPLETED, error)
                     return "completed"
                 blocked = [s for s in plan.ids if rows[s]["status"] == "pending"]
                 async with db.autocommit(self.pool) as conn:
@@ -388,7 +392,7 @@ class Runner:
             ).fetchone()
             if (
                 lk is None
-                or lk["status"] in (*DONE_STEP, "failed")
+                or lk["status"] in (*DONE_STEP, StepStatus.FAILED)
                 or lk["execution_status"] not in LIVE
             ):
                 return  # done by an earlier run of this job, or cancelled
@@ -456,7 +460,7 @@ class Runner:
             ).fetchone()
             if (
                 lk is None
-                or lk["status"] in (*DONE_STEP, "failed")
+                or lk["status"] in (*DONE_STEP, StepStatus.FAILED)
                 or lk["execution_status"] not in LIVE
             ):
                 await self.breakers.record(host, None)  # no call: a probe is released
@@ -548,7 +552,7 @@ class Runner:
                 "id": ctx.execution_id,
                 "step_id": ctx.step_id,
                 "error": error,
-                "status": "scheduled" if retry_at else "failed",
+                "status": StepStatus.SCHEDULED if retry_at else StepStatus.FAILED,
                 "retry_at": retry_at,
             },
         )

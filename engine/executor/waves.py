@@ -16,8 +16,9 @@ from engine.actions import registry
 from engine.catalog import EntitySchema
 from engine.executor.context import now
 from engine.executor.plans import Plan
-from engine.executor.runner import DONE_STEP, ready_moment
+from engine.executor.runner import RUNNABLE_STEP, ready_moment
 from engine.model import DelayUntil
+from engine.statuses import DONE_STEP, StepStatus
 
 
 @dataclass
@@ -62,13 +63,13 @@ def plan_wave(items: list[Item]) -> Wave:
     moment = now()
     for item in items:
         plan, rows = item.plan, item.steps
-        if any(rows[s]["status"] == "failed" for s in plan.ids):
+        if any(rows[s]["status"] == StepStatus.FAILED for s in plan.ids):
             wave.careful.append(item)  # on_failure: the runner decides
             continue
         ready = [
             s
             for s in plan.ids
-            if rows[s]["status"] in ("pending", "scheduled", "running")
+            if rows[s]["status"] in RUNNABLE_STEP
             and all(rows[d]["status"] in DONE_STEP for d in plan.deps[s])
         ]
         if not ready:
