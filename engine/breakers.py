@@ -49,7 +49,6 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
 from engine import db, metrics
 from engine.config import Settings
@@ -158,9 +157,7 @@ class Breakers:
     """The breakers as one process sees them. One per process (the executor's), shared
     by all its concurrent calls; ``owner`` names the process in the table."""
 
-    def __init__(
-        self, pool: AsyncConnectionPool, settings: Settings, *, owner: str | None = None
-    ) -> None:
+    def __init__(self, pool: db.Pool, settings: Settings, *, owner: str | None = None) -> None:
         self.pool = pool
         self.settings = settings
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -292,7 +289,8 @@ class Breakers:
     def _period(self, trips: int) -> float:
         """How long the breaker stays open at its ``trips``-th opening in a row."""
         cap = max(self.settings.breaker_max_open_seconds, self.settings.breaker_open_seconds)
-        return min(self.settings.breaker_open_seconds * 2 ** min(trips - 1, 30), cap)
+        period: float = self.settings.breaker_open_seconds * 2 ** min(trips - 1, 30)
+        return min(period, cap)
 
     def _periods(self) -> dict[str, float]:
         cap = max(self.settings.breaker_max_open_seconds, self.settings.breaker_open_seconds)

@@ -221,7 +221,7 @@ async def _run(
             for sid in plan.inline_prefix
         }
 
-    outcome: dict[int, dict[str, tuple[str, Any, datetime, datetime]]] = {}
+    outcome: dict[int, dict[str, tuple[str, Any, datetime | None, datetime | None]]] = {}
     depth = max(len(plan.inline_prefix) for _, plan in chosen)
     for k in range(depth):
         # One batch per (workflow version, step) and depth of the executions.
@@ -255,9 +255,9 @@ async def _run(
                     {"depth": str(ex_depth + 1), "actor": actor},
                 )
                 context_depth = ex_depth
-            started = datetime.now(UTC)
+            started: datetime | None = datetime.now(UTC)
             results = await action.run_batch(group, action.parse(step.params))
-            finished = datetime.now(UTC)
+            finished: datetime | None = datetime.now(UTC)
             for ctx, result in zip(group, results, strict=True):
                 status = "skipped" if isinstance(result, Skip) else "succeeded"
                 metrics.STEPS_RUN.labels(step.type, status, "inline").inc()
@@ -283,7 +283,10 @@ async def _run(
     for ex, plan in chosen:
         done = outcome.get(ex["id"], {})
         for position, sid in enumerate(plan.ids, start=1):
-            status, value, started, finished = done.get(sid, ("pending", None, None, None))
+            recorded: tuple[str, Any, datetime | None, datetime | None] = done.get(
+                sid, ("pending", None, None, None)
+            )
+            status, value, started, finished = recorded
             steps["execution_ids"].append(ex["id"])
             steps["step_ids"].append(sid)
             steps["positions"].append(position)
@@ -298,7 +301,7 @@ async def _run(
         ran = [
             (started, finished)
             for status, _, started, finished in done.values()
-            if status == "succeeded"
+            if status == "succeeded" and started is not None and finished is not None
         ]
         first_actions.append(min((f for _, f in ran), default=None))
         actives.append(sum((f - s).total_seconds() for s, f in ran))

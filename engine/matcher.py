@@ -23,7 +23,6 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
 
 from engine import catalog, db, metrics
 from engine.config import Settings, get_settings
@@ -165,7 +164,7 @@ async def find_broken(
     one per entity, then one per workflow of the entities that fail."""
     broken: dict[int, str] = {}
     healthy: list[dict[str, Any]] = []
-    missing: dict[str, str] | None = None
+    missing: dict[str, dict[str, Any]] | None = None
     for row in rows:
         et = row["entity_type"]
         if et is not None and et not in entities:
@@ -197,20 +196,20 @@ async def find_broken(
         return broken
     for et, versions in by_entity.items():
         if et is not None:
-            reason = await _compiles(conn, [], _current_row([entities[et]]))
-            if reason is not None:  # its rows cannot be read by their key
+            unreadable = await _compiles(conn, [], _current_row([entities[et]]))
+            if unreadable is not None:  # its rows cannot be read by their key
                 for v in versions:
                     broken[v["workflow_id"]] = (
                         f"the rows of {entities[et].qualified_name} cannot be read by their "
-                        f"key: {reason}"
+                        f"key: {unreadable}"
                     )
                 continue
         if await _compiles(conn, [_branch(et, versions, entities)]) is None:
             continue
         for v in versions:
-            reason = await _compiles(conn, [_branch(et, [v], entities)])
-            if reason is not None:
-                broken[v["workflow_id"]] = f"its conditions no longer compile: {reason}"
+            failure = await _compiles(conn, [_branch(et, [v], entities)])
+            if failure is not None:
+                broken[v["workflow_id"]] = f"its conditions no longer compile: {failure}"
     return broken
 
 
@@ -385,7 +384,7 @@ BROKEN_RECHECK = 10.0
 
 
 class Matcher:
-    def __init__(self, pool: AsyncConnectionPool, settings: Settings | None = None) -> None:
+    def __init__(self, pool: db.Pool, settings: Settings | None = None) -> None:
         self.pool = pool
         self.settings = settings or get_settings()
         self.plan: MatchPlan | None = None
@@ -698,7 +697,7 @@ CONFLICT_BACKOFF_MAX = 1.0
 
 def conflict_backoff(in_a_row: int) -> float:
     """10 ms, doubling with each conflict in a row up to 1 s, jittered by ±50 %."""
-    base = min(CONFLICT_BACKOFF_MAX, CONFLICT_BACKOFF * 2 ** min(in_a_row - 1, 10))
+    base: float = min(CONFLICT_BACKOFF_MAX, CONFLICT_BACKOFF * 2 ** min(in_a_row - 1, 10))
     return base * random.uniform(0.5, 1.5)
 
 

@@ -124,7 +124,7 @@ class JobTracker:
             self.running.discard(job.id)
 
 
-async def run_steps(context: JobContext, **_: Any) -> int:
+async def run_steps(context: JobContext, /, **_: Any) -> int:
     """A wake-up: drain the execution queue (returns how many executions advanced)."""
     executor: BatchExecutor = context.additional_context["executor"]
     tracker: JobTracker | None = context.additional_context.get("jobs")
@@ -134,7 +134,7 @@ async def run_steps(context: JobContext, **_: Any) -> int:
         return await executor.drain()
 
 
-async def run_execution(context: JobContext, execution_id: int, **_: Any) -> str:
+async def run_execution(context: JobContext, /, execution_id: int, **_: Any) -> str:
     """A job of an earlier version: its execution goes to the execution queue."""
     executor: BatchExecutor = context.additional_context["executor"]
     async with executor.pool.connection() as conn:

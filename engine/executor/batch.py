@@ -39,7 +39,6 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
 from engine import catalog, db
 from engine.catalog import EntitySchema
@@ -75,9 +74,7 @@ def _dumps(value: Any) -> str:
 
 
 class BatchExecutor:
-    def __init__(
-        self, pool: AsyncConnectionPool, runner: Runner, settings: Settings, worker: str
-    ) -> None:
+    def __init__(self, pool: db.Pool, runner: Runner, settings: Settings, worker: str) -> None:
         self.pool = pool
         self.runner = runner
         self.settings = settings
@@ -244,7 +241,7 @@ class BatchExecutor:
                 freed.update(limited)
         return wakes
 
-    async def _versions(self, conn: psycopg.AsyncConnection[Any], ids: set[int]) -> None:
+    async def _versions(self, conn: db.DictConnection, ids: set[int]) -> None:
         """Workflow versions never change: each is read once per process."""
         missing = sorted(ids - self._version_cache.keys())
         if missing:
@@ -259,7 +256,7 @@ class BatchExecutor:
         limits = ex["limits"] or {}
         return bool(limits.get("max_per_minute") or flow.limits_steps(ex))
 
-    async def _item(self, conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -> Item:
+    async def _item(self, conn: db.DictConnection, ex: dict[str, Any]) -> Item:
         entity = await self._entity(conn, ex["entity_type"])
         if ex["entity_type"] is not None and entity is None:
             raise LookupError(f"entity {ex['entity_type']!r} is not watched")
@@ -289,7 +286,7 @@ class BatchExecutor:
         return Item(ex, plan, entity, steps)
 
     async def _entity(
-        self, conn: psycopg.AsyncConnection[Any], entity_type: str | None
+        self, conn: db.DictConnection, entity_type: str | None
     ) -> EntitySchema | None:
         if entity_type is None:
             return None

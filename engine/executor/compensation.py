@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from psycopg_pool import AsyncConnectionPool
-
 from engine import db
 from engine.actions import registry
 from engine.config import Settings
@@ -70,7 +68,7 @@ async def compensate(
             )
 
 
-async def cancel(pool: AsyncConnectionPool, execution_id: int, reason: str | None = None) -> bool:
+async def cancel(pool: db.Pool, execution_id: int, reason: str | None = None) -> bool:
     """Cancel a live execution; a worker running it stops before its next step."""
     async with pool.connection() as conn, conn.transaction():
         row = await (
@@ -82,7 +80,7 @@ async def cancel(pool: AsyncConnectionPool, execution_id: int, reason: str | Non
     return True
 
 
-async def replay(pool: AsyncConnectionPool, settings: Settings, execution_id: int) -> bool:
+async def replay(pool: db.Pool, settings: Settings, execution_id: int) -> bool:
     """Replay a failed execution from its failed step(s): back in the queue, due now."""
     async with pool.connection() as conn, conn.transaction():
         row = await (await conn.execute(_q("replay_execution"), {"id": execution_id})).fetchone()

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
@@ -47,7 +46,7 @@ class StepContext:
     row: dict[str, Any] | None
     steps: dict[str, dict[str, Any]]
     settings: Settings
-    conn: psycopg.AsyncConnection[Any] | None = None
+    conn: db.DictConnection | None = None
 
     @property
     def execution_id(self) -> int:
@@ -81,7 +80,7 @@ class StepContext:
     def render_value(self, value: Any) -> Any:
         return templates.render_value(value, self.template_context())
 
-    def require_conn(self) -> psycopg.AsyncConnection[Any]:
+    def require_conn(self) -> db.DictConnection:
         if self.conn is None:
             raise RuntimeError("this action needs the step's transaction")
         return self.conn

@@ -14,7 +14,6 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
@@ -90,7 +89,7 @@ async def check_conditions(x: BatchExecutor, sid: str, group: list[Item]) -> Non
 
 async def entity_rows(
     x: BatchExecutor,
-    conn: psycopg.AsyncConnection[Any],
+    conn: db.DictConnection,
     entity: EntitySchema,
     items: list[Item],
     lock: bool,
@@ -204,9 +203,7 @@ async def run_database(x: BatchExecutor, sid: str, group: list[Item]) -> None:
         item.progressed = True
 
 
-async def write_context(
-    x: BatchExecutor, conn: psycopg.AsyncConnection[Any], items: list[Item]
-) -> None:
+async def write_context(x: BatchExecutor, conn: db.DictConnection, items: list[Item]) -> None:
     """Writes carry depth + 1 and name the executions (one depth per group: a group
     is one workflow version's step, and its executions may differ in depth only
     when chains mix; then the deepest is used, which stops loops no later)."""
@@ -224,7 +221,7 @@ async def write_context(
 
 async def record(
     x: BatchExecutor,
-    conn: psycopg.AsyncConnection[Any],
+    conn: db.DictConnection,
     keys: list[tuple[Item, str]],
     outcome: list[tuple[str, Any]],
     errors: list[str | None] | None = None,

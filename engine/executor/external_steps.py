@@ -182,14 +182,14 @@ async def record_external(
         finished = now()
         if kept:
             await record(x, conn, kept, statuses, errors, retry_ats, finished)
-    for (item, sid), (status, result), error, retry_at in zip(
+    for (item, sid), (status, result), message, retry_at in zip(
         kept, statuses, errors, retry_ats, strict=True
     ):
         waits = status in ("scheduled", "held")
         item.steps[sid].update(
             status="scheduled" if waits else status,
             result=result if status in ("succeeded", "skipped") else item.steps[sid]["result"],
-            error=error,
+            error=message,
             scheduled_at=retry_at,
             finished_at=None if waits else finished,
         )

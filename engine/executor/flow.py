@@ -23,8 +23,6 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
-
 from engine import db
 from engine.statuses import LIVE, ExecutionStatus
 
@@ -43,7 +41,7 @@ def limits_steps(ex: dict[str, Any]) -> bool:
 
 
 async def _set(
-    conn: psycopg.AsyncConnection[Any],
+    conn: db.DictConnection,
     execution_id: int,
     status: str,
     error: str | None,
@@ -60,7 +58,7 @@ def _soon() -> datetime:
 
 
 async def admit_start(
-    conn: psycopg.AsyncConnection[Any], ex: dict[str, Any], key: str | None = None
+    conn: db.DictConnection, ex: dict[str, Any], key: str | None = None
 ) -> str | None:
     """In the starting transaction: None if the execution may start now, else what
     happened to it (dropped, or held back with ``not_before``). ``key``: the
@@ -96,7 +94,7 @@ async def admit_start(
     return None
 
 
-async def admit_resume(conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -> str | None:
+async def admit_resume(conn: db.DictConnection, ex: dict[str, Any]) -> str | None:
     """A waiting execution of a workflow with ``max_concurrent`` takes a slot again
     (status ``running``) or stays waiting a little longer."""
     limits = ex["limits"] or {}
@@ -114,7 +112,7 @@ async def admit_resume(conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -
     return None
 
 
-async def wake_held_back(conn: psycopg.AsyncConnection[Any], workflows: dict[int, int]) -> None:
+async def wake_held_back(conn: db.DictConnection, workflows: dict[int, int]) -> None:
     """For each workflow (id -> max_concurrent), as many of its held-back executions as
     it has free slots now are due at once, in priority then arrival order."""
     if workflows:

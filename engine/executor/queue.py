@@ -17,9 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
-
-import psycopg
 
 from engine import db
 
@@ -38,15 +35,13 @@ class Claimed:
     taken_over: str | None = None
 
 
-async def enqueue(conn: psycopg.AsyncConnection[Any], ids: list[int], queue: str) -> None:
+async def enqueue(conn: db.DictConnection, ids: list[int], queue: str) -> None:
     """Queue executions (in the caller's transaction), due at their start time."""
     if ids:
         await conn.execute(_q("enqueue_executions"), {"ids": ids, "queue": queue})
 
 
-async def claim(
-    conn: psycopg.AsyncConnection[Any], worker: str, limit: int, lease: float
-) -> list[Claimed]:
+async def claim(conn: db.DictConnection, worker: str, limit: int, lease: float) -> list[Claimed]:
     rows = await (
         await conn.execute(_q("claim"), {"worker": worker, "limit": limit, "lease": lease})
     ).fetchall()
@@ -54,7 +49,7 @@ async def claim(
 
 
 async def settle(
-    conn: psycopg.AsyncConnection[Any],
+    conn: db.DictConnection,
     worker: str,
     queue: str,
     wakes: dict[int, tuple[datetime | None, bool]],
@@ -76,18 +71,16 @@ async def settle(
     )
 
 
-async def renew(
-    conn: psycopg.AsyncConnection[Any], worker: str, ids: list[int], lease: float
-) -> None:
+async def renew(conn: db.DictConnection, worker: str, ids: list[int], lease: float) -> None:
     if ids:
         await conn.execute(_q("renew_leases"), {"ids": ids, "worker": worker, "lease": lease})
 
 
-async def release(conn: psycopg.AsyncConnection[Any], worker: str, ids: list[int]) -> None:
+async def release(conn: db.DictConnection, worker: str, ids: list[int]) -> None:
     if ids:
         await conn.execute(_q("release_leases"), {"ids": ids, "worker": worker})
 
 
-async def next_due(conn: psycopg.AsyncConnection[Any]) -> datetime | None:
+async def next_due(conn: db.DictConnection) -> datetime | None:
     row = await (await conn.execute(_q("due_soon"))).fetchone()
     return row["at"] if row else None

@@ -27,7 +27,6 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 
 from engine import catalog, db, metrics, templates
 from engine.actions import registry
@@ -65,7 +64,7 @@ def _q(name: str) -> str:
 
 
 class Runner:
-    def __init__(self, pool: AsyncConnectionPool, settings: Settings | None = None) -> None:
+    def __init__(self, pool: db.Pool, settings: Settings | None = None) -> None:
         self.pool = pool
         self.settings = settings or get_settings()
         self._entities: dict[str, EntitySchema] = {}
@@ -75,9 +74,7 @@ class Runner:
 
     # ───────── loading ─────────
 
-    async def entity(
-        self, conn: psycopg.AsyncConnection[Any], entity_type: str | None
-    ) -> EntitySchema | None:
+    async def entity(self, conn: db.DictConnection, entity_type: str | None) -> EntitySchema | None:
         if entity_type is None:
             return None
         if entity_type not in self._entities:
@@ -87,17 +84,15 @@ class Runner:
             self._entities[entity_type] = entity
         return self._entities[entity_type]
 
-    async def _plan(self, conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -> Plan:
+    async def _plan(self, conn: db.DictConnection, ex: dict[str, Any]) -> Plan:
         entity = await self.entity(conn, ex["entity_type"])
         return plan_for(int(ex["workflow_version_id"]), ex["definition"], entity)
 
-    async def _load(
-        self, conn: psycopg.AsyncConnection[Any], execution_id: int
-    ) -> dict[str, Any] | None:
+    async def _load(self, conn: db.DictConnection, execution_id: int) -> dict[str, Any] | None:
         return await (await conn.execute(_q("load_execution"), {"id": execution_id})).fetchone()
 
     async def entity_row(
-        self, conn: psycopg.AsyncConnection[Any], ex: dict[str, Any], entity: EntitySchema | None
+        self, conn: db.DictConnection, ex: dict[str, Any], entity: EntitySchema | None
     ) -> dict[str, Any] | None:
         """The entity now; after a delete, the last state the event saw."""
         if entity is None or ex["entity_pk"] is None:
@@ -105,7 +100,8 @@ class Runner:
         query = sql.SQL(_q("entity_row")).format(table=entity.table, pk_match=pk_match(entity))
         row = await (await conn.execute(query, {"pk": Jsonb(ex["entity_pk"])})).fetchone()
         if row is not None:
-            return row["row"]
+            found: dict[str, Any] | None = row["row"]
+            return found
         return ex.get("event_new_row") or ex.get("event_old_row")
 
     # ───────── the job ─────────
@@ -180,7 +176,7 @@ class Runner:
             log.warning("execution %s: limits.key cannot be rendered: %s", ex["id"], exc)
             return template
 
-    async def _start(self, conn: psycopg.AsyncConnection[Any], ex: dict[str, Any]) -> None:
+    async def _start(self, conn: db.DictConnection, ex: dict[str, Any]) -> None:
         """Mark the execution running and create its step rows (in the admitting
         transaction)."""
         await conn.execute(_q("start_execution"), {"id": ex["id"]})
@@ -196,7 +192,7 @@ class Runner:
 
     async def _set_status(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        conn: db.DictConnection,
         execution_id: int,
         status: str,
         error: str | None,
@@ -348,7 +344,7 @@ class Runner:
 
     async def evaluate(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        conn: db.DictConnection,
         entity: EntitySchema | None,
         row: dict[str, Any] | None,
         steps_view: dict[str, Any],
@@ -367,7 +363,7 @@ class Runner:
         return float(step.timeout or self.settings.default_step_timeout)
 
     async def write_context(
-        self, conn: psycopg.AsyncConnection[Any], ctx: StepContext, *, undo: bool = False
+        self, conn: db.DictConnection, ctx: StepContext, *, undo: bool = False
     ) -> None:
         """Sign the depth and actor of the action's writes. The undo writes of
         compensation say so (``crmflow:compensation:<id>``): the matcher captures them
@@ -541,7 +537,7 @@ class Runner:
         return now() + timedelta(seconds=wait)
 
     async def _attempt_failed(
-        self, conn: psycopg.AsyncConnection[Any], ctx: StepContext, exc: BaseException
+        self, conn: db.DictConnection, ctx: StepContext, exc: BaseException
     ) -> StepRetryLater | None:
         error = describe(exc)
         metrics.STEPS_RUN.labels(ctx.step.type, "failed attempt", "queue").inc()
@@ -610,7 +606,10 @@ def ready_moment(
     ex: dict[str, Any], plan: Plan, sid: str, rows: dict[str, dict[str, Any]]
 ) -> datetime:
     """When the step became ready: its inputs' last finish, or the execution's start."""
-    finished = [rows[d]["finished_at"] for d in plan.deps[sid] if rows[d].get("finished_at")]
+    finished: list[datetime] = [
+        rows[d]["finished_at"] for d in plan.deps[sid] if rows[d].get("finished_at")
+    ]
     if finished:
         return max(finished)
-    return ex.get("started_at") or now()
+    started: datetime | None = ex.get("started_at")
+    return started or now()
