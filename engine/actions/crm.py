@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, LiteralString
 
 import psycopg
 from psycopg import sql
@@ -52,12 +52,17 @@ def check_who(who: Any, path: str, what: str) -> list[Issue]:
     return [Issue(path, f"{what} is 'owner', a user id, a list of ids or 'role:<role>'")]
 
 
-async def fetch_all(ctx: StepContext, query: sql.Composable, params: dict[str, Any]) -> list[Any]:
+async def fetch_all(
+    ctx: StepContext, query: sql.SQL | sql.Composed | LiteralString, params: dict[str, Any]
+) -> list[dict[str, Any]]:
     """A read on the step's transaction when there is one, else on a pooled connection."""
+    rows: list[dict[str, Any]]
     if ctx.conn is not None:
-        return await (await ctx.conn.execute(query, params)).fetchall()
+        rows = await (await ctx.conn.execute(query, params)).fetchall()
+        return rows
     async with ctx.runner.pool.connection() as conn:
-        return await (await conn.execute(query, params)).fetchall()
+        rows = await (await conn.execute(query, params)).fetchall()
+        return rows
 
 
 async def resolve_users(
