@@ -530,7 +530,7 @@ BEGIN
           JOIN pg_proc AS p
             ON p.oid = to_regprocedure(format('crmflow.%I()', 'tg_' || entity || '__' || op.name))
          CROSS JOIN LATERAL regexp_match(p.prosrc, '__epoch''\)\) = ([0-9]+) THEN') AS m(found)
-         WHERE m.found[1]::bigint IS DISTINCT FROM now_at);
+         WHERE m.found IS NOT NULL AND m.found[1]::bigint IS DISTINCT FROM now_at);
 END
 $stale$;
 
