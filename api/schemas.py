@@ -171,6 +171,9 @@ class Step(BaseModel):
 
 
 class ExecutionDetail(ExecutionItem):
+    trace_id: str = Field(
+        description="the execution's OpenTelemetry trace id (32 hex digits; docs/operations.md)"
+    )
     steps: list[Step]
 
 

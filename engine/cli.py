@@ -427,6 +427,7 @@ def cmd_executions_show(args: argparse.Namespace) -> int:
         )
         if detail["error"]:
             console.print(f"[red]{detail['error']}[/]", highlight=False)
+        console.print(f"trace {detail['trace_id']}", highlight=False)
         table = Table("step", "type", "status", "attempts", "started", "finished", "error")
         for s in detail["steps"]:
             table.add_row(

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from engine import db
+from engine import db, tracing
 
 
 class ExecutionNotFound(LookupError):
@@ -115,6 +115,8 @@ async def get_execution(conn: psycopg.AsyncConnection[Any], execution_id: int) -
     if row is None:
         raise ExecutionNotFound(execution_id)
     detail = shape(row)
+    # The execution's trace (engine/tracing.py), derived: the same whether tracing is on.
+    detail["trace_id"] = tracing.execution_trace_id(row["id"], row["triggered_at"])
     steps = await (await conn.execute(db.query("execution_steps"), {"id": execution_id})).fetchall()
     detail["steps"] = [
         {

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from engine import catalog, db, metrics
+from engine import catalog, db, metrics, tracing
 from engine.config import Settings, get_settings
 from engine.executor import queue as execution_queue
 from engine.executor.runner import Runner
@@ -394,6 +394,7 @@ class Matcher:
         self.runner = Runner(pool, self.settings)  # for steps run inline
         self.broken_recheck = BROKEN_RECHECK
         self._built_at = 0.0
+        self._batch_started = 0  # the batch's start, for its span (engine/tracing.py)
 
     async def run_once(self) -> BatchResult:
         """Claim and process one batch; returns what it did (claimed 0: nothing pending)."""
@@ -486,6 +487,7 @@ class Matcher:
     async def _batch(
         self, conn: psycopg.AsyncConnection[Any], careful: bool, one_by_one: bool = False
     ) -> BatchResult:
+        self._batch_started = tracing.clock()
         ids = await self._claim(conn)
         if not ids:
             return BatchResult()
@@ -535,6 +537,7 @@ class Matcher:
     ) -> None:
         """Run what can run inline, then defer jobs for everything else, in id order."""
         assert self.plan is not None
+        tracing.enrolled(enrolled, self._batch_started)
         done: set[int] = set()
         if self.settings.inline_steps and enrolled:
             done = await run_inline(

@@ -1,7 +1,8 @@
 """enrich_lead: ask the enrichment endpoint about a lead; write back the fields it knows.
 
 The endpoint (``CRMFLOW_ENRICHMENT_URL``) receives ``POST {"email", "domain"}`` with
-an ``Idempotency-Key`` header and answers a JSON object. The call is at-least-once;
+an ``Idempotency-Key`` header (and ``traceparent`` when tracing is on) and answers
+a JSON object. The call is at-least-once;
 the write-back commits with the step record, so it happens exactly once. Only
 columns of the lead are written, empty ones unless ``overwrite`` is set, and only
 values their column's type accepts (the others are reported as ``invalid``). With no
@@ -18,7 +19,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from pydantic import Field
 
-from engine import breakers, http
+from engine import breakers, http, tracing
 from engine.actions.base import Action, Params, PermanentError, Skip
 from engine.actions.http_request import retry_after_seconds
 from engine.executor.context import StepContext
@@ -75,12 +76,16 @@ class EnrichLead(Action):
         # The operator's endpoint: the shared client without the public-only check, as
         # before (kept-alive connections; no redirects, no proxies from the environment).
         try:
-            response = await http.get_client(False).post(
-                settings.enrichment_url,
-                json={"email": email, "domain": email.rpartition("@")[2].lower()},
-                headers=headers,
-                timeout=params.timeout,
-            )
+            with tracing.call_span(self.name, "POST", settings.enrichment_url) as call:
+                if call.traceparent:  # W3C trace context: the endpoint joins the trace
+                    headers["traceparent"] = call.traceparent
+                response = await http.get_client(False).post(
+                    settings.enrichment_url,
+                    json={"email": email, "domain": email.rpartition("@")[2].lower()},
+                    headers=headers,
+                    timeout=params.timeout,
+                )
+                call.status(response.status_code)
         except httpx.TimeoutException:
             raise TimeoutError(f"enrichment timed out after {params.timeout:g}s") from None
         except httpx.RequestError as exc:

@@ -2,6 +2,7 @@
 
 Headers sent besides the step's own:
   ``Idempotency-Key``: the step's key, identical on every attempt;
+  ``traceparent`` (W3C trace context, replacing the step's own) when tracing is on;
   ``X-Crmflow-Timestamp`` and ``X-Crmflow-Signature: sha256=<hex>``: HMAC-SHA256 with
   the webhook secret over ``"<timestamp>.<body>"`` (when a secret is configured).
 5xx and 429 responses are retried (honouring Retry-After); other 4xx are final.
@@ -19,7 +20,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field
 
-from engine import breakers, http, netpolicy, templates
+from engine import breakers, http, netpolicy, templates, tracing
 from engine.actions.base import Action, Params, PermanentError
 from engine.actions.crm import check_templates
 from engine.executor.context import StepContext, now
@@ -132,10 +133,15 @@ class HttpRequest(Action):
         # The process's shared client (kept-alive connections), for this network policy.
         client = http.get_client(netpolicy.public_only(ctx.settings))
         try:
-            async with client.stream(
-                params.method, url, content=body or None, headers=headers, timeout=timeout
-            ) as response:
-                raw = await _read_capped(response, MAX_RESPONSE_READ)
+            with tracing.call_span(self.name, params.method, url) as call:
+                if call.traceparent:  # W3C trace context: the receiver joins the trace
+                    headers = {k: v for k, v in headers.items() if k.lower() != "traceparent"}
+                    headers["traceparent"] = call.traceparent
+                async with client.stream(
+                    params.method, url, content=body or None, headers=headers, timeout=timeout
+                ) as response:
+                    raw = await _read_capped(response, MAX_RESPONSE_READ)
+                call.status(response.status_code)
         except netpolicy.HostNotAllowed as exc:
             raise PermanentError(str(exc)) from None
         except httpx.TimeoutException:

@@ -40,7 +40,7 @@ from typing import Any
 
 import psycopg
 
-from engine import catalog, db
+from engine import catalog, db, tracing
 from engine.catalog import EntitySchema
 from engine.config import Settings
 from engine.executor import flow, queue
@@ -335,6 +335,7 @@ class BatchExecutor:
                 )
             for item, _, _ in wave.delays:
                 item.progressed = True
+            tracing.delays_scheduled(wave.delays)
         for (_, sid), group in wave.conditions.items():
             try:
                 await check_conditions(self, sid, group)

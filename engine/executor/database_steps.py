@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine import db, metrics
+from engine import db, metrics, tracing
 from engine.actions import registry
 from engine.catalog import EntitySchema
 from engine.executor.context import StepContext, now
@@ -121,6 +121,7 @@ async def run_database(x: BatchExecutor, sid: str, group: list[Item]) -> None:
     action = registry()[step.type]
     entity = group[0].entity
     timeout = float(step.timeout or x.settings.default_step_timeout)
+    started = tracing.clock()
     try:
         params = action.parse(step.params)
     except Exception as exc:
@@ -198,6 +199,12 @@ async def run_database(x: BatchExecutor, sid: str, group: list[Item]) -> None:
         raise GroupFallsBack(describe(exc)) from exc
     for status, _ in outcome:
         metrics.STEPS_RUN.labels(step.type, status, "queue").inc()
+    tracing.steps_recorded(
+        [(i.ex, attempt_of[i.id], s) for i, (s, _) in zip(members, outcome, strict=True)],
+        sid,
+        step.type,
+        started,
+    )
     for item, (status, result) in zip(members, outcome, strict=True):
         item.steps[sid].update(status=status, result=jsonable(result), finished_at=finished)
         item.progressed = True

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from engine import db, metrics
+from engine import db, metrics, tracing
 from engine.actions import registry
 from engine.actions.base import Action
 from engine.breakers import verdict
@@ -108,7 +108,8 @@ async def run_external(x: BatchExecutor, work: list[tuple[Item, str]]) -> None:
                 return ctx, action, params, Held(held)
             try:
                 timeout = float(step.timeout or x.settings.default_step_timeout)
-                result: Any = await asyncio.wait_for(action.run(ctx, params), timeout)
+                with tracing.step_span(ctx, keep_open=True):  # ended by record_external
+                    result: Any = await asyncio.wait_for(action.run(ctx, params), timeout)
             except BaseException as exc:  # a cancelled probe is released too
                 await breakers.record(host, verdict(exc), error=describe(exc))
                 if not isinstance(exc, Exception):
@@ -185,6 +186,7 @@ async def record_external(
     for (item, sid), (status, result), message, retry_at in zip(
         kept, statuses, errors, retry_ats, strict=True
     ):
+        tracing.step_end(item.id, sid, status, message, retry_at)
         waits = status in ("scheduled", "held")
         item.steps[sid].update(
             status="scheduled" if waits else status,

@@ -28,7 +28,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine import catalog, db, metrics, templates
+from engine import catalog, db, metrics, templates, tracing
 from engine.actions import registry
 from engine.actions.base import Action
 from engine.breakers import Breakers, verdict
@@ -301,6 +301,7 @@ class Runner:
             await conn.execute(
                 _q("step_scheduled"), {"id": ex["id"], "step_id": sid, "scheduled_at": at}
             )
+        tracing.step_waits(ex, sid, step.type, at)
         return at > now()
 
     # ───────── one step ─────────
@@ -337,10 +338,11 @@ class Runner:
         except Exception as exc:
             await self._record_failure(ex, step, sid, PermanentError(f"bad parameters: {exc}"))
             return
-        if action.kind == "database":
-            await self._run_database_step(ctx, action, params)
-        else:
-            await self._run_external_step(ctx, action, params)
+        with tracing.step_span(ctx):
+            if action.kind == "database":
+                await self._run_database_step(ctx, action, params)
+            else:
+                await self._run_external_step(ctx, action, params)
 
     async def evaluate(
         self,
@@ -413,6 +415,7 @@ class Runner:
                     )
                     result = await asyncio.wait_for(action.run(ctx, params), timeout)
             except Skip as skip:
+                tracing.step_outcome(ctx.execution_id, ctx.step_id, "skipped")
                 await conn.execute(
                     _q("step_skipped"),
                     {
@@ -441,6 +444,7 @@ class Runner:
         host = action.target_host(params, ctx)
         held = await self.breakers.admit(host)
         if held is not None:  # the host's breaker is open: wait for it, no attempt used
+            tracing.step_outcome(ctx.execution_id, ctx.step_id, "held", until=held)
             async with self.pool.connection() as conn, conn.transaction():
                 await conn.execute(
                     _q("step_held"),
@@ -478,6 +482,7 @@ class Runner:
                 raise
             await self.breakers.record(host, True)
         except Skip as skip:
+            tracing.step_outcome(ctx.execution_id, ctx.step_id, "skipped")
             async with self.pool.connection() as conn:
                 await conn.execute(
                     _q("step_skipped"),
@@ -542,6 +547,7 @@ class Runner:
         error = describe(exc)
         metrics.STEPS_RUN.labels(ctx.step.type, "failed attempt", "queue").inc()
         retry_at = self.retry_at(ctx.step, ctx.attempt, exc)
+        tracing.step_failed(ctx.execution_id, ctx.step_id, error, retry_at)
         await conn.execute(
             _q("step_attempt_failed"),
             {
