@@ -37,6 +37,12 @@ SELECT coalesce(max(n), 0) FROM (
 async def test_event_storm_with_rate_limits(
     crm: psycopg.AsyncConnection[Any], db_url: str, procs: list[Process], log_dir: Path
 ) -> None:
+    from engine import capture
+
+    # Every row of the storm through the outbox and the matcher (capture would otherwise
+    # keep only the 1,050 rows the workflows can match): the matcher's batches and the
+    # worker's memory are what this scenario bounds.
+    await capture.watch(crm, "leads", all_rows=True)
     dropping = await apply(
         crm,
         {
