@@ -537,7 +537,7 @@ class Matcher:
     ) -> None:
         """Run what can run inline, then defer jobs for everything else, in id order."""
         assert self.plan is not None
-        tracing.enrolled(enrolled, self._batch_started)
+        await tracing.enrolled(conn, enrolled, self._batch_started)
         done: set[int] = set()
         if self.settings.inline_steps and enrolled:
             done = await run_inline(

@@ -14,6 +14,8 @@ too; it is emitted at enrollment (:func:`enrolled`), linked to the matcher batch
 Each step attempt is a child of the root (attributes: step id, type, attempt,
 outcome; failed attempts, retries, breaker holds and delays as span events), and each
 external call a child of its step, whose W3C ``traceparent`` the call sends.
+When the CRM's write set ``crmflow.traceparent`` (kept in the outbox, migration 0021),
+the root span links to the writer's span too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import contextvars
 import hashlib
 import logging
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -196,23 +199,71 @@ def _when(moment: datetime | None) -> str:
 # ───────── matching and enrollment ─────────
 
 
-def enrolled(executions: list[dict[str, Any]], started: int = 0) -> None:
-    """A matcher batch that enrolled ``executions``: a ``match batch`` span (its own
-    trace, from ``started``, :func:`clock`) and the root span of each new execution's
-    trace, linked to it."""
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_WRITERS = (
+    "SELECT id, traceparent FROM crmflow.outbox WHERE id = ANY(%(ids)s) AND traceparent IS NOT NULL"
+)
+
+
+def parse_traceparent(value: str | None) -> tuple[int, int, int] | None:
+    """(trace id, span id, flags) of a W3C ``traceparent``; None if it is not one."""
+    match = _TRACEPARENT.match((value or "").strip().lower())
+    if match is None:
+        return None
+    trace_id, span_id = int(match.group(1), 16), int(match.group(2), 16)
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, int(match.group(3), 16)
+
+
+async def _writers(conn: Any, executions: list[dict[str, Any]]) -> dict[int, Any]:
+    """The writers' spans of the events that enrolled ``executions`` (the outbox's
+    ``traceparent``, from the writer's ``SET LOCAL crmflow.traceparent``), by event."""
+    from opentelemetry import trace
+
+    ids = sorted({int(e["event_id"]) for e in executions if e.get("event_id") is not None})
+    if not ids:
+        return {}
+    try:
+        async with conn.transaction():  # a savepoint: a failure leaves the batch alone
+            rows = await (await conn.execute(_WRITERS, {"ids": ids})).fetchall()
+    except Exception as exc:
+        log.debug("the writers' traceparents were not read: %s", exc)
+        return {}
+    found = {}
+    for row in rows:
+        event_id, value = (row["id"], row["traceparent"]) if isinstance(row, dict) else row
+        parsed = parse_traceparent(value)
+        if parsed is not None:
+            found[int(event_id)] = trace.SpanContext(
+                parsed[0], parsed[1], is_remote=True, trace_flags=trace.TraceFlags(parsed[2])
+            )
+    return found
+
+
+async def enrolled(conn: Any, executions: list[dict[str, Any]], started: int = 0) -> None:
+    """A matcher batch that enrolled ``executions`` (``conn``: the batch's connection):
+    a ``match batch`` span (its own trace, from ``started``, :func:`clock`) and the root
+    span of each new execution's trace, linked to it and to the CRM writer's span when
+    the write carried one."""
     if not _state or not executions:
         return
     from opentelemetry import context, trace
 
+    writers = await _writers(conn, executions)
     batch = _tracer.start_span(
         "match batch",
         context=context.Context(),
         start_time=started or None,
         attributes={"crmflow.executions.enrolled": len(executions)},
     )
-    links = [trace.Link(batch.get_span_context())]
+    batch_link = trace.Link(batch.get_span_context(), {"crmflow.link": "match batch"})
     forcing = type(getattr(_tracer, "id_generator", None)).__name__ == "_ExecutionIds"
     for ex in executions:
+        links = [batch_link]
+        writer = writers.get(int(ex["event_id"])) if ex.get("event_id") is not None else None
+        if writer is not None:
+            links.append(trace.Link(writer, {"crmflow.link": "writer"}))
         ids = _execution(ex)
         if forcing:
             _forced.set(ids)

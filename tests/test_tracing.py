@@ -327,3 +327,96 @@ async def test_the_trace_id_in_the_api_the_dashboard_and_the_cli(
     )
     assert shown.returncode == 0, shown.stderr
     assert f"trace {trace_id}" in shown.stdout
+
+
+async def test_the_execution_links_to_the_writers_traceparent(
+    crm: Conn, matcher: Matcher, spans: InMemorySpanExporter
+) -> None:
+    await apply(
+        crm,
+        {
+            "name": "Linked",
+            "trigger": LEAD_CREATED,
+            "actions": [{"type": "http_request", "url": "http://127.0.0.1:9/never"}],
+        },
+    )
+    writer_trace, writer_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with crm.transaction():
+        await crm.execute(
+            "SELECT set_config('crmflow.traceparent', %s, true)",
+            [f"00-{writer_trace}-{writer_span}-01"],
+        )
+        await _lead(crm)
+    await _lead(crm)  # a write without a traceparent
+    # a malformed one is kept in the outbox but not linked
+    async with crm.transaction():
+        await crm.execute("SET LOCAL crmflow.traceparent = 'not a traceparent'")
+        await _lead(crm)
+    kept = await value(
+        crm, "SELECT array_agg(traceparent ORDER BY id) FROM crmflow.outbox WHERE op = 'insert'"
+    )
+    assert kept == [f"00-{writer_trace}-{writer_span}-01", None, "not a traceparent"]
+    await matcher.drain()
+    roots = sorted(
+        (s for s in spans.get_finished_spans() if s.name == "execution"),
+        key=lambda s: attrs(s)["crmflow.execution.id"],
+    )
+    assert len(roots) == 3
+    writer_links = [
+        [
+            (_hex(link.context.trace_id, 32), _hex(link.context.span_id, 16))
+            for link in root.links
+            if (link.attributes or {}).get("crmflow.link") == "writer"
+        ]
+        for root in roots
+    ]
+    assert writer_links == [[(writer_trace, writer_span)], [], []]
+
+
+def test_traceparent_parsing() -> None:
+    good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert tracing.parse_traceparent(good) == (
+        0x4BF92F3577B34DA6A3CE929D0E0E4736,
+        0x00F067AA0BA902B7,
+        1,
+    )
+    for bad in (
+        None,
+        "",
+        "01-" + good[3:],
+        good[:-1],
+        good.replace("4bf9", "xyz9"),
+        "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+    ):
+        assert tracing.parse_traceparent(bad) is None
+
+
+async def test_enrich_lead_sends_the_traceparent_of_its_call(
+    crm: Conn,
+    matcher: Matcher,
+    pool: Any,
+    settings: Settings,
+    web: WebServer,
+    spans: InMemorySpanExporter,
+) -> None:
+    web.default = Reply(200, {"company": "Initech"})
+    await apply(
+        crm,
+        {"name": "Enriched", "trigger": LEAD_CREATED, "actions": [{"type": "enrich_lead"}]},
+    )
+    await value(
+        crm, "INSERT INTO leads (name, email) VALUES ('Eve', 'eve@initech.test') RETURNING id"
+    )
+    await matcher.drain()
+    [execution_id] = await execution_ids(crm)
+    runner = Runner(
+        pool,
+        Settings.model_validate({**settings.model_dump(), "enrichment_url": web.url("/enrich")}),
+    )
+    ex = await drive(runner, crm, execution_id)
+    assert ex["status"] == "completed", ex["error"]
+    trace_id = tracing.execution_trace_id(execution_id, ex["triggered_at"])
+    [call] = [s for s in in_trace(spans, trace_id) if s.kind == SpanKind.CLIENT]
+    assert call.name == "POST enrich_lead" and call.context is not None
+    [request] = web.requests
+    assert request.headers["traceparent"] == f"00-{trace_id}-{_hex(call.context.span_id, 16)}-01"
