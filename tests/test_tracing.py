@@ -341,6 +341,11 @@ async def test_the_execution_links_to_the_writers_traceparent(
         },
     )
     writer_trace, writer_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    # off by default (the writer pays nothing): nothing is kept
+    async with crm.transaction():
+        await crm.execute("SET LOCAL crmflow.traceparent = 'kept only when asked'")
+        await _lead(crm)
+    await crm.execute("SELECT crmflow.keep_writer_traceparent(true)")
     async with crm.transaction():
         await crm.execute(
             "SELECT set_config('crmflow.traceparent', %s, true)",
@@ -353,15 +358,17 @@ async def test_the_execution_links_to_the_writers_traceparent(
         await crm.execute("SET LOCAL crmflow.traceparent = 'not a traceparent'")
         await _lead(crm)
     kept = await value(
-        crm, "SELECT array_agg(traceparent ORDER BY id) FROM crmflow.outbox WHERE op = 'insert'"
+        crm,
+        "SELECT array_agg(traceparent ORDER BY id) FROM crmflow.outbox"
+        " WHERE op = 'insert' AND entity_type = 'lead'",
     )
-    assert kept == [f"00-{writer_trace}-{writer_span}-01", None, "not a traceparent"]
+    assert kept == [None, f"00-{writer_trace}-{writer_span}-01", None, "not a traceparent"]
     await matcher.drain()
     roots = sorted(
         (s for s in spans.get_finished_spans() if s.name == "execution"),
         key=lambda s: attrs(s)["crmflow.execution.id"],
     )
-    assert len(roots) == 3
+    assert len(roots) == 4
     writer_links = [
         [
             (_hex(link.context.trace_id, 32), _hex(link.context.span_id, 16))
@@ -370,7 +377,7 @@ async def test_the_execution_links_to_the_writers_traceparent(
         ]
         for root in roots
     ]
-    assert writer_links == [[(writer_trace, writer_span)], [], []]
+    assert writer_links == [[], [(writer_trace, writer_span)], [], []]
 
 
 def test_traceparent_parsing() -> None:
