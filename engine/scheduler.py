@@ -28,7 +28,7 @@ from croniter import croniter
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine import catalog, db
+from engine import catalog, db, tracing
 from engine.catalog import EntitySchema
 from engine.config import Settings, get_settings
 from engine.model import DateRelative, Scheduled, parse_definition
@@ -190,16 +190,19 @@ async def run_now(
             f"a {wf['trigger_type']} workflow runs on events; only manual, scheduled and "
             "date_relative workflows can be run by hand"
         )
+    triggered_at = datetime.now(UTC)
     async with conn.transaction():
-        return await enroll(
+        ids = await enroll(
             conn,
             wf,
             key_prefix=f"manual:{uuid.uuid4()}:",
-            triggered_at=datetime.now(UTC),
+            triggered_at=triggered_at,
             settings=settings,
             input=input,
             entity_id=entity_id,
         )
+    tracing.enrolled_by("manual run", ids, triggered_at, wf["workflow_id"])
+    return ids
 
 
 class Scheduler:
@@ -260,6 +263,7 @@ class Scheduler:
                     },
                 )
                 log.info("workflow %s tick %s enrolled %d", wf["workflow_id"], tick_at, len(ids))
+                tracing.enrolled_by("schedule tick", ids, tick_at, wf["workflow_id"])
                 total += len(ids)
         return total
 

@@ -248,16 +248,35 @@ async def enrolled(conn: Any, executions: list[dict[str, Any]], started: int = 0
     the write carried one."""
     if not _state or not executions:
         return
+    _roots(executions, await _writers(conn, executions), started, "match batch")
+
+
+def enrolled_by(
+    source: str, execution_ids: list[int], triggered_at: datetime, workflow_id: int
+) -> None:
+    """Executions enrolled by a schedule tick or a manual run (``source`` names the
+    span the roots link to), all triggered at ``triggered_at``."""
+    if not _state or not execution_ids:
+        return
+    executions = [
+        {"id": i, "triggered_at": triggered_at, "workflow_id": workflow_id, "status": "pending"}
+        for i in execution_ids
+    ]
+    _roots(executions, {}, 0, source)
+
+
+def _roots(
+    executions: list[dict[str, Any]], writers: dict[int, Any], started: int, source: str
+) -> None:
     from opentelemetry import context, trace
 
-    writers = await _writers(conn, executions)
     batch = _tracer.start_span(
-        "match batch",
+        source,
         context=context.Context(),
         start_time=started or None,
         attributes={"crmflow.executions.enrolled": len(executions)},
     )
-    batch_link = trace.Link(batch.get_span_context(), {"crmflow.link": "match batch"})
+    batch_link = trace.Link(batch.get_span_context(), {"crmflow.link": source})
     forcing = type(getattr(_tracer, "id_generator", None)).__name__ == "_ExecutionIds"
     for ex in executions:
         links = [batch_link]

@@ -427,3 +427,30 @@ async def test_enrich_lead_sends_the_traceparent_of_its_call(
     assert call.name == "POST enrich_lead" and call.context is not None
     [request] = web.requests
     assert request.headers["traceparent"] == f"00-{trace_id}-{_hex(call.context.span_id, 16)}-01"
+
+
+async def test_a_manual_run_starts_the_executions_traces(
+    crm: Conn, runner: Runner, spans: InMemorySpanExporter
+) -> None:
+    from engine.scheduler import run_now
+
+    workflow_id = await apply(
+        crm,
+        {
+            "name": "Ping",
+            "trigger": {"type": "manual"},
+            "actions": [{"type": "send_notification", "recipient": 1, "message": "hi"}],
+        },
+    )
+    [execution_id] = await run_now(crm, workflow_id)
+    ex = await drive(runner, crm, execution_id)
+    assert ex["status"] == "completed", ex["error"]
+    detail = await executions.get_execution(crm, execution_id)
+    tree = in_trace(spans, detail["trace_id"])
+    [root] = [s for s in tree if s.name == "execution"]
+    [source] = [s for s in spans.get_finished_spans() if s.name == "manual run"]
+    assert source.context is not None and root.context is not None
+    assert [link.context.span_id for link in root.links] == [source.context.span_id]
+    [step] = [s for s in tree if s.name == "step send_notification"]
+    assert step.parent is not None and step.parent.span_id == root.context.span_id
+    assert attrs(step)["crmflow.step.outcome"] == "succeeded"
