@@ -67,9 +67,9 @@ def function_name(entity_type: str, op: str) -> sql.Identifier:
     return sql.Identifier("crmflow", f"tg_{entity_type}__{op}")
 
 
-def drop_ddl(w: Watched, relations: list[str]) -> list[sql.Composable]:
+def drop_ddl(w: Watched, relations: list[str]) -> list[sql.Composed]:
     """Drop the triggers from ``relations`` (the table and its partitions), then the functions."""
-    statements: list[sql.Composable] = []
+    statements: list[sql.Composed] = []
     for relation in relations:
         for op in OPERATIONS:
             statements.append(

@@ -483,7 +483,9 @@ async def set_status(
             ).fetchone(),
         )
 
-    row = await db.retry_lock_timeouts(conn, save, f"setting workflow {workflow_id} {status}")
+    row: dict[str, Any] | None = await db.retry_lock_timeouts(
+        conn, save, f"setting workflow {workflow_id} {status}"
+    )
     if row is None:
         raise WorkflowNotFound(workflow_id)
     return row
@@ -492,13 +494,16 @@ async def set_status(
 async def list_workflows(
     conn: psycopg.AsyncConnection[Any], include_archived: bool = False
 ) -> list[dict[str, Any]]:
-    return await (
+    rows: list[dict[str, Any]] = await (
         await conn.execute(db.query("list_workflows"), {"include_archived": include_archived})
     ).fetchall()
+    return rows
 
 
 async def get_workflow(conn: psycopg.AsyncConnection[Any], workflow_id: int) -> dict[str, Any]:
-    row = await (await conn.execute(db.query("get_workflow"), {"id": workflow_id})).fetchone()
+    row: dict[str, Any] | None = await (
+        await conn.execute(db.query("get_workflow"), {"id": workflow_id})
+    ).fetchone()
     if row is None:
         raise WorkflowNotFound(workflow_id)
     return row
@@ -512,7 +517,9 @@ async def find_workflow(conn: psycopg.AsyncConnection[Any], ref: str) -> dict[st
         name = normalise_name(ref)
     except ValueError:
         raise WorkflowNotFound(ref) from None
-    row = await (await conn.execute(db.query("get_workflow_by_name"), {"name": name})).fetchone()
+    row: dict[str, Any] | None = await (
+        await conn.execute(db.query("get_workflow_by_name"), {"name": name})
+    ).fetchone()
     if row is None:
         raise WorkflowNotFound(ref)
     return row
