@@ -52,10 +52,11 @@ class Settings(BaseSettings):
     default_step_timeout: float = Field(300.0, gt=0)
     # The step executor (engine/executor/): executions claimed per batch, how long a
     # claim is leased (renewed while it runs; a dead worker's work is claimable again
-    # once it runs out), external calls in flight per process.
+    # once it runs out), external calls in flight per process and per target host.
     executor_batch_size: int = Field(200, ge=1, le=5000)
     executor_lease: float = Field(30.0, gt=1)
     executor_concurrency: int = Field(64, ge=1, le=1000)
+    executor_host_concurrency: int = Field(16, ge=1, le=1000)  # of those, per target host
 
     # Actions: outgoing email.
     smtp_host: str = "localhost"

@@ -108,8 +108,9 @@ async def run_external(x: BatchExecutor, work: list[tuple[Item, str]]) -> None:
                 return ctx, action, params, Held(held)
             try:
                 timeout = float(step.timeout or x.settings.default_step_timeout)
-                with tracing.step_span(ctx, keep_open=True):  # ended by record_external
-                    result: Any = await asyncio.wait_for(action.run(ctx, params), timeout)
+                async with x.runner.host_slot(host):  # at most N calls in flight per host
+                    with tracing.step_span(ctx, keep_open=True):  # ended by record_external
+                        result: Any = await asyncio.wait_for(action.run(ctx, params), timeout)
             except BaseException as exc:  # a cancelled probe is released too
                 await breakers.record(host, verdict(exc), error=describe(exc))
                 if not isinstance(exc, Exception):

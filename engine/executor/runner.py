@@ -19,6 +19,7 @@ queue wakes the execution when it is due (:func:`next_wake`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from datetime import datetime, timedelta
@@ -71,6 +72,10 @@ class Runner:
         # The process's circuit breakers (engine/breakers.py): one per runner, and the
         # worker has one runner, which its batch executor shares.
         self.breakers = Breakers(pool, self.settings)
+        # Calls in flight per target host (CRMFLOW_EXECUTOR_HOST_CONCURRENCY): a batch
+        # must not open dozens of connections to one receiver at once (a small server's
+        # listen queue overflows, the resets open its breaker).
+        self._host_slots: dict[str, asyncio.Semaphore] = {}
 
     # ───────── loading ─────────
 
@@ -162,6 +167,19 @@ class Runner:
             if outcome is not None:
                 return outcome
         return await self._run_steps(execution_id)
+
+    def host_slot(self, host: str | None) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A slot among the calls in flight to ``host`` (none to wait for without a host)."""
+        if host is None:
+            return contextlib.nullcontext()
+        slot = self._host_slots.get(host)
+        if slot is None:
+            if len(self._host_slots) > 10_000:
+                self._host_slots.clear()
+            slot = self._host_slots[host] = asyncio.Semaphore(
+                self.settings.executor_host_concurrency
+            )
+        return slot
 
     async def flow_key(self, ex: dict[str, Any]) -> str:
         """The execution's ``limits.key``, rendered on the entity as it is now; a key that
@@ -476,7 +494,10 @@ class Runner:
         retry: StepRetryLater | None = None
         try:
             try:
-                result = await asyncio.wait_for(action.run(ctx, params), self._timeout(ctx.step))
+                async with self.host_slot(host):
+                    result = await asyncio.wait_for(
+                        action.run(ctx, params), self._timeout(ctx.step)
+                    )
             except BaseException as exc:  # a cancelled probe is released too
                 await self.breakers.record(host, verdict(exc), error=describe(exc))
                 raise
