@@ -40,8 +40,7 @@ from typing import Any
 
 import psycopg
 
-from engine import catalog, db, tracing
-from engine.catalog import EntitySchema
+from engine import db, tracing
 from engine.config import Settings
 from engine.executor import flow, queue
 from engine.executor.context import now
@@ -82,7 +81,6 @@ class BatchExecutor:
         self.in_flight: set[int] = set()
         self._abandoned: set[int] = set()
         self.calls = asyncio.Semaphore(settings.executor_concurrency)
-        self._entities: dict[str, EntitySchema] = {}
         # this database's versions and their plans (versions are immutable)
         self._version_cache: dict[int, dict[str, Any]] = {}
         self._plan_cache: dict[int, Plan] = {}
@@ -257,7 +255,7 @@ class BatchExecutor:
         return bool(limits.get("max_per_minute") or flow.limits_steps(ex))
 
     async def _item(self, conn: db.DictConnection, ex: dict[str, Any]) -> Item:
-        entity = await self._entity(conn, ex["entity_type"])
+        entity = await self.runner.entity(conn, ex["entity_type"])
         if ex["entity_type"] is not None and entity is None:
             raise LookupError(f"entity {ex['entity_type']!r} is not watched")
         version_id = int(ex["workflow_version_id"])
@@ -284,18 +282,6 @@ class BatchExecutor:
                 },
             )
         return Item(ex, plan, entity, steps)
-
-    async def _entity(
-        self, conn: db.DictConnection, entity_type: str | None
-    ) -> EntitySchema | None:
-        if entity_type is None:
-            return None
-        if entity_type not in self._entities:
-            entity = await catalog.load_entity(conn, entity_type)
-            if entity is None:
-                return None
-            self._entities[entity_type] = entity
-        return self._entities[entity_type]
 
     async def _start(self, items: list[Item]) -> None:
         """Executions without start-time limits start together, with their step rows."""

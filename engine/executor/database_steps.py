@@ -113,6 +113,19 @@ async def entity_rows(
     return {json.dumps(r["pk"], sort_keys=True): r["row"] for r in rows}
 
 
+async def lock_steps(conn: db.DictConnection, keys: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """Lock these (execution, step) rows and their executions, in key order (a fixed
+    order: two workers never deadlock on them); returns their statuses."""
+    ordered = sorted(keys)
+    rows: list[dict[str, Any]] = await (
+        await conn.execute(
+            _q("lock_steps"),
+            {"execution_ids": [k[0] for k in ordered], "step_ids": [k[1] for k in ordered]},
+        )
+    ).fetchall()
+    return rows
+
+
 async def run_database(x: BatchExecutor, sid: str, group: list[Item]) -> None:
     """One step of one workflow version for a group of executions: the effects and
     the step records in one transaction (exactly once); any error undoes it all and
@@ -128,13 +141,7 @@ async def run_database(x: BatchExecutor, sid: str, group: list[Item]) -> None:
         raise GroupFallsBack(f"bad parameters: {exc}") from exc
     try:
         async with x.pool.connection() as conn, conn.transaction():
-            keys = sorted((i.id, sid) for i in group)
-            locked = await (
-                await conn.execute(
-                    _q("lock_steps"),
-                    {"execution_ids": [k[0] for k in keys], "step_ids": [k[1] for k in keys]},
-                )
-            ).fetchall()
+            locked = await lock_steps(conn, [(i.id, sid) for i in group])
             runnable = {
                 r["execution_id"]
                 for r in locked

@@ -21,7 +21,7 @@ from engine.actions import registry
 from engine.actions.base import Action
 from engine.breakers import verdict
 from engine.executor.context import StepContext, now
-from engine.executor.database_steps import entity_rows, record
+from engine.executor.database_steps import entity_rows, lock_steps, record
 from engine.executor.errors import Skip, describe, jsonable
 from engine.executor.runner import RUNNABLE_STEP
 from engine.executor.waves import Item
@@ -49,13 +49,7 @@ async def run_external(x: BatchExecutor, work: list[tuple[Item, str]]) -> None:
     outcomes (and ``Action.commit``) recorded in one transaction."""
     actions = registry()
     async with x.pool.connection() as conn, conn.transaction():
-        keys = sorted((i.id, s) for i, s in work)
-        locked = await (
-            await conn.execute(
-                _q("lock_steps"),
-                {"execution_ids": [k[0] for k in keys], "step_ids": [k[1] for k in keys]},
-            )
-        ).fetchall()
+        locked = await lock_steps(conn, [(i.id, s) for i, s in work])
         runnable = {
             (r["execution_id"], r["step_id"])
             for r in locked
@@ -132,13 +126,7 @@ async def record_external(
     errors: list[str | None] = []
     retry_ats: list[datetime | None] = []
     async with x.pool.connection() as conn, conn.transaction():
-        keys = sorted((i.id, s) for i, s in work)
-        locked = await (
-            await conn.execute(
-                _q("lock_steps"),
-                {"execution_ids": [k[0] for k in keys], "step_ids": [k[1] for k in keys]},
-            )
-        ).fetchall()
+        locked = await lock_steps(conn, [(i.id, s) for i, s in work])
         still = {(r["execution_id"], r["step_id"]) for r in locked if r["status"] == "running"}
         kept: list[tuple[Item, str]] = []
         for (item, sid), (ctx, action, params, result) in zip(work, outcomes, strict=True):
