@@ -446,15 +446,7 @@ class Runner:
             except Exception as exc:  # the action's effects were rolled back with the savepoint
                 retry = await self._attempt_failed(conn, ctx, exc)
             else:
-                metrics.STEPS_RUN.labels(ctx.step.type, "succeeded", "queue").inc()
-                await conn.execute(
-                    _q("step_succeeded"),
-                    {
-                        "id": ctx.execution_id,
-                        "step_id": ctx.step_id,
-                        "result": Jsonb(jsonable(result or {})),
-                    },
-                )
+                await self._succeeded(conn, ctx, result)
         if retry is not None:
             raise retry
 
@@ -536,17 +528,21 @@ class Runner:
             except Exception as exc:
                 retry = await self._attempt_failed(conn, ctx, exc)
             else:
-                metrics.STEPS_RUN.labels(ctx.step.type, "succeeded", "queue").inc()
-                await conn.execute(
-                    _q("step_succeeded"),
-                    {
-                        "id": ctx.execution_id,
-                        "step_id": ctx.step_id,
-                        "result": Jsonb(jsonable(result or {})),
-                    },
-                )
+                await self._succeeded(conn, ctx, result)
         if retry is not None:
             raise retry
+
+    async def _succeeded(self, conn: db.DictConnection, ctx: StepContext, result: Any) -> None:
+        """Record the attempt's success with its result (in the step's transaction)."""
+        metrics.STEPS_RUN.labels(ctx.step.type, "succeeded", "queue").inc()
+        await conn.execute(
+            _q("step_succeeded"),
+            {
+                "id": ctx.execution_id,
+                "step_id": ctx.step_id,
+                "result": Jsonb(jsonable(result or {})),
+            },
+        )
 
     def retry_at(self, step: Step, attempts: int, exc: BaseException) -> datetime | None:
         if isinstance(exc, PermanentError | templates.TemplateProblem):
