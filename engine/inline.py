@@ -27,13 +27,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from engine import db, metrics
 from engine.actions import Skip, registry
 from engine.catalog import EntitySchema
 from engine.executor.context import StepContext
+from engine.executor.database_steps import rows_by_key
 from engine.executor.plans import Plan, plan_for
 from engine.executor.runner import Runner
 
@@ -126,25 +126,7 @@ async def _lock_rows(
     for entity_type in sorted(wanted):
         entity = entities[entity_type]
         pks = wanted[entity_type]
-        columns = [sql.Identifier("t", c) for c in entity.pk_columns]
-        query = sql.SQL(
-            "SELECT jsonb_build_object({pairs}) AS pk FROM {table} AS t"
-            " WHERE ({t_cols}) IN (SELECT {p_cols}"
-            " FROM jsonb_populate_recordset(NULL::{table}, %(pks)s) AS p)"
-            " ORDER BY {t_cols} FOR UPDATE OF t SKIP LOCKED"
-        ).format(
-            pairs=sql.SQL(", ").join(
-                sql.SQL("{}, {}").format(sql.Literal(c), col)
-                for c, col in zip(entity.pk_columns, columns, strict=True)
-            ),
-            table=entity.table,
-            t_cols=sql.SQL(", ").join(columns),
-            p_cols=sql.SQL(", ").join(sql.Identifier("p", c) for c in entity.pk_columns),
-        )
-        rows = await (
-            await conn.execute(query, {"pks": Jsonb(sorted(pks.values(), key=_dumps))})
-        ).fetchall()
-        locked = {json.dumps(r["pk"], sort_keys=True) for r in rows}
+        locked = await rows_by_key(conn, entity, list(pks.values()), lock=True, whole_rows=False)
         missing |= {(entity_type, k) for k in pks if k not in locked}
     return missing
 

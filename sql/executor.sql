@@ -186,9 +186,10 @@ SELECT x.id,
  WHERE x.id = ANY(%(ids)s);
 
 -- name: entity_rows
--- The entities of a batch as they are now ({lock}: FOR UPDATE OF t SKIP LOCKED for
--- steps that write them, in key order; a row another transaction holds is left out).
-SELECT jsonb_build_object({pairs}) AS pk, to_jsonb(t) AS row
+-- The entities of a batch as they are now ({row}: to_jsonb(t), or NULL when only which
+-- rows exist matters; {lock}: FOR UPDATE OF t SKIP LOCKED for steps that write them, in
+-- key order; a row another transaction holds is left out).
+SELECT jsonb_build_object({pairs}) AS pk, {row} AS row
   FROM {table} AS t
  WHERE ({t_cols}) IN (SELECT {p_cols} FROM jsonb_populate_recordset(NULL::{table}, %(pks)s) AS p)
  ORDER BY {t_cols} {lock}

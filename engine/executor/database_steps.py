@@ -95,20 +95,35 @@ async def entity_rows(
     lock: bool,
 ) -> dict[str, dict[str, Any]]:
     """The group's entity rows now, by key; with ``lock``, locked without waiting."""
-    pks = {json.dumps(i.ex["entity_pk"], sort_keys=True): i.ex["entity_pk"] for i in items}
+    return await rows_by_key(conn, entity, [i.ex["entity_pk"] for i in items], lock=lock)
+
+
+async def rows_by_key(
+    conn: db.DictConnection,
+    entity: EntitySchema,
+    pks: list[Any],
+    *,
+    lock: bool,
+    whole_rows: bool = True,
+) -> dict[str, Any]:
+    """The entity's rows with these keys, by key (``json.dumps(pk, sort_keys=True)``): as
+    JSON, or None with ``whole_rows=False``; with ``lock``, locked in key order without
+    waiting (a row another transaction holds is left out, as a gone one is)."""
+    by_key = {json.dumps(pk, sort_keys=True): pk for pk in pks}
     columns = [sql.Identifier("t", c) for c in entity.pk_columns]
     query = sql.SQL(_q("entity_rows")).format(
         pairs=sql.SQL(", ").join(
             sql.SQL("{}, {}").format(sql.Literal(c), col)
             for c, col in zip(entity.pk_columns, columns, strict=True)
         ),
+        row=sql.SQL("to_jsonb(t)" if whole_rows else "NULL::jsonb"),
         table=entity.table,
         t_cols=sql.SQL(", ").join(columns),
         p_cols=sql.SQL(", ").join(sql.Identifier("p", c) for c in entity.pk_columns),
         lock=sql.SQL("FOR UPDATE OF t SKIP LOCKED" if lock else ""),
     )
     rows = await (
-        await conn.execute(query, {"pks": Jsonb(sorted(pks.values(), key=_dumps))})
+        await conn.execute(query, {"pks": Jsonb(sorted(by_key.values(), key=_dumps))})
     ).fetchall()
     return {json.dumps(r["pk"], sort_keys=True): r["row"] for r in rows}
 

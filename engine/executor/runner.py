@@ -397,28 +397,31 @@ class Runner:
             },
         )
 
+    async def _begin_attempt(self, conn: db.DictConnection, ctx: StepContext) -> bool:
+        """Lock the step and its execution and count a new attempt (``ctx.attempt``);
+        False when the step is done already, failed for good, or its execution ended."""
+        lk = await (
+            await conn.execute(_q("lock_step"), {"id": ctx.execution_id, "step_id": ctx.step_id})
+        ).fetchone()
+        if (
+            lk is None
+            or lk["status"] in (*DONE_STEP, StepStatus.FAILED)
+            or lk["execution_status"] not in LIVE
+        ):
+            return False
+        attempt = await (
+            await conn.execute(_q("step_running"), {"id": ctx.execution_id, "step_id": ctx.step_id})
+        ).fetchone()
+        assert attempt is not None
+        ctx.attempt = attempt["attempts"]
+        return True
+
     async def _run_database_step(self, ctx: StepContext, action: Action, params: Any) -> None:
         retry: StepRetryLater | None = None
         timeout = self._timeout(ctx.step)
         async with self.pool.connection() as conn, conn.transaction():
-            lk = await (
-                await conn.execute(
-                    _q("lock_step"), {"id": ctx.execution_id, "step_id": ctx.step_id}
-                )
-            ).fetchone()
-            if (
-                lk is None
-                or lk["status"] in (*DONE_STEP, StepStatus.FAILED)
-                or lk["execution_status"] not in LIVE
-            ):
+            if not await self._begin_attempt(conn, ctx):
                 return  # done by an earlier run of this job, or cancelled
-            attempt = await (
-                await conn.execute(
-                    _q("step_running"), {"id": ctx.execution_id, "step_id": ctx.step_id}
-                )
-            ).fetchone()
-            assert attempt is not None
-            ctx.attempt = attempt["attempts"]
             ctx.conn = conn
             await self.write_context(conn, ctx)
             try:
@@ -463,25 +466,9 @@ class Runner:
                 await self._set_status(conn, ctx.execution_id, "waiting", None)
             raise StepRetryLater(ctx.execution_id, held)
         async with self.pool.connection() as conn, conn.transaction():
-            lk = await (
-                await conn.execute(
-                    _q("lock_step"), {"id": ctx.execution_id, "step_id": ctx.step_id}
-                )
-            ).fetchone()
-            if (
-                lk is None
-                or lk["status"] in (*DONE_STEP, StepStatus.FAILED)
-                or lk["execution_status"] not in LIVE
-            ):
+            if not await self._begin_attempt(conn, ctx):
                 await self.breakers.record(host, None)  # no call: a probe is released
                 return
-            attempt = await (
-                await conn.execute(
-                    _q("step_running"), {"id": ctx.execution_id, "step_id": ctx.step_id}
-                )
-            ).fetchone()
-            assert attempt is not None
-            ctx.attempt = attempt["attempts"]
         # Outside any transaction: a crash from here to the commit below repeats the call.
         retry: StepRetryLater | None = None
         try:
