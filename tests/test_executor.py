@@ -308,3 +308,23 @@ async def test_limits_key_must_be_a_template(crm: psycopg.AsyncConnection[Any]) 
                 limits={"max_concurrent": 1, "key": "{{ entity.source "},
             ),
         )
+
+
+async def test_calls_in_flight_to_one_host_are_bounded(
+    crm: psycopg.AsyncConnection[Any], db_url: str, settings: Settings, web: Any
+) -> None:
+    """At most executor_host_concurrency calls to one host at once: six slow webhooks
+    with a limit of 2 reach the receiver on at most two connections (64 connects at once
+    overflowed a small receiver's listen queue and the resets opened its breaker)."""
+    from engine.worker import running_worker
+    from tests.servers import Reply
+
+    web.default = Reply(status=200, delay=0.3)
+    await apply(crm, on_new_lead([{"type": "http_request", "url": web.url(), "method": "POST"}]))
+    await crm.execute("INSERT INTO leads (name) SELECT 'l' || i FROM generate_series(1, 6) i")
+    two = settings.model_copy(update={"executor_host_concurrency": 2})
+    async with running_worker(db_url, settings=two, concurrency=4):
+        rows = await wait_executions_settled(crm, expected=6, timeout=30)
+    assert [r["status"] for r in rows] == ["completed"] * 6
+    assert len(web.requests) == 6
+    assert len({r.peer for r in web.requests}) <= 2, [r.peer for r in web.requests]
