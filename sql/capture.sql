@@ -231,7 +231,10 @@ DECLARE
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed'
        OR coalesce((SELECT w.capture_all FROM crmflow.watched_tables AS w
-                     WHERE w.entity_type = entity), true) THEN
+                     WHERE w.entity_type = entity), true)
+       -- A capture demand (migration 0022) keeps every row of its operations.
+       OR EXISTS (SELECT 1 FROM crmflow.capture_demands AS d
+                   WHERE d.entity_type = entity AND d.operation = op) THEN
         RETURN 'true';
     END IF;
     SELECT array_agg(DISTINCT f.part ORDER BY f.part) INTO parts
@@ -472,15 +475,15 @@ END
 $refresh$;
 REVOKE EXECUTE ON FUNCTION crmflow.refresh_capture() FROM PUBLIC;
 
--- Row triggers of crmflow.workflows and crmflow.workflow_versions: note the entities
--- whose capture may change (the entity of the workflow's current version, before and
--- after; a new version's entity).
+-- Row triggers of crmflow.workflows, crmflow.workflow_versions and
+-- crmflow.capture_demands: note the entities whose capture may change (the entity of the
+-- workflow's current version, before and after; a new version's or demand's entity).
 CREATE OR REPLACE FUNCTION crmflow.note_capture_change() RETURNS trigger
     LANGUAGE plpgsql AS $$
 DECLARE
     touched text[];
 BEGIN
-    IF TG_TABLE_NAME = 'workflow_versions' THEN
+    IF TG_TABLE_NAME IN ('workflow_versions', 'capture_demands') THEN
         touched := ARRAY[CASE WHEN TG_OP <> 'DELETE' THEN NEW.entity_type END,
                          CASE WHEN TG_OP <> 'INSERT' THEN OLD.entity_type END];
     ELSE
@@ -787,3 +790,17 @@ DROP FUNCTION IF EXISTS {function}();
 
 -- name: drop_sequence
 DROP SEQUENCE IF EXISTS {sequence};
+
+-- ── Capture demands (migration 0022; engine/prefilter.py set_capture_demand) ──
+
+-- name: clear_capture_demand
+DELETE FROM crmflow.capture_demands
+ WHERE demand = %(demand)s AND (%(entity_type)s::text IS NULL OR entity_type = %(entity_type)s);
+
+-- name: insert_capture_demand
+INSERT INTO crmflow.capture_demands (demand, entity_type, operation, columns)
+SELECT %(demand)s, %(entity_type)s, op, %(columns)s::text[]
+  FROM unnest(%(operations)s::text[]) AS op;
+
+-- name: refresh_capture
+SELECT crmflow.refresh_capture();
