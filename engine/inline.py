@@ -14,9 +14,10 @@ Guarantees kept:
 - depth: writes carry the execution's depth + 1, as in the step runner.
 
 Anything that does not fit (a delay, a ``when``, an external action, start-time
-limits) is left to the step runner: the execution gets its job with the remaining
-steps. If a batch step raises, the whole inline phase is undone and every execution
-of the batch takes the normal path, where retries and failure handling apply.
+limits, a business-hours ``window`` closed now) is left to the step runner: the
+execution gets its job with the remaining steps. If a batch step raises, the whole
+inline phase is undone and every execution of the batch takes the normal path, where
+retries and failure handling apply.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from engine import db, metrics
+from engine import db, metrics, windows
 from engine.actions import Skip, registry
 from engine.catalog import EntitySchema
 from engine.executor.context import StepContext
@@ -160,6 +161,7 @@ def _choose(
             and plan.inline_prefix
             and ex["not_before"] is None
             and (key is None or (not ex["entity_busy"] and key not in queued))
+            and _windows_open(ex, plan)
         )
         if not runnable:
             if key is not None:
@@ -170,6 +172,18 @@ def _choose(
         if key is not None and len(plan.inline_prefix) < len(plan.ids):
             queued.add(key)  # the rest of it goes to the queue: later ones follow
     return chosen
+
+
+def _windows_open(ex: dict[str, Any], plan: Plan) -> bool:
+    """Whether the business-hours windows of the inline steps are open now
+    (engine/windows.py); closed, the execution goes to the queue, where the step is
+    deferred to the next opening."""
+    windowed = [plan.steps[s].window for s in plan.inline_prefix if plan.steps[s].window]
+    if not windowed:
+        return True
+    row = ex.get("current_row") or ex.get("event_new_row") or ex.get("event_old_row")
+    at = datetime.now(UTC)
+    return all(windows.decide(w, row, at).open for w in windowed if w is not None)
 
 
 async def _run(

@@ -33,6 +33,7 @@ from pydantic import (
 
 from engine.conditions import Condition, ConditionError, parse_conditions
 from engine.durations import parse_duration as parse_duration  # engine.model.parse_duration
+from engine.windows import Window
 
 # ───────────────────────────── errors ─────────────────────────────
 
@@ -306,6 +307,7 @@ STEP_OPTIONS = frozenset(
         "depends_on",
         "params",
         "compensate",
+        "window",
     }
 )
 
@@ -324,6 +326,8 @@ class Step(BaseModel):
     on_failure: Literal["stop", "continue", "compensate"] = "stop"
     depends_on: list[str] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    # business hours (engine/windows.py): due outside them, the step waits for the next opening
+    window: Window | None = None
     _when: Condition | None = PrivateAttr(None)  # the parsed ``when`` tree, set by parse_definition
 
     @field_validator("retry", mode="before")

@@ -43,6 +43,7 @@ from engine.model import (
     parse_definition,
     step_ids,
 )
+from engine.windows import window_issues
 
 T = TypeVar("T")
 
@@ -235,6 +236,8 @@ def _check_steps(
         issues.extend(step_issues)
         if not step_issues:
             compiler.checks.extend(action.value_checks(action.parse(step.params), entity, path))
+        if step.window is not None:  # business hours: the zone column exists (engine/windows.py)
+            issues.extend(Issue(p, m) for p, m in window_issues(step.window, entity, path))
         if isinstance(step.delay, DelayUntil):
             # A column: the runtime reads it as n.<column> (not a derived field or JSON path).
             spec = entity.columns.get(step.delay.until) if entity else None

@@ -120,6 +120,16 @@ UPDATE crmflow.execution_steps AS s
        AS k(execution_id, step_id, at)
  WHERE s.execution_id = k.execution_id AND s.step_id = k.step_id AND s.status = 'pending';
 
+-- name: steps_deferred
+-- Steps due outside their business-hours window (engine/windows.py): scheduled at the
+-- next opening, the result saying until when and in which zone (and any fallback).
+UPDATE crmflow.execution_steps AS s
+   SET status = 'scheduled', scheduled_at = k.at, result = k.note
+  FROM unnest(%(execution_ids)s::bigint[], %(step_ids)s::text[], %(ats)s::timestamptz[],
+              %(notes)s::jsonb[]) AS k(execution_id, step_id, at, note)
+ WHERE s.execution_id = k.execution_id AND s.step_id = k.step_id
+   AND s.status IN ('pending', 'scheduled');
+
 -- name: executions_finished
 -- Executions whose steps are all done: completed (or failed), with their active time.
 UPDATE crmflow.executions AS x

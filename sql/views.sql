@@ -5,6 +5,28 @@
 -- name: install
 DROP VIEW IF EXISTS crmflow.execution_report, crmflow.sla_report, crmflow.failures,
     crmflow.outbox_lag, crmflow.step_report;
+DROP VIEW IF EXISTS crmflow.split_report;
+
+-- The split step's bucket (engine/actions/split.py computes the same in Python): a key's
+-- point is the first 32 bits of its MD5; the point modulo the total weight falls in one
+-- of the paths' ranges, taken in name order.
+CREATE OR REPLACE FUNCTION crmflow.split_point(key text) RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT ('x' || left(md5(key), 8))::bit(32)::bigint
+$$;
+
+CREATE OR REPLACE FUNCTION crmflow.split_path(key text, names text[], weights int[])
+    RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT p.name
+      FROM (SELECT n.name,
+                   sum(n.weight) OVER (ORDER BY n.name COLLATE "C") AS upto,
+                   sum(n.weight) OVER () AS total
+              FROM unnest(names, weights) AS n(name, weight)) AS p
+     WHERE crmflow.split_point(key) % p.total < p.upto
+     ORDER BY p.upto
+     LIMIT 1
+$$;
 
 -- Per workflow and day: how many executions, how they ended, how fast.
 CREATE VIEW crmflow.execution_report AS
@@ -124,3 +146,29 @@ SELECT s.type AS action,
        sum(greatest(s.attempts - 1, 0)) AS retries
   FROM crmflow.execution_steps AS s
  GROUP BY s.type;
+
+-- Per workflow, split step and path: how many executions took the path and how they
+-- ended (the path is the split step's result; executions whose split has not run yet
+-- are not counted).
+CREATE VIEW crmflow.split_report AS
+SELECT x.workflow_id,
+       w.name AS workflow_name,
+       s.step_id,
+       s.result ->> 'path' AS path,
+       count(*) AS executions,
+       count(*) FILTER (WHERE x.status = 'completed') AS completed,
+       count(*) FILTER (WHERE x.status = 'failed') AS failed,
+       count(*) FILTER (WHERE x.status = 'cancelled') AS cancelled,
+       count(*) FILTER (WHERE x.status IN ('pending', 'running', 'waiting')) AS in_progress,
+       round(count(*)::numeric / sum(count(*)) OVER (PARTITION BY x.workflow_id, s.step_id), 4)
+           AS share,
+       round(count(*) FILTER (WHERE x.status = 'completed')::numeric
+             / nullif(count(*) FILTER (WHERE x.status IN ('completed', 'failed')), 0), 4)
+           AS success_rate,
+       min(s.finished_at) AS first_at,
+       max(s.finished_at) AS last_at
+  FROM crmflow.execution_steps AS s
+  JOIN crmflow.executions AS x ON x.id = s.execution_id
+  JOIN crmflow.workflows AS w ON w.id = x.workflow_id
+ WHERE s.type = 'split' AND s.status = 'succeeded'
+ GROUP BY x.workflow_id, w.name, s.step_id, s.result ->> 'path';

@@ -44,7 +44,12 @@ from engine import db, tracing
 from engine.config import Settings
 from engine.executor import flow, queue
 from engine.executor.context import now
-from engine.executor.database_steps import GroupFallsBack, check_conditions, run_database
+from engine.executor.database_steps import (
+    GroupFallsBack,
+    check_conditions,
+    check_windows,
+    run_database,
+)
 from engine.executor.errors import StepRetryLater
 from engine.executor.external_steps import run_external
 from engine.executor.plans import Plan, plan_for
@@ -322,6 +327,12 @@ class BatchExecutor:
             for item, _, _ in wave.delays:
                 item.progressed = True
             tracing.delays_scheduled(wave.delays)
+        for (_, sid), group in wave.windows.items():
+            try:
+                await check_windows(self, sid, group)
+            except Exception as exc:  # the careful path checks it one by one
+                log.debug("window of step %s for %d executions: %s", sid, len(group), exc)
+                wave.careful.extend(i for i in group if i not in wave.careful)
         for (_, sid), group in wave.conditions.items():
             try:
                 await check_conditions(self, sid, group)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine import db, metrics, tracing
+from engine import db, metrics, tracing, windows
 from engine.actions import registry
 from engine.catalog import EntitySchema
 from engine.executor.context import StepContext, now
@@ -84,6 +84,49 @@ async def check_conditions(x: BatchExecutor, sid: str, group: list[Item]) -> Non
         else:
             item.steps[sid].update(
                 status="skipped", result={"reason": "'when' was false"}, finished_at=finished
+            )
+
+
+async def check_windows(x: BatchExecutor, sid: str, group: list[Item]) -> None:
+    """A windowed step due now for the group (engine/windows.py): open, it runs in the
+    next wave; closed, it is scheduled at the next opening (one statement). The opening
+    is computed once per distinct time zone of the group (they share the moment)."""
+    window = group[0].plan.steps[sid].window
+    assert window is not None
+    entity = group[0].entity
+    moment = now()
+    rows: list[dict[str, Any] | None] = [None] * len(group)
+    if window.timezone_field is not None and entity is not None:
+        async with db.autocommit(x.pool) as conn:  # one statement
+            found = await entity_rows(x, conn, entity, group, lock=False)
+        rows = [
+            found.get(json.dumps(i.ex["entity_pk"], sort_keys=True))
+            or i.ex.get("event_new_row")
+            or i.ex.get("event_old_row")
+            for i in group
+        ]
+    what = f"step {sid} of workflow {group[0].ex['workflow_id']}"
+    decisions = windows.decide_many(window, rows, moment, what=what)
+    deferred = [(i, d) for i, d in zip(group, decisions, strict=True) if not d.open]
+    if deferred:
+        async with db.autocommit(x.pool) as conn:  # one statement
+            await conn.execute(
+                _q("steps_deferred"),
+                {
+                    "execution_ids": [i.id for i, _ in deferred],
+                    "step_ids": [sid] * len(deferred),
+                    "ats": [d.at for _, d in deferred],
+                    "notes": [Jsonb(d.note()) for _, d in deferred],
+                },
+            )
+        tracing.delays_scheduled([(i, sid, d.at) for i, d in deferred])
+    for item, decision in zip(group, decisions, strict=True):
+        item.progressed = True
+        if decision.open:
+            item.window_open.add(sid)
+        else:
+            item.steps[sid].update(
+                status="scheduled", scheduled_at=decision.at, result=decision.note()
             )
 
 

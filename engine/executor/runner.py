@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine import catalog, db, metrics, templates, tracing
+from engine import catalog, db, metrics, templates, tracing, windows
 from engine.actions import registry
 from engine.actions.base import Action
 from engine.breakers import Breakers, verdict
@@ -278,6 +278,8 @@ class Runner:
                     and row["scheduled_at"] > now()
                 ):
                     continue
+                if step.window is not None and await self._defer_to_window(ex, sid, step):
+                    continue  # outside its business hours: scheduled at the next opening
                 await self._run_step(ex, plan, sid, rows)
                 ran = True
                 break
@@ -321,6 +323,39 @@ class Runner:
             )
         tracing.step_waits(ex, sid, step.type, at)
         return at > now()
+
+    async def _defer_to_window(self, ex: dict[str, Any], sid: str, step: Step) -> bool:
+        """A windowed step due now (engine/windows.py): False when its window is open;
+        else it is scheduled at the next opening (True)."""
+        window = step.window
+        assert window is not None
+        async with db.autocommit(self.pool) as conn:
+            row = None
+            if window.timezone_field is not None:
+                entity = await self.entity(conn, ex["entity_type"])
+                row = await self.entity_row(conn, ex, entity)
+            decision = windows.decide(window, row, now())
+            if decision.zone.note:
+                log.warning(
+                    "execution %s step %s: window %s: %s",
+                    ex["id"],
+                    sid,
+                    window.describe(),
+                    decision.zone.note,
+                )
+            if decision.open:
+                return False
+            await conn.execute(
+                db.query("steps_deferred", "executor.sql"),
+                {
+                    "execution_ids": [ex["id"]],
+                    "step_ids": [sid],
+                    "ats": [decision.at],
+                    "notes": [Jsonb(decision.note())],
+                },
+            )
+        tracing.step_waits(ex, sid, step.type, decision.at)
+        return True
 
     # ───────── one step ─────────
 

@@ -1,8 +1,9 @@
 """Planning a wave: what each execution of a batch can do now (no SQL here).
 
 Each execution's ready steps (their inputs done) are sorted into the wave's work:
-delays to schedule, ``when`` conditions to check, database steps grouped per (workflow
-version, step), external steps; an execution with nothing ready is completed, or waits
+delays to schedule, business-hours windows and ``when`` conditions to check (a window
+first: ``when`` is read when the step runs, inside its window), database steps grouped
+per (workflow version, step), external steps; an execution with nothing ready is completed, or waits
 for its earliest scheduled step; anything else goes to the careful path.
 """
 
@@ -33,6 +34,8 @@ class Item:
     progressed: bool = False
     # steps whose "when" held: they run in the next wave
     when_held: set[str] = field(default_factory=set)
+    # windowed steps found open this batch (engine/windows.py): they run in the next wave
+    window_open: set[str] = field(default_factory=set)
 
     @property
     def id(self) -> int:
@@ -50,6 +53,8 @@ class Wave:
     delays: list[tuple[Item, str, datetime]] = field(default_factory=list)
     database: dict[tuple[int, str], list[Item]] = field(default_factory=dict)
     conditions: dict[tuple[int, str], list[Item]] = field(default_factory=dict)
+    # windowed steps due now, per (version, step): open, or deferred to the next opening
+    windows: dict[tuple[int, str], list[Item]] = field(default_factory=dict)
     external: list[tuple[Item, str]] = field(default_factory=list)
     completed: list[Item] = field(default_factory=list)
     waiting: dict[int, datetime] = field(default_factory=dict)
@@ -100,6 +105,11 @@ def plan_wave(items: list[Item]) -> Wave:
             action = actions.get(step.type)
             if action is None:
                 break
+            if step.window is not None and sid not in item.window_open:
+                key = (int(item.ex["workflow_version_id"]), sid)
+                wave.windows.setdefault(key, []).append(item)
+                runnable = True
+                continue
             if sid in plan.when_sql and sid not in item.when_held:
                 key = (int(item.ex["workflow_version_id"]), sid)
                 wave.conditions.setdefault(key, []).append(item)
@@ -133,3 +143,7 @@ def drop(wave: Wave, item: Item) -> None:
         if not wave.conditions[key]:
             del wave.conditions[key]
     wave.delays = [(i, s, a) for i, s, a in wave.delays if i is not item]
+    for key in list(wave.windows):
+        wave.windows[key] = [i for i in wave.windows[key] if i is not item]
+        if not wave.windows[key]:
+            del wave.windows[key]

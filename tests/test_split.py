@@ -1,0 +1,190 @@
+"""The split step (engine/actions/split.py): a deterministic path per (workflow, entity),
+the same in Python and SQL, distributed as weighted, kept across re-enrollment and
+edits, run end to end in the executor's waves and inline, reported per path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from engine import metrics
+from engine.actions.split import choose, split_key
+from engine.config import Settings
+from engine.executor.batch import BatchExecutor
+from engine.executor.runner import Runner
+from engine.matcher import Matcher
+from engine.model import DefinitionError
+from tests.helpers import apply, fetch, value
+
+
+def ab_workflow(paths: dict[str, int], **extra: Any) -> dict[str, Any]:
+    return {
+        "name": extra.pop("name", "A/B welcome"),
+        "trigger": extra.pop("trigger", {"type": "entity_created", "entity_type": "lead"}),
+        "actions": [
+            {"id": "ab", "type": "split", "paths": paths},
+            *[
+                {
+                    "id": f"on_{name}",
+                    "type": "create_task",
+                    "title": f"{name} {{{{ entity.name }}}}",
+                    "depends_on": ["ab"],
+                    "when": {"field": "steps.ab.result.path", "operator": "equals", "value": name},
+                }
+                for name in sorted(paths)
+            ],
+        ],
+        **extra,
+    }
+
+
+async def run_all(pool: AsyncConnectionPool, settings: Settings) -> None:
+    await Matcher(pool, settings).drain()
+    await BatchExecutor(pool, Runner(pool, settings), settings, "w").drain(seconds=10)
+
+
+async def paths_by_lead(conn: psycopg.AsyncConnection[Any]) -> dict[int, list[str]]:
+    rows = await fetch(
+        conn,
+        "SELECT (x.entity_pk ->> 'id')::int AS lead, s.result ->> 'path' AS path"
+        " FROM crmflow.execution_steps AS s JOIN crmflow.executions AS x"
+        " ON x.id = s.execution_id WHERE s.step_id = 'ab' AND s.status = 'succeeded'"
+        " ORDER BY x.id",
+    )
+    out: dict[int, list[str]] = {}
+    for r in rows:
+        out.setdefault(r["lead"], []).append(r["path"])
+    return out
+
+
+async def test_the_bucket_is_the_same_in_sql_and_python(conn: psycopg.AsyncConnection[Any]) -> None:
+    paths = {"A": 50, "B": 30, "control": 20}
+    keys = [split_key(7, "lead", {"id": i}, 0) for i in range(200)]
+    keys += [split_key(7, "deal", {"a": 1, "b": "x"}, 0), split_key(7, None, None, 99)]
+    rows = await fetch(
+        conn,
+        "SELECT k, crmflow.split_path(k, %s, %s) AS path FROM unnest(%s::text[]) AS k",
+        list(paths),
+        list(paths.values()),
+        keys,
+    )
+    assert {r["k"]: r["path"] for r in rows} == {k: choose(paths, k) for k in keys}
+    assert keys[0] == "7:lead:0" and keys[-2] == '7:deal:{"a":1,"b":"x"}'
+    assert keys[-1] == "7:execution:99"
+
+
+@pytest.mark.parametrize(
+    "paths", [{"A": 50, "B": 50}, {"A": 70, "B": 20, "C": 10}, {"x": 1, "y": 3}]
+)
+async def test_distribution_over_ten_thousand_entities(
+    conn: psycopg.AsyncConnection[Any], paths: dict[str, int]
+) -> None:
+    rows = await fetch(
+        conn,
+        "SELECT crmflow.split_path('42:lead:' || i, %s, %s) AS path, count(*) AS n"
+        " FROM generate_series(1, 10000) AS i GROUP BY 1",
+        list(paths),
+        list(paths.values()),
+    )
+    total = sum(paths.values())
+    counts = {r["path"]: r["n"] for r in rows}
+    assert set(counts) == set(paths)
+    for name, weight in paths.items():
+        # within 2 points of the weight's share (4 standard deviations at 50 %)
+        assert abs(counts[name] / 10_000 - weight / total) < 0.02, counts
+
+
+@pytest.mark.parametrize(
+    ("paths", "words"),
+    [
+        ({"A": 100}, "at least two paths"),
+        ({}, "at least two paths"),
+        ({"A": 50, "B b": 50}, "path name 'B b'"),
+        ({"A": 0, "B": 50}, "a weight is from 1 to 10000, not 0"),
+        ({"A": -5, "B": 50}, "not -5"),
+        ({"A": 1.5, "B": 50}, "whole number, not 1.5"),
+        ({"A": True, "B": 50}, "whole number, not True"),
+        ({"A": "50", "B": 50}, "whole number, not '50'"),
+        (["A", "B"], "paths is an object"),
+    ],
+)
+async def test_bad_splits_are_refused_naming_the_path(
+    crm: psycopg.AsyncConnection[Any], paths: Any, words: str
+) -> None:
+    with pytest.raises(DefinitionError) as caught:
+        await apply(crm, ab_workflow({"A": 1, "B": 1}) | {"actions": [
+            {"id": "ab", "type": "split", "paths": paths}, {"type": "create_task", "title": "t"}
+        ]})  # fmt: skip
+    found = {i.path: i.message for i in caught.value.issues}
+    assert "actions[0].paths" in found, found
+    assert words in found["actions[0].paths"], found
+    with pytest.raises(DefinitionError) as caught:
+        await apply(crm, ab_workflow({"A": 1, "B": 1}) | {"actions": [{"type": "split"}]})
+    assert [i.path for i in caught.value.issues] == ["actions[0].paths"]
+
+
+async def test_a_few_hundred_executions_take_their_paths_end_to_end(
+    crm: psycopg.AsyncConnection[Any], pool: AsyncConnectionPool, settings: Settings
+) -> None:
+    wf = await apply(crm, ab_workflow({"A": 50, "B": 50}))
+    await crm.execute("INSERT INTO leads (name) SELECT 'l' || i FROM generate_series(1, 300) i")
+    await run_all(pool, settings)
+    assert (
+        await value(crm, "SELECT count(*) FROM crmflow.executions WHERE status = 'completed'")
+        == 300
+    )
+    chosen = await paths_by_lead(crm)
+    assert len(chosen) == 300
+    for lead, [path] in chosen.items():
+        assert path == choose({"A": 50, "B": 50}, f"{wf}:lead:{lead}")
+    # each lead got the task of its path, and the other path's step was skipped
+    tasks = await fetch(crm, "SELECT title FROM tasks")
+    assert sorted(t["title"] for t in tasks) == sorted(
+        f"{path} l{lead}" for lead, [path] in chosen.items()
+    )
+    skipped = await value(
+        crm, "SELECT count(*) FROM crmflow.execution_steps WHERE status = 'skipped'"
+    )
+    assert skipped == 300
+    report = await fetch(
+        crm,
+        "SELECT workflow_id, step_id, path, executions, completed, share FROM crmflow.split_report"
+        " ORDER BY path",
+    )
+    a = sum(1 for [p] in chosen.values() if p == "A")
+    assert [(r["workflow_id"], r["step_id"], r["path"], r["executions"]) for r in report] == [
+        (wf, "ab", "A", a),
+        (wf, "ab", "B", 300 - a),
+    ]
+    assert 0.4 < float(report[0]["share"]) < 0.6
+    assert [r["completed"] for r in report] == [a, 300 - a]
+
+
+async def test_paths_hold_across_reenrollment_edits_and_the_inline_path(
+    crm: psycopg.AsyncConnection[Any], pool: AsyncConnectionPool, settings: Settings
+) -> None:
+    on_update = {"type": "entity_updated", "entity_type": "lead"}
+    wf = await apply(crm, ab_workflow({"A": 50, "B": 50}, trigger=on_update))
+    await crm.execute("INSERT INTO leads (name) SELECT 'l' || i FROM generate_series(1, 60) i")
+    await crm.execute("UPDATE leads SET score = 1")
+    await run_all(pool, settings)
+    # an edit (a new version) and a second enrollment of each lead, inline this time
+    edited = ab_workflow({"A": 50, "B": 50}, trigger=on_update, description="edited")
+    assert await apply(crm, edited) == wf
+    assert await value(crm, "SELECT current_version FROM crmflow.workflows") == 2
+    await crm.execute("UPDATE leads SET score = 2")
+    inline = metrics.STEPS_RUN.labels("split", "succeeded", "inline")
+    before = inline._value.get()
+    await run_all(pool, settings.model_copy(update={"inline_steps": True}))
+    assert inline._value.get() - before == 60  # the split ran in the matcher's transaction
+    chosen = await paths_by_lead(crm)
+    assert len(chosen) == 60
+    for lead, paths in chosen.items():
+        assert paths == [choose({"A": 50, "B": 50}, f"{wf}:lead:{lead}")] * 2
+    versions = await fetch(
+        crm, "SELECT workflow_version, count(*) AS n FROM crmflow.executions GROUP BY 1 ORDER BY 1"
+    )
+    assert [(v["workflow_version"], v["n"]) for v in versions] == [(1, 60), (2, 60)]
