@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from engine import catalog, db, metrics, tracing
+from engine import catalog, db, lifecycle, metrics, tracing
 from engine.config import Settings, get_settings
 from engine.executor import queue as execution_queue
 from engine.executor.runner import Runner
@@ -388,6 +388,7 @@ class Matcher:
         self.pool = pool
         self.settings = settings or get_settings()
         self.plan: MatchPlan | None = None
+        self.round: lifecycle.RoundPlan | None = None  # goals, exits, waits (engine/lifecycle.py)
         self.totals = BatchResult()
         self._since_analyze = ANALYZE_EVERY  # analyze on the first busy batch too
         self._analyze_allowed: bool | None = None  # may this role ANALYZE? (asked once)
@@ -473,6 +474,7 @@ class Matcher:
     async def _rebuild(self, conn: psycopg.AsyncConnection[Any], generation: int) -> None:
         self.plan = await build_plan(conn, generation)
         self._built_at = time.monotonic()
+        self.round = await lifecycle.build_round(conn, self.plan.entities)
         await record_broken(conn, self.plan)
         log.info(
             "matching %d active workflows on %s%s",
@@ -480,6 +482,27 @@ class Matcher:
             ", ".join(self.plan.entity_types) or "custom events",
             f" ({len(self.plan.broken)} broken, left out)" if self.plan.broken else "",
         )
+
+    async def _lifecycle(
+        self, conn: psycopg.AsyncConnection[Any], ids: list[int], careful: bool
+    ) -> None:
+        """Goals, exit criteria and waits hit by the batch's events (engine/lifecycle.py):
+        one statement, none while nothing is watched. Redoing a failed batch step by step,
+        a failure here is logged and left to the executor's checks."""
+        if self.round is None or self.round.statement is None:
+            return
+        if not careful:
+            await lifecycle.run_round(conn, self.round, ids, self.settings.queue_name)
+            return
+        try:
+            async with conn.transaction():
+                await lifecycle.run_round(conn, self.round, ids, self.settings.queue_name)
+        except psycopg.OperationalError as exc:
+            if not isinstance(exc, psycopg.errors.QueryCanceled):
+                raise
+            log.warning("goals, exits and waits of a batch left to the executor: %s", exc)
+        except psycopg.DatabaseError as exc:
+            log.warning("goals, exits and waits of a batch left to the executor: %s", exc)
 
     def _params(self, ids: list[int]) -> dict[str, Any]:
         return {"ids": ids, "queue": self.settings.queue_name, "max_depth": self.settings.max_depth}
@@ -492,6 +515,7 @@ class Matcher:
         if not ids:
             return BatchResult()
         assert self.plan is not None
+        await self._lifecycle(conn, ids, careful)
         if self.plan.statement is None:
             await conn.execute(_q("mark_processed"), {"ids": ids, "error": None})
             return BatchResult(claimed=len(ids))

@@ -308,8 +308,30 @@ STEP_OPTIONS = frozenset(
         "params",
         "compensate",
         "window",
+        "wait_until",
     }
 )
+
+
+class WaitUntil(_Strict):
+    """A step that waits (engine/lifecycle.py) until the entity meets ``conditions``, or
+    the custom event ``event`` about it arrives, or ``timeout`` passes; then it runs, its
+    result saying which (``{"outcome": "met" | "event" | "timed_out"}``)."""
+
+    conditions: Any = None
+    event: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
+    timeout: Duration
+    _conditions: Condition | None = PrivateAttr(None)  # parsed by parse_definition
+
+    @model_validator(mode="after")
+    def _one_of(self) -> WaitUntil:
+        if (self.conditions is None) == (self.event is None):
+            raise ValueError("give either 'conditions' or 'event'")
+        return self
+
+    @property
+    def parsed_conditions(self) -> Condition | None:
+        return self._conditions
 
 
 class Step(BaseModel):
@@ -328,7 +350,23 @@ class Step(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     # business hours (engine/windows.py): due outside them, the step waits for the next opening
     window: Window | None = None
+    # wait for a condition or a custom event first (engine/lifecycle.py)
+    wait_until: WaitUntil | None = None
     _when: Condition | None = PrivateAttr(None)  # the parsed ``when`` tree, set by parse_definition
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wait_timeout(cls, data: Any) -> Any:
+        # "timeout" beside "wait_until" is the wait's timeout, not the action's
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("wait_until"), dict)
+            and "timeout" in data
+            and "timeout" not in data["wait_until"]
+        ):
+            data = dict(data)
+            data["wait_until"] = {**data["wait_until"], "timeout": data.pop("timeout")}
+        return data
 
     @field_validator("retry", mode="before")
     @classmethod
@@ -427,6 +465,10 @@ class WorkflowDefinition(_Strict):
     environment: str = Field("production", pattern=r"^[A-Za-z0-9_-]{1,50}$")
     limits: Limits = Field(default_factory=Limits)
     edge_triggered: bool = False
+    # Enrollment lifecycle (engine/lifecycle.py): met, the execution ends completed
+    # ("goal met"); exit_when: it ends cancelled ("exit criteria").
+    goal: Any = None
+    exit_when: Any = None
 
     @field_validator("name")
     @classmethod
@@ -436,6 +478,16 @@ class WorkflowDefinition(_Strict):
     # Filled by parse_definition from the raw JSON.
     _trigger: Trigger
     _conditions: Condition
+    _goal: Condition | None = PrivateAttr(None)
+    _exit_when: Condition | None = PrivateAttr(None)
+
+    @property
+    def parsed_goal(self) -> Condition | None:
+        return self._goal
+
+    @property
+    def parsed_exit_when(self) -> Condition | None:
+        return self._exit_when
 
     @property
     def parsed_trigger(self) -> Trigger:
@@ -509,8 +561,32 @@ def parse_definition(raw: Any) -> WorkflowDefinition:
         issues.extend(Issue(p, m) for p, m in exc.issues)
         conditions = None
 
+    lifecycle: dict[str, Condition | None] = {}
+    for key in ("goal", "exit_when"):
+        if raw.get(key) is None:
+            lifecycle[key] = None
+            continue
+        try:
+            lifecycle[key] = parse_conditions(raw[key], key)
+        except ConditionError as exc:
+            issues.extend(Issue(p, m) for p, m in exc.issues)
+            lifecycle[key] = None
+
     actions = raw.get("actions")
     steps: list[Any] = actions if isinstance(actions, list) else []
+    waits: list[Condition | None] = []
+    for i, step in enumerate(steps):
+        wait = step.get("wait_until") if isinstance(step, dict) else None
+        conditions_of_wait = wait.get("conditions") if isinstance(wait, dict) else None
+        if conditions_of_wait is None:
+            waits.append(None)
+            continue
+        try:
+            path = f"actions[{i}].wait_until.conditions"
+            waits.append(parse_conditions(conditions_of_wait, path))
+        except ConditionError as exc:
+            issues.extend(Issue(p, m) for p, m in exc.issues)
+            waits.append(None)
     whens: list[Condition | None] = []
     for i, step in enumerate(steps):
         when = step.get("when") if isinstance(step, dict) else None
@@ -530,8 +606,11 @@ def parse_definition(raw: Any) -> WorkflowDefinition:
     assert wf is not None and trigger is not None and conditions is not None
     wf._trigger = trigger
     wf._conditions = conditions
-    for step, when in zip(wf.actions, whens, strict=True):
+    wf._goal, wf._exit_when = lifecycle["goal"], lifecycle["exit_when"]
+    for step, when, wait in zip(wf.actions, whens, waits, strict=True):
         step._when = when
+        if step.wait_until is not None:
+            step.wait_until._conditions = wait
     return wf
 
 

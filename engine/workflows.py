@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from engine import catalog, db, prefilter
+from engine import catalog, db, lifecycle, prefilter
 from engine.actions import registry
 from engine.catalog import EntitySchema
 from engine.conditions import (
@@ -201,6 +201,7 @@ async def compile_workflow(conn: psycopg.AsyncConnection[Any], raw: Any) -> Comp
             )
 
     _check_steps(wf, entity, compiler, issues)
+    lifecycle.check(wf, entity, compiler, issues)  # goal, exit_when, wait_until
     issues.extend(Issue(p, m) for p, m in compiler.issues)
     if issues:
         raise DefinitionError(issues)
@@ -211,6 +212,7 @@ async def compile_workflow(conn: psycopg.AsyncConnection[Any], raw: Any) -> Comp
 
     facts = await prefilter.column_facts(conn, entity) if entity is not None else {}
     capture_filter = prefilter.compile_filter(wf, entity, facts)
+    capture_filter = lifecycle.capture_filter(wf, entity, capture_filter)
 
     # The name as normalised (NFKC), so the definition and the workflow agree.
     stored = {k: wf.name if k == "name" else v for k, v in raw.items() if k != "status"}

@@ -5,6 +5,7 @@
 -- name: install
 DROP VIEW IF EXISTS crmflow.execution_report, crmflow.sla_report, crmflow.failures,
     crmflow.outbox_lag, crmflow.step_report;
+DROP VIEW IF EXISTS crmflow.enrollments;
 DROP VIEW IF EXISTS crmflow.split_report;
 
 -- The split step's bucket (engine/actions/split.py computes the same in Python): a key's
@@ -50,7 +51,11 @@ SELECT x.workflow_id,
            ORDER BY extract(epoch FROM x.finished_at - x.triggered_at)) AS p50_duration_s,
        percentile_cont(0.95) WITHIN GROUP (
            ORDER BY extract(epoch FROM x.finished_at - x.triggered_at)) AS p95_duration_s,
-       avg(x.active_seconds) AS avg_active_s
+       avg(x.active_seconds) AS avg_active_s,
+       -- goal conversions: executions that ended because the entity met the goal
+       count(*) FILTER (WHERE x.goal_met_at IS NOT NULL) AS goal_conversions,
+       round(count(*) FILTER (WHERE x.goal_met_at IS NOT NULL)::numeric / count(*), 4)
+           AS goal_conversion_rate
   FROM crmflow.executions AS x
   JOIN crmflow.workflows AS w ON w.id = x.workflow_id
  GROUP BY x.workflow_id, w.name, (x.triggered_at AT TIME ZONE 'UTC')::date;
@@ -172,3 +177,40 @@ SELECT x.workflow_id,
   JOIN crmflow.workflows AS w ON w.id = x.workflow_id
  WHERE s.type = 'split' AND s.status = 'succeeded'
  GROUP BY x.workflow_id, w.name, s.step_id, s.result ->> 'path';
+
+-- Enrollments (engine/lifecycle.py): one row per execution, in the words of a CRM's
+-- enrollment list. state: active (pending or running), waiting (a delay, a wait_until,
+-- a retry), completed, goal_met (completed because the entity met the goal), exited
+-- (cancelled: exit criteria or by hand; or skipped), failed. current_step: the step
+-- running, else the next one due; waiting_until: when a waiting enrollment is due again.
+CREATE VIEW crmflow.enrollments AS
+SELECT x.id AS execution_id,
+       x.workflow_id,
+       w.name AS workflow_name,
+       x.workflow_version,
+       x.entity_type,
+       x.entity_pk,
+       CASE WHEN jsonb_typeof(x.entity_pk) = 'object' AND (SELECT count(*) FROM jsonb_object_keys(x.entity_pk)) = 1
+            THEN (SELECT v FROM jsonb_each(x.entity_pk) AS e(k, v)) END AS entity_id,
+       CASE WHEN x.status IN ('pending', 'running') THEN 'active'
+            WHEN x.status = 'waiting' THEN 'waiting'
+            WHEN x.status = 'completed' AND x.goal_met_at IS NOT NULL THEN 'goal_met'
+            WHEN x.status = 'completed' THEN 'completed'
+            WHEN x.status IN ('cancelled', 'skipped') THEN 'exited'
+            ELSE 'failed' END AS state,
+       cur.step_id AS current_step,
+       CASE WHEN x.status = 'waiting' OR x.not_before IS NOT NULL
+            THEN coalesce(x.not_before, cur.scheduled_at) END AS waiting_until,
+       x.triggered_at AS enrolled_at,
+       x.finished_at,
+       x.goal_met_at,
+       x.error AS reason
+  FROM crmflow.executions AS x
+  JOIN crmflow.workflows AS w ON w.id = x.workflow_id
+  LEFT JOIN LATERAL (
+        SELECT s.step_id, s.scheduled_at
+          FROM crmflow.execution_steps AS s
+         WHERE s.execution_id = x.id AND s.status IN ('running', 'scheduled', 'pending')
+         ORDER BY s.status = 'running' DESC, s.status = 'scheduled' DESC, s.scheduled_at,
+                  s.position
+         LIMIT 1) AS cur ON x.status IN ('pending', 'running', 'waiting');

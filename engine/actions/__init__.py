@@ -31,6 +31,7 @@ BUILTIN_MODULES = (
     "http_request",
     "qualify_lead",
     "enrich_lead",
+    "wait",
     "split",
 )
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import psycopg
 
-from engine import db, tracing
+from engine import db, lifecycle, tracing
 from engine.config import Settings
 from engine.executor import flow, queue
 from engine.executor.context import now
@@ -257,7 +257,12 @@ class BatchExecutor:
 
     def _needs_care(self, ex: dict[str, Any]) -> bool:
         limits = ex["limits"] or {}
-        return bool(limits.get("max_per_minute") or flow.limits_steps(ex))
+        # goal, exit_when, wait_until (engine/lifecycle.py): checked before each step
+        return bool(
+            limits.get("max_per_minute")
+            or flow.limits_steps(ex)
+            or lifecycle.has_lifecycle(ex["definition"])
+        )
 
     async def _item(self, conn: db.DictConnection, ex: dict[str, Any]) -> Item:
         entity = await self.runner.entity(conn, ex["entity_type"])

@@ -47,6 +47,8 @@ class StepContext:
     steps: dict[str, dict[str, Any]]
     settings: Settings
     conn: db.DictConnection | None = None
+    # a wait_until step: how its wait ended (engine/lifecycle.py), kept in its result
+    wait_outcome: str | None = None
 
     @property
     def execution_id(self) -> int:

@@ -11,6 +11,7 @@ from engine.catalog import EntitySchema
 from engine.conditions import NEW, Compiler
 from engine.executor.context import with_steps
 from engine.executor.errors import PermanentError
+from engine.lifecycle import has_lifecycle
 from engine.model import Step, WorkflowDefinition, dependencies, parse_definition, step_ids
 
 
@@ -57,7 +58,8 @@ def plan_for(version_id: int, definition: dict[str, Any], entity: EntitySchema |
             plan.when_sql[sid] = predicate.as_string(None)
     actions = registry()
     limits = wf.limits.model_dump(exclude_none=True)
-    if not any(limits.get(k) for k in START_LIMITS):
+    # goal, exit_when, wait_until (engine/lifecycle.py) are checked before each step: none inline
+    if not any(limits.get(k) for k in START_LIMITS) and not has_lifecycle(definition):
         for sid in ids:
             step, action = plan.steps[sid], actions.get(plan.steps[sid].type)
             if (

@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine import catalog, db, metrics, templates, tracing, windows
+from engine import catalog, db, lifecycle, metrics, templates, tracing, windows
 from engine.actions import registry
 from engine.actions.base import Action
 from engine.breakers import Breakers, verdict
@@ -263,10 +263,20 @@ class Runner:
                     )
                 return "failed"
 
+            if await lifecycle.before_step(self, ex):  # goal met or exit criteria
+                return "ended"
             ran = False
             for sid in ready:
                 row = rows[sid]
                 step = plan.steps[sid]
+                if step.wait_until is not None and row["status"] in ("pending", "scheduled"):
+                    ready_at = ready_moment(ex, plan, sid, rows)
+                    outcome = await lifecycle.wait_step(self, ex, plan, sid, step, row, ready_at)
+                    if outcome is None:
+                        continue  # still waiting: the matcher or the timeout wakes it
+                    await self._run_step(ex, plan, sid, rows, wait_outcome=outcome)
+                    ran = True
+                    break
                 if row["status"] == "pending" and step.delay is not None:
                     if await self._schedule_delay(ex, sid, step, ready_moment(ex, plan, sid, rows)):
                         continue
@@ -286,6 +296,7 @@ class Runner:
             if not ran:
                 async with db.autocommit(self.pool) as conn:
                     await self._set_status(conn, execution_id, "waiting", None)
+                await lifecycle.watch_waiting(self, ex)
                 return "waiting"
 
     async def _schedule_delay(
@@ -360,7 +371,12 @@ class Runner:
     # ───────── one step ─────────
 
     async def _run_step(
-        self, ex: dict[str, Any], plan: Plan, sid: str, rows: dict[str, dict[str, Any]]
+        self,
+        ex: dict[str, Any],
+        plan: Plan,
+        sid: str,
+        rows: dict[str, dict[str, Any]],
+        wait_outcome: str | None = None,
     ) -> None:
         step = plan.steps[sid]
         action = registry().get(step.type)
@@ -381,6 +397,7 @@ class Runner:
                 )
                 return
         ctx = StepContext(self, ex, sid, step, 0, entity, row, steps_view, self.settings)
+        ctx.wait_outcome = wait_outcome
         if action is None:
             await self._record_failure(
                 ex, step, sid, PermanentError(f"unknown action {step.type!r}")
@@ -557,6 +574,8 @@ class Runner:
     async def _succeeded(self, conn: db.DictConnection, ctx: StepContext, result: Any) -> None:
         """Record the attempt's success with its result (in the step's transaction)."""
         metrics.STEPS_RUN.labels(ctx.step.type, "succeeded", "queue").inc()
+        if ctx.wait_outcome is not None:  # a wait_until step: its result says how it ended
+            result = {**(result or {}), "outcome": ctx.wait_outcome}
         await conn.execute(
             _q("step_succeeded"),
             {

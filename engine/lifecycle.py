@@ -1,0 +1,390 @@
+"""Enrollment lifecycle: a workflow's ``goal`` and ``exit_when``, and ``wait_until`` steps.
+
+- ``"goal": <conditions>``: once the enrolled entity meets it, the execution ends
+  ``completed`` with ``goal_met_at`` set, its remaining steps ``skipped`` ("goal met").
+- ``"exit_when": <conditions>``: unenrollment: the execution ends ``cancelled`` ("exit
+  criteria").
+- a step's ``"wait_until": {"conditions": ...} | {"event": NAME}`` with a ``timeout``:
+  the step waits until the entity meets the conditions, the custom event about it
+  arrives, or the timeout passes; then it runs, its result saying which
+  (``{"outcome": "met" | "event" | "timed_out"}``).
+
+Where they are evaluated:
+
+- by the matcher, set-based, on every captured change: an execution that starts waiting
+  (a delay, a wait) leaves rows in ``crmflow.watches`` (entity, kind, step); each
+  matcher round runs ONE extra statement (:func:`run_round`, sql/lifecycle.sql
+  ``round``) that joins the round's events to the watches of their entities and
+  evaluates each version's compiled conditions (engine/conditions.py) on the entity's
+  row as it is now, read by its key; the hits end, or wake, in the round's transaction.
+  Nothing polls the waiting executions;
+- by the executor before each step (:func:`before_step`): an execution that met its goal
+  while it was running, or before a watch was written, ends there;
+- a wait that times out is checked once more on the row as it is then (a change that
+  raced with the writing of its watch is not lost: it is "met", not "timed_out").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import sql
+
+from engine import catalog, db
+from engine.catalog import EntitySchema
+from engine.conditions import NEW, Compiler
+from engine.model import Issue, Step, WorkflowDefinition, parse_definition, step_ids
+
+if TYPE_CHECKING:
+    from engine.executor.plans import Plan
+    from engine.executor.runner import Runner
+
+log = logging.getLogger(__name__)
+
+GOAL, EXIT, WAIT = "goal", "exit", "wait"
+GOAL_MET, EXIT_CRITERIA = "goal met", "exit criteria"
+MET, EVENT, TIMED_OUT = "met", "event", "timed_out"
+
+
+_q = db.Queries("lifecycle.sql")
+
+
+# ───────────────────────────── definitions ─────────────────────────────
+
+
+def has_lifecycle(definition: dict[str, Any]) -> bool:
+    """Whether a stored definition has a goal, exit criteria or a wait_until step."""
+    if definition.get("goal") is not None or definition.get("exit_when") is not None:
+        return True
+    actions = definition.get("actions")
+    return isinstance(actions, list) and any(
+        isinstance(a, dict) and a.get("wait_until") is not None for a in actions
+    )
+
+
+@dataclass
+class Predicates:
+    """A version's lifecycle conditions compiled to SQL on the alias ``n``."""
+
+    goal: str | None = None
+    exit: str | None = None
+    waits: dict[str, str] = field(default_factory=dict)  # step id → its conditions
+    events: dict[str, str] = field(default_factory=dict)  # step id → the event it waits for
+
+    @property
+    def ends(self) -> bool:
+        return self.goal is not None or self.exit is not None
+
+
+_compiled: dict[tuple[int, str, str], Predicates] = {}
+
+
+def _compile(entity: EntitySchema, tree: Any, what: str) -> str:
+    compiler = Compiler(entity, allow_transitions=False)
+    predicate = compiler.compile(tree, NEW)
+    if compiler.issues:
+        raise ValueError(f"{what} no longer compiles: " + "; ".join(m for _, m in compiler.issues))
+    return predicate.as_string(None)
+
+
+def predicates_of(wf: WorkflowDefinition, entity: EntitySchema | None) -> Predicates:
+    found = Predicates()
+    if entity is None:
+        return found
+    if wf.parsed_goal is not None:
+        found.goal = _compile(entity, wf.parsed_goal, "the goal")
+    if wf.parsed_exit_when is not None:
+        found.exit = _compile(entity, wf.parsed_exit_when, "exit_when")
+    for sid, step in zip(step_ids(wf.actions), wf.actions, strict=True):
+        wait = step.wait_until
+        if wait is None:
+            continue
+        if wait.event is not None:
+            found.events[sid] = wait.event
+        elif wait.parsed_conditions is not None:
+            found.waits[sid] = _compile(entity, wait.parsed_conditions, f"step {sid}'s wait_until")
+    return found
+
+
+def predicates(version_id: int, definition: dict[str, Any], entity: EntitySchema) -> Predicates:
+    """A version's compiled lifecycle conditions (cached: versions are immutable; the key
+    holds the definition and the entity's columns, which may change)."""
+    key = (
+        version_id,
+        json.dumps(definition, sort_keys=True),
+        ",".join(f"{c}:{s.type_sql}" for c, s in sorted(entity.columns.items())),
+    )
+    found = _compiled.get(key)
+    if found is None:
+        if len(_compiled) > 2000:
+            _compiled.clear()
+        found = _compiled[key] = predicates_of(parse_definition(definition), entity)
+    return found
+
+
+def check(
+    wf: WorkflowDefinition, entity: EntitySchema | None, compiler: Compiler, issues: list[Issue]
+) -> None:
+    """Save-time checks of goal, exit_when and wait_until (errors name the path); values
+    go to ``compiler.checks`` for the database to check against the column types."""
+
+    def compile_at(tree: Any) -> None:
+        Compiler(
+            entity, allow_transitions=False, checks=compiler.checks, issues=compiler.issues
+        ).compile(tree, NEW)
+
+    for key, tree in (("goal", wf.parsed_goal), ("exit_when", wf.parsed_exit_when)):
+        if tree is None:
+            continue
+        if entity is None:
+            issues.append(Issue(key, f"{key} needs a trigger with an entity_type"))
+        else:
+            compile_at(tree)
+    for i, step in enumerate(wf.actions):
+        wait = step.wait_until
+        if wait is None:
+            continue
+        path = f"actions[{i}].wait_until"
+        if entity is None:
+            issues.append(Issue(path, "wait_until needs a trigger with an entity_type"))
+            continue
+        if step.delay is not None:
+            issues.append(Issue(path, "a step has either a delay or a wait_until, not both"))
+        if wait.timeout <= 0:
+            issues.append(Issue(f"{path}.timeout", "a wait needs a timeout above zero"))
+        if wait.parsed_conditions is not None:
+            compile_at(wait.parsed_conditions)
+
+
+def capture_filter(
+    wf: WorkflowDefinition, entity: EntitySchema | None, found: dict[str, Any]
+) -> dict[str, Any]:
+    """A version's capture filter (engine/prefilter.py) with what its lifecycle needs:
+    every update of the entity is kept (the matcher's round evaluates the watched
+    executions' conditions on each change, and custom events are not filtered)."""
+    waits = any(s.wait_until is not None for s in wf.actions)
+    if entity is None or not (wf.parsed_goal or wf.parsed_exit_when or waits):
+        return found
+    return {**found, "update": True}
+
+
+# ───────────────────────────── the matcher's round ─────────────────────────────
+
+
+@dataclass
+class RoundPlan:
+    """The round statement for one generation of workflows (None: nothing to watch)."""
+
+    statement: str | None
+    versions: int = 0
+
+
+def _pk_match(entity: EntitySchema) -> sql.Composable:
+    return sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier("n", c), sql.Identifier("p", c))
+        for c in entity.pk_columns
+    )
+
+
+def _branches(
+    rows: list[dict[str, Any]], entities: dict[str, EntitySchema]
+) -> list[sql.Composable]:
+    cases: dict[str, list[sql.Composable]] = {}
+    for row in rows:
+        entity = entities.get(row["entity_type"])
+        if entity is None:
+            continue
+        try:
+            found = predicates(int(row["version_id"]), row["definition"], entity)
+        except Exception as exc:  # a column gone, say: its waits time out, the executor checks
+            log.warning("workflow %s: lifecycle conditions left out: %s", row["workflow_id"], exc)
+            continue
+        parts = [(GOAL, "", found.goal), (EXIT, "", found.exit)]
+        parts += [(WAIT, sid, p) for sid, p in found.waits.items()]
+        whens = cases.setdefault(entity.entity_type, [])
+        for kind, sid, predicate in parts:
+            if predicate is None:
+                continue
+            whens.append(
+                sql.SQL(_q("round_case")).format(
+                    version_id=sql.Literal(int(row["version_id"])),
+                    kind=sql.Literal(kind),
+                    step_id=sql.Literal(sid),
+                    predicate=db.stored_sql(predicate),
+                )
+            )
+    return [
+        sql.SQL(_q("round_branch")).format(
+            table=entities[et].table,
+            pk_match=_pk_match(entities[et]),
+            entity_type=sql.Literal(et),
+            cases=sql.SQL(" ").join(whens) if whens else sql.SQL("WHEN false THEN false"),
+        )
+        for et, whens in cases.items()
+    ]
+
+
+async def build_round(
+    conn: psycopg.AsyncConnection[Any], entities: dict[str, EntitySchema] | None = None
+) -> RoundPlan:
+    """The round statement of the versions with lifecycle conditions; a branch (an
+    entity) that does not compile against the catalog is left out with a warning, and
+    any other failure leaves the round out (the executor's checks remain): matching
+    goes on whatever happens here."""
+    try:
+        return await _build_round(conn, entities)
+    except psycopg.OperationalError:
+        raise
+    except Exception:
+        log.exception("goals, exits and waits are left to the executor's checks")
+        return RoundPlan(None)
+
+
+async def _build_round(
+    conn: psycopg.AsyncConnection[Any], entities: dict[str, EntitySchema] | None
+) -> RoundPlan:
+    rows = await (await conn.execute(_q("watched_versions"), {})).fetchall()
+    if not rows:
+        return RoundPlan(None)
+    entities = entities if entities is not None else await catalog.load_entities(conn)
+    branches = _branches(rows, entities)
+    good = []
+    for branch in branches:
+        try:
+            async with conn.transaction():
+                await conn.execute(sql.SQL(_q("round_probe")).format(branches=branch), {})
+            good.append(branch)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.DatabaseError as exc:
+            log.warning("lifecycle conditions of an entity left out: %s", exc)
+    if not good:
+        return RoundPlan(None)
+    statement = sql.SQL(_q("round")).format(branches=sql.SQL("\nUNION ALL\n").join(good))
+    return RoundPlan(statement.as_string(conn), versions=len(rows))
+
+
+async def run_round(
+    conn: psycopg.AsyncConnection[Any], plan: RoundPlan, ids: list[int], queue: str
+) -> dict[str, int]:
+    """Evaluate the watches the events ``ids`` hit, in the caller's transaction."""
+    if plan.statement is None or not ids:
+        return {"goals": 0, "exits": 0, "waits": 0}
+    row = await (await conn.execute(plan.statement, {"ids": ids, "queue": queue})).fetchone()
+    assert row is not None
+    return {"goals": int(row["goals"]), "exits": int(row["exits"]), "waits": int(row["waits"])}
+
+
+# ───────────────────────────── the executor ─────────────────────────────
+
+
+async def add_watches(
+    conn: db.DictConnection, ex: dict[str, Any], found: Predicates, waits: dict[str, str | None]
+) -> None:
+    """What the matcher watches for an execution that starts waiting: its goal and exit
+    criteria, and the wait_until steps in ``waits`` (step id → event name or None)."""
+    kinds: list[tuple[str, str, str | None]] = []
+    if found.goal is not None:
+        kinds.append((GOAL, "", None))
+    if found.exit is not None:
+        kinds.append((EXIT, "", None))
+    kinds.extend((WAIT, sid, event) for sid, event in waits.items())
+    if kinds and ex.get("entity_pk") is not None:
+        await conn.execute(
+            _q("add_watches"),
+            {
+                "id": ex["id"],
+                "kinds": [k for k, _, _ in kinds],
+                "step_ids": [s for _, s, _ in kinds],
+                "event_names": [e for _, _, e in kinds],
+            },
+        )
+
+
+def _found(runner: Runner, ex: dict[str, Any], entity: EntitySchema | None) -> Predicates | None:
+    if entity is None or ex.get("entity_pk") is None or not has_lifecycle(ex["definition"]):
+        return None
+    return predicates(int(ex["workflow_version_id"]), ex["definition"], entity)
+
+
+async def before_step(runner: Runner, ex: dict[str, Any]) -> str | None:
+    """The executor's check before a step: the goal (first), then the exit criteria, on
+    the entity as it is now; met, the execution ends here. Returns what ended it."""
+    async with db.autocommit(runner.pool) as conn:
+        entity = await runner.entity(conn, ex["entity_type"])
+        found = _found(runner, ex, entity)
+        if found is None or not found.ends:
+            return None
+        row = await runner.entity_row(conn, ex, entity)
+        for kind, predicate in ((GOAL, found.goal), (EXIT, found.exit)):
+            if predicate is not None and await runner.evaluate(conn, entity, row, {}, predicate):
+                await conn.execute(_q("end_execution"), {"id": ex["id"], "kind": kind})
+                return GOAL_MET if kind == GOAL else EXIT_CRITERIA
+    return None
+
+
+async def watch_waiting(runner: Runner, ex: dict[str, Any]) -> None:
+    """An execution with a goal or exit criteria starts waiting (a delay, a retry): the
+    matcher watches its entity from now on."""
+    async with db.autocommit(runner.pool) as conn:
+        entity = await runner.entity(conn, ex["entity_type"])
+        found = _found(runner, ex, entity)
+        if found is not None and found.ends:
+            await add_watches(conn, ex, found, {})
+
+
+async def wait_step(
+    runner: Runner,
+    ex: dict[str, Any],
+    plan: Plan,
+    sid: str,
+    step: Step,
+    row: dict[str, Any],
+    ready_at: datetime,
+) -> str | None:
+    """A wait_until step that is ready: its outcome once the wait is over (``met``,
+    ``event``, ``timed_out``), None while it goes on. The first time, a condition met
+    already is ``met`` at once; otherwise the step is scheduled at its timeout and the
+    matcher watches the entity (the round makes it due at once, with its outcome)."""
+    from engine.executor.context import now
+
+    wait = step.wait_until
+    assert wait is not None
+    async with db.autocommit(runner.pool) as conn:
+        entity = await runner.entity(conn, ex["entity_type"])
+        found = _found(runner, ex, entity)
+        assert found is not None and entity is not None
+        predicate = found.waits.get(sid)
+
+        async def met_now() -> bool:
+            if predicate is None:
+                return False
+            current = await runner.entity_row(conn, ex, entity)
+            return await runner.evaluate(conn, entity, current, {}, predicate)
+
+        if row["status"] == "pending":
+            if await met_now():
+                return MET
+            at = ready_at + timedelta(seconds=float(wait.timeout))
+            async with conn.transaction():
+                await conn.execute(
+                    db.query("step_scheduled", "runtime.sql"),
+                    {"id": ex["id"], "step_id": sid, "scheduled_at": at},
+                )
+                await add_watches(conn, ex, found, {sid: wait.event})
+            row["status"], row["scheduled_at"] = "scheduled", at
+            if at > now():
+                return None
+        outcome = (row.get("result") or {}).get("outcome")
+        if outcome in (MET, EVENT):
+            return str(outcome)
+        if row["scheduled_at"] is not None and row["scheduled_at"] > now():
+            return None
+        outcome = MET if await met_now() else TIMED_OUT
+        await conn.execute(_q("drop_wait_watch"), {"id": ex["id"], "step_id": sid})
+        return outcome

@@ -1,0 +1,184 @@
+-- Enrollment lifecycle (engine/lifecycle.py): goals, exit criteria and wait_until steps,
+-- evaluated by the matcher on the watched entities' captured changes. See
+-- migrations/0023_lifecycle_watches.sql for crmflow.watches.
+
+-- name: watched_versions
+-- The workflow versions whose goal, exit_when or wait_until conditions a matcher round
+-- evaluates: the current version of each workflow that is not archived, and older
+-- versions that still have live executions (they keep the version they started with).
+SELECT v.id AS version_id, v.workflow_id, v.entity_type, v.definition
+  FROM crmflow.workflow_versions AS v
+  JOIN crmflow.workflows AS w ON w.id = v.workflow_id
+ WHERE v.entity_type IS NOT NULL
+   AND (v.definition ? 'goal' OR v.definition ? 'exit_when'
+        OR jsonb_path_exists(v.definition, '$.actions[*].wait_until'))
+   AND ((v.version = w.current_version AND w.status <> 'archived')
+        OR EXISTS (SELECT 1 FROM crmflow.executions AS x
+                    WHERE x.workflow_id = v.workflow_id AND x.workflow_version_id = v.id
+                      AND x.status IN ('pending', 'running', 'waiting')))
+ ORDER BY v.id;
+
+-- name: round_case
+WHEN w.workflow_version_id = {version_id} AND w.kind = {kind} AND w.step_id = {step_id}
+THEN coalesce({predicate}, false)
+
+-- name: round_branch
+-- The watches hit by the round's events of one entity type: a wait for a custom event
+-- by that event; a condition (goal, exit_when, wait_until) by the entity's row as it is
+-- now, read by its key (the captured row may hold only some columns), "n" as in the
+-- match statement.
+SELECT w.execution_id, w.kind, w.step_id,
+       CASE WHEN w.event_name IS NOT NULL THEN 'event' ELSE 'met' END AS outcome
+  FROM batch AS ev
+  JOIN crmflow.watches AS w ON w.entity_type = ev.entity_type AND w.entity_pk = ev.pk
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, ev.pk) AS p
+  LEFT JOIN {table} AS n ON w.event_name IS NULL AND {pk_match}
+ WHERE ev.entity_type = {entity_type}
+   AND CASE WHEN w.event_name IS NOT NULL
+            THEN ev.op = 'event' AND ev.event_name = w.event_name
+            WHEN n IS NULL THEN false
+            ELSE CASE {cases} ELSE false END END
+
+-- name: round
+-- One statement per matcher round, in the round's transaction: the watches its events
+-- hit, then
+--   goal met:       the execution ends completed (goal_met_at), its open steps skipped;
+--   exit criteria:  it ends cancelled ("exit criteria"), its open steps skipped;
+--   (goal first when both hold), and either way its queue entry (its wake-up) is gone;
+--   wait_until met or its event arrived: the waiting step is due now with its outcome.
+-- Executions and their step rows are locked in key order with SKIP LOCKED, as the
+-- executor locks them (lock_steps): one an executor is working on right now is left to
+-- the check the executor makes before each step, the matcher never waits for it.
+WITH batch AS (
+    SELECT id, entity_type, pk, op, event_name
+      FROM crmflow.outbox
+     WHERE id = ANY(%(ids)s) AND pk IS NOT NULL
+), hit AS (
+    SELECT DISTINCT ON (h.execution_id, h.kind, h.step_id) h.*
+      FROM ({branches}) AS h
+     ORDER BY h.execution_id, h.kind, h.step_id, h.outcome DESC
+), locked AS MATERIALIZED (
+    SELECT x.id
+      FROM crmflow.executions AS x
+     WHERE x.id IN (SELECT execution_id FROM hit)
+       AND x.status IN ('pending', 'running', 'waiting')
+     ORDER BY x.id
+       FOR NO KEY UPDATE SKIP LOCKED
+), steps_locked AS MATERIALIZED (
+    SELECT s.execution_id, s.step_id
+      FROM crmflow.execution_steps AS s
+     WHERE s.execution_id IN (SELECT id FROM locked)
+     ORDER BY s.execution_id, s.step_id
+       FOR UPDATE SKIP LOCKED
+), free AS (
+    SELECT l.id
+      FROM locked AS l
+     WHERE (SELECT count(*) FROM crmflow.execution_steps AS s WHERE s.execution_id = l.id)
+         = (SELECT count(*) FROM steps_locked AS k WHERE k.execution_id = l.id)
+), ending AS (
+    SELECT DISTINCT ON (h.execution_id) h.execution_id, h.kind
+      FROM hit AS h
+      JOIN free AS f ON f.id = h.execution_id
+     WHERE h.kind IN ('goal', 'exit')
+     ORDER BY h.execution_id, h.kind = 'exit'
+), ended AS (
+    UPDATE crmflow.executions AS x
+       SET status = CASE WHEN e.kind = 'goal' THEN 'completed' ELSE 'cancelled' END,
+           goal_met_at = CASE WHEN e.kind = 'goal' THEN clock_timestamp() END,
+           error = CASE WHEN e.kind = 'exit' THEN 'exit criteria' ELSE x.error END,
+           finished_at = clock_timestamp(), not_before = NULL,
+           active_seconds = (SELECT sum(extract(epoch FROM s.finished_at - s.started_at))
+                               FROM crmflow.execution_steps AS s WHERE s.execution_id = x.id)
+      FROM ending AS e
+     WHERE x.id = e.execution_id
+    RETURNING x.id, e.kind
+), skipped AS (
+    UPDATE crmflow.execution_steps AS s
+       SET status = 'skipped', finished_at = clock_timestamp(),
+           result = coalesce(s.result, '{{}}'::jsonb) || jsonb_build_object(
+               'reason', CASE WHEN e.kind = 'goal' THEN 'goal met' ELSE 'exit criteria' END)
+      FROM ending AS e
+     WHERE s.execution_id = e.execution_id AND s.status IN ('pending', 'scheduled')
+), woken AS (
+    UPDATE crmflow.execution_steps AS s
+       SET result = jsonb_build_object('outcome', h.outcome), scheduled_at = clock_timestamp()
+      FROM hit AS h
+      JOIN free AS f ON f.id = h.execution_id
+     WHERE h.kind = 'wait' AND s.execution_id = h.execution_id AND s.step_id = h.step_id
+       AND s.status = 'scheduled' AND NOT (coalesce(s.result, '{{}}'::jsonb) ? 'outcome')
+       AND NOT EXISTS (SELECT 1 FROM ending AS e WHERE e.execution_id = h.execution_id)
+    RETURNING s.execution_id, s.step_id
+), unqueued AS (
+    DELETE FROM crmflow.execution_queue AS q USING ending AS e
+     WHERE q.execution_id = e.execution_id
+), requeued AS (
+    UPDATE crmflow.execution_queue AS q SET run_at = clock_timestamp()
+      FROM woken AS k
+     WHERE q.execution_id = k.execution_id
+    RETURNING q.run_at
+), unwatched AS (
+    -- the watches done with: those of ended executions, the waits that were met, and
+    -- those of executions that finished some other way
+    DELETE FROM crmflow.watches AS w
+     USING hit AS h
+     WHERE w.execution_id = h.execution_id
+       AND (EXISTS (SELECT 1 FROM ending AS e WHERE e.execution_id = w.execution_id)
+            OR EXISTS (SELECT 1 FROM woken AS k
+                        WHERE k.execution_id = w.execution_id AND w.kind = 'wait'
+                          AND k.step_id = w.step_id)
+            OR NOT EXISTS (SELECT 1 FROM crmflow.executions AS x
+                            WHERE x.id = w.execution_id
+                              AND x.status IN ('pending', 'running', 'waiting')))
+)
+SELECT (SELECT count(*) FROM ended WHERE kind = 'goal') AS goals,
+       (SELECT count(*) FROM ended WHERE kind = 'exit') AS exits,
+       (SELECT count(*) FROM woken) AS waits,
+       crmflow.wake_executor(%(queue)s, (SELECT array_agg(DISTINCT run_at) FROM requeued))
+           AS woken;
+
+-- name: round_probe
+-- Does the round statement's every branch compile against the catalog as it is now?
+WITH batch AS (SELECT id, entity_type, pk, op, event_name FROM crmflow.outbox WHERE false)
+SELECT h.* FROM ({branches}) AS h LIMIT 0;
+
+-- name: add_watches
+-- An execution starts waiting: what the matcher watches for it (already there: kept).
+INSERT INTO crmflow.watches
+       (execution_id, kind, step_id, workflow_version_id, entity_type, entity_pk, event_name)
+SELECT x.id, k.kind, k.step_id, x.workflow_version_id, x.entity_type, x.entity_pk, k.event_name
+  FROM crmflow.executions AS x
+ CROSS JOIN unnest(%(kinds)s::text[], %(step_ids)s::text[], %(event_names)s::text[])
+       AS k(kind, step_id, event_name)
+ WHERE x.id = %(id)s AND x.entity_pk IS NOT NULL
+ON CONFLICT (execution_id, kind, step_id) DO NOTHING;
+
+-- name: end_execution
+-- The executor's check before a step found the goal met (kind 'goal') or the exit
+-- criteria met ('exit'): the same ending as the matcher's round, for one execution.
+WITH ended AS (
+    UPDATE crmflow.executions AS x
+       SET status = CASE WHEN %(kind)s = 'goal' THEN 'completed' ELSE 'cancelled' END,
+           goal_met_at = CASE WHEN %(kind)s = 'goal' THEN clock_timestamp() END,
+           error = CASE WHEN %(kind)s = 'exit' THEN 'exit criteria' ELSE x.error END,
+           finished_at = clock_timestamp(), not_before = NULL,
+           active_seconds = (SELECT sum(extract(epoch FROM s.finished_at - s.started_at))
+                               FROM crmflow.execution_steps AS s WHERE s.execution_id = x.id)
+     WHERE x.id = %(id)s AND x.status IN ('pending', 'running', 'waiting')
+    RETURNING x.id
+), skipped AS (
+    UPDATE crmflow.execution_steps AS s
+       SET status = 'skipped', finished_at = clock_timestamp(),
+           result = coalesce(s.result, '{}'::jsonb) || jsonb_build_object(
+               'reason', CASE WHEN %(kind)s = 'goal' THEN 'goal met' ELSE 'exit criteria' END)
+      FROM ended
+     WHERE s.execution_id = ended.id AND s.status IN ('pending', 'scheduled')
+), unwatched AS (
+    DELETE FROM crmflow.watches AS w USING ended WHERE w.execution_id = ended.id
+)
+DELETE FROM crmflow.execution_queue AS q USING ended
+ WHERE q.execution_id = ended.id
+   AND (q.leased_by IS NULL OR q.leased_until < clock_timestamp());
+
+-- name: drop_wait_watch
+DELETE FROM crmflow.watches
+ WHERE execution_id = %(id)s AND kind = 'wait' AND step_id = %(step_id)s;
