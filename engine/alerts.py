@@ -24,8 +24,7 @@ from engine.config import Settings
 log = logging.getLogger(__name__)
 
 
-def _q(name: str) -> str:
-    return db.query(name, "alerts.sql")
+_q = db.Queries("alerts.sql")
 
 
 @dataclass

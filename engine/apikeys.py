@@ -36,8 +36,7 @@ class ApiKeyNotFound(LookupError):
     pass
 
 
-def _q(name: str) -> str:
-    return db.query(name, "api.sql")
+_q = db.Queries("api.sql")
 
 
 def hash_secret(secret: str) -> str:

@@ -65,8 +65,7 @@ MAX_ERROR = 500  # characters of the last error kept
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _q(name: str) -> str:
-    return db.query(name, "breakers.sql")
+_q = db.Queries("breakers.sql")
 
 
 def now() -> datetime:

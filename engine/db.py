@@ -68,6 +68,25 @@ def query(name: str, filename: str = "queries.sql") -> LiteralString:
     return cast(LiteralString, sql_file(filename)[name])  # type: ignore[redundant-cast]
 
 
+class Queries:
+    """The named blocks of one file of ``sql/``: a module says ``_q = db.Queries("matcher.sql")``
+    once, then ``_q("claim_events")``."""
+
+    __slots__ = ("filename",)
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+
+    def __call__(self, name: str) -> LiteralString:
+        return query(name, self.filename)
+
+
+def stored_sql(text: str) -> sql.SQL:
+    """SQL the engine compiled and stored earlier (a workflow's predicate), to embed in a
+    statement that also takes ``%(name)s`` parameters: its ``%`` signs are escaped."""
+    return sql.SQL(text.replace("%", "%%"))
+
+
 def template(name: str, filename: str) -> sql.SQL:
     """A named block meant to be completed with ``sql.SQL.format`` (identifiers, literals)."""
     return sql.SQL(query(name, filename))

@@ -149,7 +149,7 @@ async def dry_run(
     event = _event(wf, definition, entity, op, new, old, payload)
     predicate = wf["predicate"]
     columns = [
-        sql.SQL("coalesce(({}), false) AS matches").format(sql.SQL(_escape(predicate))),
+        sql.SQL("coalesce(({}), false) AS matches").format(db.stored_sql(predicate)),
         sql.SQL("coalesce(({}), false) AS trigger_matches").format(trigger),
         *(
             sql.SQL("coalesce(({}), false) AS {}").format(c, sql.Identifier(f"c{i}"))
@@ -215,10 +215,6 @@ def _event(
         "depth": 0,
         "captured_at": datetime.now(UTC).isoformat(),
     }
-
-
-def _escape(predicate: str) -> str:
-    return predicate.replace("%", "%%")
 
 
 async def _evaluate(

@@ -41,8 +41,7 @@ from engine.executor.runner import Runner
 log = logging.getLogger(__name__)
 
 
-def _q(name: str) -> str:
-    return db.query(name, "matcher.sql")
+_q = db.Queries("matcher.sql")
 
 
 def _dumps(value: Any) -> str:

@@ -36,13 +36,7 @@ OUTBOX_CHANNEL = "crmflow_outbox"
 WORKFLOWS_CHANNEL = "crmflow_workflows"
 
 
-def _q(name: str) -> str:
-    return db.query(name, "matcher.sql")
-
-
-def _escape(text: str) -> str:
-    """Stored SQL embedded in a statement that takes %(name)s parameters."""
-    return text.replace("%", "%%")
+_q = db.Queries("matcher.sql")
 
 
 def catalog_error(exc: BaseException) -> bool:
@@ -75,7 +69,7 @@ def _branch(
 ) -> sql.Composable:
     cases = sql.SQL(", ").join(
         sql.SQL(_q("match_case")).format(
-            predicate=sql.SQL(_escape(v["predicate"])), version_id=sql.Literal(v["version_id"])
+            predicate=db.stored_sql(v["predicate"]), version_id=sql.Literal(v["version_id"])
         )
         for v in versions
     )

@@ -27,8 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 1000
 
 
-def _q(name: str) -> str:
-    return db.query(name, "retention.sql")
+_q = db.Queries("retention.sql")
 
 
 @dataclass

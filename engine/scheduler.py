@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 DATE_RELATIVE_INTERVAL = 60.0
 
 
-def _q(name: str) -> str:
-    return db.query(name, "scheduler.sql")
+_q = db.Queries("scheduler.sql")
 
 
 class NotRunnable(ValueError):
@@ -162,7 +161,7 @@ async def enroll(
         key=key,
         pk=pk,
         table=entity.table,
-        predicate=sql.SQL(wf["predicate"].replace("%", "%%")),
+        predicate=db.stored_sql(wf["predicate"]),
         extra=sql.SQL(" AND ").join(extra) if extra else sql.SQL("true"),
         pk_order=sql.SQL(", ").join(sql.Identifier("n", c) for c in entity.pk_columns),
     )

@@ -48,8 +48,7 @@ STOP_POOL_CLOSE = 2.0
 QUEUE_VACUUM_INTERVAL = 30.0
 
 
-def _q(name: str) -> str:
-    return db.query(name, "runtime.sql")
+_q = db.Queries("runtime.sql")
 
 
 class Worker:

@@ -69,8 +69,7 @@ LINGER = 1.0
 DRAIN_FOR = 20.0
 
 
-def _q(name: str) -> str:
-    return db.query(name, "executor.sql")
+_q = db.Queries("executor.sql")
 
 
 def _dumps(value: Any) -> str:

@@ -23,8 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _q(name: str) -> str:
-    return db.query(name, "runtime.sql")
+_q = db.Queries("runtime.sql")
 
 
 async def compensate(

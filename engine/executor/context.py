@@ -25,8 +25,7 @@ if TYPE_CHECKING:
     from engine.executor.runner import Runner
 
 
-def _q(name: str) -> str:
-    return db.query(name, "runtime.sql")
+_q = db.Queries("runtime.sql")
 
 
 def now() -> datetime:

@@ -34,8 +34,7 @@ if TYPE_CHECKING:
 GROUP_LOCK_WAIT = 2.0
 
 
-def _q(name: str) -> str:
-    return db.query(name, "executor.sql")
+_q = db.Queries("executor.sql")
 
 
 def _dumps(value: Any) -> str:
@@ -50,7 +49,7 @@ async def check_conditions(x: BatchExecutor, sid: str, group: list[Item]) -> Non
     """A step's ``when`` for the group in one statement: false skips the step (one
     statement), true lets it run in the next wave."""
     predicate = group[0].plan.when_sql[sid]
-    safe = sql.SQL(predicate.replace("%", "%%"))
+    safe = db.stored_sql(predicate)
     entity = group[0].entity
     async with db.autocommit(x.pool) as conn:
         params: dict[str, Any] = {

@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _q(name: str) -> str:
-    return db.query(name, "executor.sql")
+_q = db.Queries("executor.sql")
 
 
 @dataclass

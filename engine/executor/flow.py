@@ -31,8 +31,7 @@ from engine.statuses import LIVE, ExecutionStatus
 CONCURRENCY_RETRY = 10.0
 
 
-def _q(name: str) -> str:
-    return db.query(name, "runtime.sql")
+_q = db.Queries("runtime.sql")
 
 
 def limits_steps(ex: dict[str, Any]) -> bool:

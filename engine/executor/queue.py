@@ -23,8 +23,7 @@ from engine import db
 TASK_NAME = "crmflow.run_steps"
 
 
-def _q(name: str) -> str:
-    return db.query(name, "executor.sql")
+_q = db.Queries("executor.sql")
 
 
 @dataclass(frozen=True)

@@ -60,8 +60,7 @@ RUNNABLE_STEP: tuple[StepStatus, ...] = (
 )
 
 
-def _q(name: str) -> str:
-    return db.query(name, "runtime.sql")
+_q = db.Queries("runtime.sql")
 
 
 class Runner:
@@ -423,7 +422,7 @@ class Runner:
         predicate: str,
     ) -> bool:
         params = {"row": Jsonb(row), "steps": Jsonb(steps_view)}
-        safe = sql.SQL(predicate.replace("%", "%%"))
+        safe = db.stored_sql(predicate)
         if entity is None:
             query = sql.SQL(_q("evaluate_no_entity")).format(predicate=safe)
         else:
