@@ -20,6 +20,15 @@ SELECT w.id, w.name, w.status, w.current_version AS version, v.priority, v.trigg
  WHERE w.status <> 'archived'
  ORDER BY v.priority DESC, w.id;
 
+-- name: ui_splits
+-- Split steps' paths per live workflow (crmflow.split_report), for the workflows page.
+SELECT r.workflow_id, r.workflow_name, r.step_id, r.path, r.executions, r.share,
+       r.completed, r.failed, r.in_progress, r.success_rate
+  FROM crmflow.split_report AS r
+  JOIN crmflow.workflows AS w ON w.id = r.workflow_id
+ WHERE w.status <> 'archived'
+ ORDER BY r.workflow_id, r.step_id, r.path;
+
 -- name: ui_failures
 -- The newest failed steps (and failed executions that ran none).
 SELECT execution_id, workflow_id, workflow_name, workflow_version, entity_type, entity_pk,

@@ -4,20 +4,32 @@ edits, run end to end in the executor's waves and inline, reported per path."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from engine import metrics
+from engine import apikeys, db, metrics
 from engine.actions.split import choose, split_key
 from engine.config import Settings
 from engine.executor.batch import BatchExecutor
 from engine.executor.runner import Runner
 from engine.matcher import Matcher
 from engine.model import DefinitionError
-from tests.helpers import apply, fetch, value
+from tests.helpers import apply, fetch, install_test_crm, value
+from tests.test_dashboard import (
+    CHROMIUM,
+    Dashboard,
+    browser,  # noqa: F401 (a fixture)
+    in_a_thread,
+    log_in,
+    page,  # noqa: F401 (a fixture)
+    sql_rows,
+    start_api,
+)
 
 
 def ab_workflow(paths: dict[str, int], **extra: Any) -> dict[str, Any]:
@@ -188,3 +200,76 @@ async def test_paths_hold_across_reenrollment_edits_and_the_inline_path(
         crm, "SELECT workflow_version, count(*) AS n FROM crmflow.executions GROUP BY 1 ORDER BY 1"
     )
     assert [(v["workflow_version"], v["n"]) for v in versions] == [(1, 60), (2, 60)]
+
+
+# ───────── the docs' example and the dashboard ─────────
+
+
+def docs_example(start: str) -> dict[str, Any]:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "workflows.md").read_text()
+    begin = text.index(start)
+    block = text[text.index("```json\n", begin) + 8 :]
+    parsed: dict[str, Any] = json.loads(block[: block.index("```")])
+    return parsed
+
+
+async def test_the_docs_example_applies_and_runs(
+    crm: psycopg.AsyncConnection[Any], pool: AsyncConnectionPool, settings: Settings
+) -> None:
+    example = docs_example("### split")
+    assert example["actions"][0]["type"] == "split"
+    wf = await apply(crm, example)
+    await crm.execute("INSERT INTO leads (name) SELECT 'l' || i FROM generate_series(1, 20) i")
+    await run_all(pool, settings)
+    tasks = await fetch(crm, "SELECT title, entity_id FROM tasks ORDER BY entity_id::int")
+    assert len(tasks) == 20
+    for t in tasks:
+        path = choose({"short": 50, "long": 50}, f"{wf}:lead:{t['entity_id']}")
+        assert t["title"].startswith(f"Send the {path} welcome")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
+def test_the_dashboard_shows_split_results(
+    page: Any,  # noqa: F811 (the fixture)
+    db_url: str,
+    settings: Settings,
+) -> None:
+    from playwright.sync_api import expect
+
+    keys: dict[str, str] = {}
+    ids: dict[str, int] = {}
+
+    async def prepare() -> None:
+        async with await db.connect(db_url, autocommit=True) as conn:
+            await install_test_crm(conn)
+            _, keys["read"] = await apikeys.create(conn, "read key", "read")
+            ids["wf"] = await apply(conn, ab_workflow({"A": 70, "B": 30}))
+            await conn.execute(
+                "INSERT INTO leads (name) SELECT 'l' || i FROM generate_series(1, 50) i"
+            )
+            pool = db.create_pool(db_url, settings, min_size=1, max_size=4)
+            await pool.open(wait=True)
+            try:
+                await run_all(pool, settings)
+            finally:
+                await pool.close()
+
+    in_a_thread(prepare)
+    counts = {
+        r["path"]: r["executions"]
+        for r in sql_rows(db_url, "SELECT path, executions FROM crmflow.split_report")
+    }
+    assert sum(counts.values()) == 50
+    api = start_api(settings)
+    try:
+        dash = Dashboard(api.url, db_url, keys, ids, None, api)  # type: ignore[arg-type]
+        log_in(page, dash, "read", "/ui/workflows")
+        rows = page.locator("#split-results tbody tr")
+        expect(rows).to_have_count(2)
+        for path, n in counts.items():
+            row = page.locator(f"#split-results tr[data-path='{path}']")
+            expect(row).to_contain_text("ab")
+            expect(row.locator("[data-field=executions]")).to_have_text(str(n))
+            expect(row.locator("[data-field=share]")).to_have_text(f"{n / 50 * 100:.1f} %")
+    finally:
+        api.stop()

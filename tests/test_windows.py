@@ -4,7 +4,9 @@ executor's waves, its careful path and the matcher's inline steps."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -328,3 +330,16 @@ async def test_inline_steps_run_in_the_matcher_only_inside_their_window(
         crm, "SELECT DISTINCT scheduled_at FROM crmflow.execution_steps WHERE status = 'scheduled'"
     )
     assert deferred == [{"scheduled_at": opening}]
+
+
+async def test_the_docs_example_applies(crm: psycopg.AsyncConnection[Any]) -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "workflows.md").read_text()
+    begin = text.index("### window")
+    block = text[text.index("```json\n", begin) + 8 :]
+    example = json.loads(block[: block.index("```")])
+    assert [bool(a.get("window")) for a in example["actions"]] == [True, True]
+    with pytest.raises(DefinitionError) as caught:  # the example CRM has no zone column
+        await apply(crm, example)
+    assert [i.path for i in caught.value.issues] == ["actions[1].window.timezone_field"]
+    await crm.execute("ALTER TABLE leads ADD COLUMN timezone text")
+    assert await apply(crm, example) > 0

@@ -231,7 +231,13 @@ async def overview(request: Request, conn: Conn, key: UiKey) -> HTMLResponse:
 
 @router.get("/workflows")
 async def workflows_page(request: Request, conn: Conn, key: UiKey) -> HTMLResponse:
-    return _page(request, "workflows.html", key, workflows=await _rows(conn, "ui_workflows"))
+    return _page(
+        request,
+        "workflows.html",
+        key,
+        workflows=await _rows(conn, "ui_workflows"),
+        splits=await _rows(conn, "ui_splits"),  # split steps' paths (crmflow.split_report)
+    )
 
 
 @router.get("/executions")
