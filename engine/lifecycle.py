@@ -30,6 +30,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -52,6 +53,17 @@ MET, EVENT, TIMED_OUT = "met", "event", "timed_out"
 
 
 _q = db.Queries("lifecycle.sql")
+
+
+class EnrollmentState(StrEnum):
+    """An enrollment's state in ``crmflow.enrollments`` (derived from the execution)."""
+
+    ACTIVE = "active"  # pending or running
+    WAITING = "waiting"  # a delay, a wait_until or a retry
+    COMPLETED = "completed"
+    GOAL_MET = "goal_met"  # completed: the entity met the workflow's goal
+    EXITED = "exited"  # cancelled (exit criteria, or by hand) or skipped
+    FAILED = "failed"
 
 
 # ───────────────────────────── definitions ─────────────────────────────
@@ -388,3 +400,36 @@ async def wait_step(
         outcome = MET if await met_now() else TIMED_OUT
         await conn.execute(_q("drop_wait_watch"), {"id": ex["id"], "step_id": sid})
         return outcome
+
+
+# ───────────────────────────── enrollments ─────────────────────────────
+
+
+async def list_enrollments(
+    conn: psycopg.AsyncConnection[Any],
+    workflow_id: int,
+    state: EnrollmentState | None = None,
+    before_id: int | None = None,
+    limit: int = 50,
+) -> dict[str, Any]:
+    """A workflow's enrollments, newest first (``before_id``: the page after), and how
+    many are in each state."""
+    from engine.executor.context import entity_id_of
+
+    params = {
+        "workflow_id": workflow_id,
+        "state": None if state is None else str(state),
+        "before_id": before_id,
+        "limit": limit,
+    }
+    items = await (await conn.execute(_q("list_enrollments"), params)).fetchall()
+    for item in items:
+        item["entity_id"] = entity_id_of(item.pop("entity_pk"))
+    counts = {str(s): 0 for s in EnrollmentState}
+    for row in await (await conn.execute(_q("enrollment_counts"), params)).fetchall():
+        counts[row["state"]] = int(row["n"])
+    return {
+        "items": items,
+        "counts": counts,
+        "next_cursor": items[-1]["execution_id"] if len(items) == limit else None,
+    }

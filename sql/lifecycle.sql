@@ -182,3 +182,22 @@ DELETE FROM crmflow.execution_queue AS q USING ended
 -- name: drop_wait_watch
 DELETE FROM crmflow.watches
  WHERE execution_id = %(id)s AND kind = 'wait' AND step_id = %(step_id)s;
+
+-- name: list_enrollments
+-- A workflow's enrollments (crmflow.enrollments), newest first, one state or all; with
+-- the count of each state (for the filter).
+SELECT e.execution_id, e.workflow_id, e.workflow_version, e.entity_type, e.entity_id,
+       e.entity_pk, e.state, e.current_step, e.waiting_until, e.enrolled_at, e.finished_at,
+       e.goal_met_at, e.reason
+  FROM crmflow.enrollments AS e
+ WHERE e.workflow_id = %(workflow_id)s
+   AND (%(state)s::text IS NULL OR e.state = %(state)s::text)
+   AND (%(before_id)s::bigint IS NULL OR e.execution_id < %(before_id)s::bigint)
+ ORDER BY e.execution_id DESC
+ LIMIT %(limit)s;
+
+-- name: enrollment_counts
+SELECT e.state, count(*) AS n
+  FROM crmflow.enrollments AS e
+ WHERE e.workflow_id = %(workflow_id)s
+ GROUP BY e.state;

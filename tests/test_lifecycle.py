@@ -266,3 +266,88 @@ async def test_bad_lifecycle_definitions_name_the_path(
     found = {i.path: i.message for i in info.value.issues}
     assert any(p.startswith(path) and message in m for p, m in found.items()), found
     assert await value(crm, "SELECT count(*) FROM crmflow.workflows") == 0
+
+
+async def test_the_enrollments_view_and_endpoint(
+    crm: psycopg.AsyncConnection[Any], worker: Worker, client: Any
+) -> None:
+    workflow_id = await apply(
+        crm,
+        nurture(
+            goal={"field": "status", "operator": "equals", "value": "customer"},
+            exit_when={"field": "status", "operator": "equals", "value": "spam"},
+        ),
+    )
+    names = ["Ada", "Bob", "Cy", "Dee", "Eve"]
+    await crm.execute("INSERT INTO leads (name) SELECT unnest(%s::text[])", [names])
+    ada, bob, cy, dee, eve = await waiting(crm, 5)
+    await crm.execute("UPDATE leads SET status = 'customer' WHERE name = 'Ada'")
+    await crm.execute("UPDATE leads SET status = 'spam' WHERE name = 'Bob'")
+    await settled(crm, ada["id"])
+    await settled(crm, bob["id"])
+    # one completes its steps, one fails, one is being run (active)
+    await crm.execute(
+        "UPDATE crmflow.executions SET status = 'completed', finished_at = now() WHERE id = %s",
+        [cy["id"]],
+    )
+    await crm.execute(
+        "UPDATE crmflow.executions SET status = 'failed', finished_at = now() WHERE id = %s",
+        [dee["id"]],
+    )
+    rows = await fetch(
+        crm,
+        "SELECT execution_id, state, current_step, waiting_until, reason"
+        " FROM crmflow.enrollments ORDER BY execution_id",
+    )
+    states = {r["execution_id"]: r for r in rows}
+    assert states[ada["id"]]["state"] == "goal_met"
+    assert states[bob["id"]]["state"] == "exited"
+    assert states[bob["id"]]["reason"] == "exit criteria"
+    assert states[cy["id"]]["state"] == "completed"
+    assert states[dee["id"]]["state"] == "failed"
+    assert states[eve["id"]]["state"] == "waiting"
+    assert states[eve["id"]]["current_step"] == "follow_up"
+    assert states[eve["id"]]["waiting_until"] is not None
+    assert states[ada["id"]]["current_step"] is None
+
+    response = await client.get(f"/workflows/{workflow_id}/enrollments")
+    assert response.status_code == 200, response.text
+    page = response.json()
+    assert [i["execution_id"] for i in page["items"]] == [x["id"] for x in (eve, dee, cy, bob, ada)]
+    assert page["counts"] == {
+        "active": 0,
+        "waiting": 1,
+        "completed": 1,
+        "goal_met": 1,
+        "exited": 1,
+        "failed": 1,
+    }
+    assert page["next_cursor"] is None
+    lead_id = await value(crm, "SELECT id FROM leads WHERE name = 'Ada'")
+    response = await client.get(
+        f"/workflows/{workflow_id}/enrollments", params={"state": "goal_met"}
+    )
+    [item] = response.json()["items"]
+    assert item["execution_id"] == ada["id"] and item["entity_id"] == lead_id
+    assert item["goal_met_at"] is not None
+    # pagination: a page of two, then the rest from its cursor
+    first = (await client.get(f"/workflows/{workflow_id}/enrollments?limit=2")).json()
+    assert len(first["items"]) == 2 and first["next_cursor"] == dee["id"]
+    rest = (
+        await client.get(
+            f"/workflows/{workflow_id}/enrollments",
+            params={"limit": 10, "before_id": first["next_cursor"]},
+        )
+    ).json()
+    assert [i["execution_id"] for i in rest["items"]] == [cy["id"], bob["id"], ada["id"]]
+    # a state that is not one is a problem naming the parameter
+    response = await client.get(f"/workflows/{workflow_id}/enrollments?state=done")
+    assert response.status_code == 422
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert [e["path"] for e in response.json()["errors"]] == ["query.state"]
+    response = await client.get("/workflows/999999/enrollments")
+    assert response.status_code == 404
+    assert (
+        "/workflows/{workflow_id}/enrollments"
+        in (await client.get("/openapi.json")).json()["paths"]
+    )

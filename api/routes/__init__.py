@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.routes import apikeys, entities, events, executions, health, metrics, workflows
+from api.routes import (
+    apikeys,
+    enrollments,
+    entities,
+    events,
+    executions,
+    health,
+    metrics,
+    workflows,
+)
 
 ROUTERS: list[APIRouter] = [
     workflows.router,
+    enrollments.router,
     executions.router,
     events.router,
     entities.router,

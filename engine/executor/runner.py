@@ -293,9 +293,9 @@ class Runner:
                 ran = True
                 break
             if not ran:
+                await lifecycle.watch_waiting(self, ex)  # watched before it shows waiting
                 async with db.autocommit(self.pool) as conn:
                     await self._set_status(conn, execution_id, "waiting", None)
-                await lifecycle.watch_waiting(self, ex)
                 return "waiting"
 
     async def _schedule_delay(
