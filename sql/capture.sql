@@ -314,6 +314,7 @@ DECLARE
     i integer;
     insert_sql text;
     update_sql text;
+    update_probe text;
 BEGIN
     IF entity !~ '^[a-z_][a-z0-9_]{0,62}$' THEN
         RAISE EXCEPTION 'entity name % cannot be captured', entity;
@@ -365,14 +366,20 @@ BEGIN
                 'SELECT %L, %L, %s, r.j, %s, %s FROM %s',
                 row_column, entity, op, key_expr, depth_expr, actor_expr,
                 format(rows_json, rows_table));
+            -- Filtered: a probe (EXISTS, which stops at the first row kept) before the
+            -- INSERT, so a statement none of whose rows can match pays the guard and
+            -- the probe, not an INSERT's start-up on the outbox (docs/design.md, "Capture
+            -- keeps what can match", has the figures). The guard is tested with IS NOT
+            -- TRUE: NULL (the sequence gone) keeps every row.
             bodies := bodies || CASE CASE op WHEN 'insert' THEN f_insert ELSE f_delete END
                 WHEN 'true' THEN format('BEGIN %s; %s END', insert_sql, wake)
                 WHEN 'false' THEN format('BEGIN IF %s THEN NULL; ELSE %s; END IF; %s END',
                                          guard, insert_sql, wake)
-                ELSE format('BEGIN IF %s THEN %s WHERE %s; ELSE %s; END IF; %s END',
-                            guard, insert_sql,
-                            CASE op WHEN 'insert' THEN f_insert ELSE f_delete END,
-                            insert_sql, wake)
+                ELSE format('BEGIN IF (%1$s) IS NOT TRUE THEN %2$s; '
+                            'ELSIF EXISTS (SELECT FROM %3$s WHERE %4$s) THEN %2$s WHERE %4$s; '
+                            'ELSE RETURN NULL; END IF; %5$s END',
+                            guard, insert_sql, format(rows_json, rows_table),
+                            CASE op WHEN 'insert' THEN f_insert ELSE f_delete END, wake)
                 END;
         END LOOP;
 
@@ -381,30 +388,37 @@ BEGIN
         -- insert of the new one (and filtered as such). Updates that change no column
         -- are not captured. Which columns changed is left to readers
         -- (crmflow.changed_columns): that diff was half the writer's cost on wide tables.
-        -- The update body: filtered (variant 1) and keeping every row (variant 2).
+        -- The update bodies: the probe of the filtered one (variant 1: is any pair kept?),
+        -- the filtered one (2) and the one keeping every row (3).
         update_sql := NULL;
-        FOR variant IN 1..2 LOOP
+        FOR variant IN 1..3 LOOP
             insert_sql := format(
                 'WITH n AS MATERIALIZED (SELECT r.j, %1$s AS k FROM %2$s), '
                 '     o AS MATERIALIZED (SELECT r.j, %1$s AS k FROM %3$s) '
-                'INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, old_row, changed, depth, actor) '
-                'SELECT %4$L, c.op, c.pk, c.new_row, c.old_row, c.changed, %5$s, %6$s FROM ('
+                '%4$s FROM ('
                 '  SELECT ''update'' AS op, n.k AS pk, n.j AS new_row, o.j AS old_row, '
                 '         NULL::text[] AS changed, 0 AS part '
-                '    FROM n JOIN o ON o.k = n.k WHERE n.j IS DISTINCT FROM o.j%7$s '
+                '    FROM n JOIN o ON o.k = n.k WHERE n.j IS DISTINCT FROM o.j%5$s '
                 '  UNION ALL '
                 '  SELECT ''delete'', o.k, NULL, o.j, NULL, 1 FROM o '
-                '   WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k = o.k)%8$s '
+                '   WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k = o.k)%6$s '
                 '  UNION ALL '
                 '  SELECT ''insert'', n.k, n.j, NULL, NULL, 2 FROM n '
-                '   WHERE NOT EXISTS (SELECT 1 FROM o WHERE o.k = n.k)%9$s '
-                ') AS c ORDER BY c.part',
+                '   WHERE NOT EXISTS (SELECT 1 FROM o WHERE o.k = n.k)%7$s '
+                ') AS c%8$s',
                 key_expr, format(rows_json, 'new_rows'), format(rows_json, 'old_rows'),
-                entity, depth_expr, actor_expr,
-                CASE WHEN variant = 1 AND f_update <> 'true' THEN ' AND ' || f_update ELSE '' END,
-                CASE WHEN variant = 1 AND f_key_delete <> 'true' THEN ' AND ' || f_key_delete ELSE '' END,
-                CASE WHEN variant = 1 AND f_key_insert <> 'true' THEN ' AND ' || f_key_insert ELSE '' END);
+                CASE WHEN variant = 1 THEN 'SELECT'
+                     ELSE format('INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, '
+                                 'old_row, changed, depth, actor) '
+                                 'SELECT %L, c.op, c.pk, c.new_row, c.old_row, c.changed, %s, %s',
+                                 entity, depth_expr, actor_expr) END,
+                CASE WHEN variant < 3 AND f_update <> 'true' THEN ' AND ' || f_update ELSE '' END,
+                CASE WHEN variant < 3 AND f_key_delete <> 'true' THEN ' AND ' || f_key_delete ELSE '' END,
+                CASE WHEN variant < 3 AND f_key_insert <> 'true' THEN ' AND ' || f_key_insert ELSE '' END,
+                CASE WHEN variant = 1 THEN '' ELSE ' ORDER BY c.part' END);
             IF variant = 1 THEN
+                update_probe := insert_sql;
+            ELSIF variant = 2 THEN
                 update_sql := insert_sql;
             END IF;
         END LOOP;
@@ -413,8 +427,9 @@ BEGIN
                 format('BEGIN %s; %s END', insert_sql, wake)
             WHEN (f_update, f_key_delete, f_key_insert) = ('false', 'false', 'false') THEN
                 format('BEGIN IF %s THEN NULL; ELSE %s; END IF; %s END', guard, insert_sql, wake)
-            ELSE format('BEGIN IF %s THEN %s; ELSE %s; END IF; %s END',
-                        guard, update_sql, insert_sql, wake)
+            ELSE format('BEGIN IF (%s) IS NOT TRUE THEN %s; ELSIF EXISTS (%s) THEN %s; '
+                        'ELSE RETURN NULL; END IF; %s END',
+                        guard, insert_sql, update_probe, update_sql, wake)
             END;
         bodies := ARRAY[bodies[1], bodies[3], bodies[2]];  -- insert, update, delete
 
@@ -532,7 +547,8 @@ BEGIN
           FROM unnest(ARRAY['insert', 'update', 'delete']) AS op(name)
           JOIN pg_proc AS p
             ON p.oid = to_regprocedure(format('crmflow.%I()', 'tg_' || entity || '__' || op.name))
-         CROSS JOIN LATERAL regexp_match(p.prosrc, '__epoch''\)\) = ([0-9]+) THEN') AS m(found)
+         CROSS JOIN LATERAL regexp_match(p.prosrc, '__epoch''\)\) = ([0-9]+)\)? (IS NOT TRUE )?THEN')
+                   AS m(found)
          WHERE m.found IS NOT NULL AND m.found[1]::bigint IS DISTINCT FROM now_at);
 END
 $stale$;
