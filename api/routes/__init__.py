@@ -14,6 +14,7 @@ from api.routes import (
     metrics,
     workflows,
 )
+from api.routes import scorecards as scorecards_routes
 
 ROUTERS: list[APIRouter] = [
     workflows.router,
@@ -24,4 +25,5 @@ ROUTERS: list[APIRouter] = [
     apikeys.router,
     health.router,
     metrics.router,
+    scorecards_routes.router,
 ]
