@@ -20,7 +20,7 @@ from psycopg import pq
 from psycopg_pool import PoolTimeout
 
 from api.problems import ApiError
-from engine import apikeys, db
+from engine import apikeys, audit, db
 from engine.config import Settings
 from engine.executor.runner import Runner
 
@@ -119,6 +119,8 @@ async def current_key(
     key = await apikeys.verify(conn, credentials.credentials)
     if key is None:
         raise _unauthorized("the API key is not valid (unknown, malformed or revoked)")
+    # Who the audit trail names for this request's workflow changes (engine/audit.py).
+    audit.set_actor(key["name"])
     return key
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import psycopg
 
 from engine import capture, db, executions, workflows
-from engine.commands import apikey, entities, examples, service
+from engine.commands import apikey, entities, examples, service, workflow_admin
 from engine.commands import executions as executions_commands
 from engine.commands import workflow as workflow_commands
 from engine.commands.common import CliError, err
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     entities.register(sub)
-    workflow_commands.register(sub)
+    workflow_admin.register(workflow_commands.register(sub))
     executions_commands.register(sub)
     examples.register(sub)
     apikey.register(sub)

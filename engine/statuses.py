@@ -9,7 +9,7 @@ psycopg sends their value (``ExecutionStatus.FAILED == "failed"``).
 - crmflow.executions.status: :class:`ExecutionStatus`
 - crmflow.execution_steps.status: :class:`StepStatus`
 - crmflow.circuit_breakers.state: :class:`BreakerState`
-- crmflow.scorecards.status: :class:`ScorecardStatus`
+- crmflow.workflow_changes.action: :class:`WorkflowChange`
 """
 
 from __future__ import annotations
@@ -57,13 +57,6 @@ class BreakerState(StrEnum):
     HALF_OPEN = "half_open"
 
 
-class ScorecardStatus(StrEnum):
-    """A scorecard's status (crmflow.scorecards.status): a paused one runs only when asked."""
-
-    ACTIVE = "active"
-    PAUSED = "paused"
-
-
 # Live executions (never removed by retention); the others have finished.
 LIVE: tuple[ExecutionStatus, ...] = (
     ExecutionStatus.PENDING,
@@ -77,3 +70,13 @@ DONE_STEP: tuple[StepStatus, ...] = (
     StepStatus.SKIPPED,
     StepStatus.COMPENSATED,
 )
+
+
+class WorkflowChange(StrEnum):
+    """What a row of the audit trail records (crmflow.workflow_changes.action)."""
+
+    CREATE = "create"
+    UPDATE = "update"  # a new version (its status may change with it)
+    ACTIVATE = "activate"
+    PAUSE = "pause"
+    ARCHIVE = "archive"

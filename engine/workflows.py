@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from engine import catalog, db, lifecycle, prefilter
+from engine import audit, catalog, db, lifecycle, prefilter
 from engine.actions import registry
 from engine.catalog import EntitySchema
 from engine.conditions import (
@@ -43,6 +43,7 @@ from engine.model import (
     parse_definition,
     step_ids,
 )
+from engine.statuses import WorkflowChange
 from engine.windows import window_issues
 
 T = TypeVar("T")
@@ -330,8 +331,12 @@ class SaveResult:
     new_version: bool
 
 
-async def apply(conn: psycopg.AsyncConnection[Any], raw: Any) -> SaveResult:
-    """Create or update a workflow by name; a changed definition becomes a new version."""
+async def apply(
+    conn: psycopg.AsyncConnection[Any], raw: Any, *, actor: str | None = None
+) -> SaveResult:
+    """Create or update a workflow by name; a changed definition becomes a new version.
+    ``actor`` is who the audit trail names (engine/audit.py: else the context's, else
+    the OS user)."""
     compiled = await compile_workflow(conn, raw)
 
     async def save() -> SaveResult:
@@ -341,13 +346,15 @@ async def apply(conn: psycopg.AsyncConnection[Any], raw: Any) -> SaveResult:
             )
         ).fetchone()
         if existing is None:
-            return await refreshed(conn, await _create(conn, compiled, raw))
-        return await refreshed(conn, await _new_version(conn, existing["id"], compiled, raw))
+            return await refreshed(conn, await _create(conn, compiled, raw, actor))
+        return await refreshed(conn, await _new_version(conn, existing["id"], compiled, raw, actor))
 
     return await db.retry_lock_timeouts(conn, save, f"saving workflow {compiled.definition.name!r}")
 
 
-async def update(conn: psycopg.AsyncConnection[Any], workflow_id: int, raw: Any) -> SaveResult:
+async def update(
+    conn: psycopg.AsyncConnection[Any], workflow_id: int, raw: Any, *, actor: str | None = None
+) -> SaveResult:
     """Replace the definition of workflow ``workflow_id`` (a rename included)."""
     compiled = await compile_workflow(conn, raw)
 
@@ -357,17 +364,19 @@ async def update(conn: psycopg.AsyncConnection[Any], workflow_id: int, raw: Any)
         ).fetchone()
         if existing is None or existing["status"] == "archived":
             raise WorkflowNotFound(workflow_id)
-        return await refreshed(conn, await _new_version(conn, workflow_id, compiled, raw))
+        return await refreshed(conn, await _new_version(conn, workflow_id, compiled, raw, actor))
 
     return await db.retry_lock_timeouts(conn, save, f"saving workflow {workflow_id}")
 
 
-async def create(conn: psycopg.AsyncConnection[Any], raw: Any) -> SaveResult:
+async def create(
+    conn: psycopg.AsyncConnection[Any], raw: Any, *, actor: str | None = None
+) -> SaveResult:
     """Create a new workflow; its name must be free."""
     compiled = await compile_workflow(conn, raw)
 
     async def save() -> SaveResult:
-        return await refreshed(conn, await _create(conn, compiled, raw))
+        return await refreshed(conn, await _create(conn, compiled, raw, actor))
 
     return await db.retry_lock_timeouts(conn, save, f"saving workflow {compiled.definition.name!r}")
 
@@ -386,7 +395,10 @@ async def refreshed(conn: psycopg.AsyncConnection[Any], result: T) -> T:
 
 
 async def _create(
-    conn: psycopg.AsyncConnection[Any], compiled: CompiledWorkflow, raw: dict[str, Any]
+    conn: psycopg.AsyncConnection[Any],
+    compiled: CompiledWorkflow,
+    raw: dict[str, Any],
+    actor: str | None = None,
 ) -> SaveResult:
     wf = compiled.definition
     row = await (
@@ -401,6 +413,14 @@ async def _create(
     if row is None:
         raise NameTaken(f"a workflow named {wf.name!r} already exists")
     await _insert_version(conn, row["id"], 1, compiled)
+    await audit.record(
+        conn,
+        row["id"],
+        1,
+        WorkflowChange.CREATE,
+        audit.diff(None, audit.state(compiled.stored, row["status"])),
+        actor,
+    )
     return SaveResult(row["id"], wf.name, 1, row["status"], created=True, new_version=True)
 
 
@@ -409,7 +429,9 @@ async def _new_version(
     workflow_id: int,
     compiled: CompiledWorkflow,
     raw: dict[str, Any],
+    actor: str | None = None,
 ) -> SaveResult:
+    before = await audit.snapshot(conn, workflow_id)
     current = await (
         await conn.execute(db.query("current_version"), {"id": workflow_id})
     ).fetchone()
@@ -448,6 +470,18 @@ async def _new_version(
     except psycopg.errors.UniqueViolation:
         raise NameTaken(f"a workflow named {compiled.definition.name!r} already exists") from None
     assert row is not None
+    if before is not None and (changed or before["status"] != row["status"]):
+        await audit.record(
+            conn,
+            workflow_id,
+            version,
+            WorkflowChange.UPDATE if changed else audit.STATUS_ACTIONS[row["status"]],
+            audit.diff(
+                audit.state(before["definition"], before["status"]),
+                audit.state(compiled.stored, row["status"]),
+            ),
+            actor,
+        )
     return SaveResult(
         workflow_id, row["name"], version, row["status"], created=False, new_version=changed
     )
@@ -476,17 +510,29 @@ async def _insert_version(
 
 
 async def set_status(
-    conn: psycopg.AsyncConnection[Any], workflow_id: int, status: str
+    conn: psycopg.AsyncConnection[Any],
+    workflow_id: int,
+    status: str,
+    *,
+    actor: str | None = None,
 ) -> dict[str, Any]:
     async def save() -> Any:
-        return await refreshed(
-            conn,
-            await (
-                await conn.execute(
-                    db.query("set_workflow_status"), {"id": workflow_id, "status": status}
-                )
-            ).fetchone(),
-        )
+        before = await audit.snapshot(conn, workflow_id)
+        row = await (
+            await conn.execute(
+                db.query("set_workflow_status"), {"id": workflow_id, "status": status}
+            )
+        ).fetchone()
+        if row is not None and before is not None and before["status"] != row["status"]:
+            await audit.record(
+                conn,
+                workflow_id,
+                before["version"],
+                audit.STATUS_ACTIONS[row["status"]],
+                [{"path": "status", "before": before["status"], "after": row["status"]}],
+                actor,
+            )
+        return await refreshed(conn, row)
 
     row: dict[str, Any] | None = await db.retry_lock_timeouts(
         conn, save, f"setting workflow {workflow_id} {status}"

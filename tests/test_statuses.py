@@ -16,7 +16,6 @@ from engine.statuses import (
     LIVE,
     BreakerState,
     ExecutionStatus,
-    ScorecardStatus,
     StepStatus,
     WorkflowStatus,
 )
@@ -26,7 +25,6 @@ ENUMS: dict[tuple[str, str], type[StrEnum]] = {
     ("executions", "status"): ExecutionStatus,
     ("execution_steps", "status"): StepStatus,
     ("circuit_breakers", "state"): BreakerState,
-    ("scorecards", "status"): ScorecardStatus,
 }
 
 # The CHECK constraints on one column each of crmflow's tables (pg_constraint), with their

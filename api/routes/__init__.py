@@ -12,12 +12,13 @@ from api.routes import (
     executions,
     health,
     metrics,
+    workflow_admin,
     workflows,
 )
-from api.routes import scorecards as scorecards_routes
 
 ROUTERS: list[APIRouter] = [
     workflows.router,
+    workflow_admin.router,
     enrollments.router,
     executions.router,
     events.router,
@@ -25,5 +26,4 @@ ROUTERS: list[APIRouter] = [
     apikeys.router,
     health.router,
     metrics.router,
-    scorecards_routes.router,
 ]

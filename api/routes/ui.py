@@ -349,7 +349,7 @@ async def _set_status(
     wf = await workflows.get_workflow(conn, wf_id)
     if wf["status"] == "archived":
         return _refuse(409, f"workflow {wf_id} is archived")
-    await workflows.set_status(conn, wf_id, to)
+    await workflows.set_status(conn, wf_id, to, actor=key["name"])
     return JSONResponse({"id": wf_id, "status": to})
 
 

@@ -1,0 +1,294 @@
+"""Backfill (engine/backfill.py): an event workflow enrolls the rows that already match
+it, set-based in batches keyed by primary key, once per row, within --limit, through the
+normal executor; a dry run only counts; CRM writers are never blocked by a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from engine import backfill, db
+from engine.config import Settings
+from tests.helpers import apply, fetch, value, wait_until
+
+MARK = {
+    "name": "Mark web leads",
+    "trigger": {"type": "entity_created", "entity_type": "lead"},
+    "conditions": [{"field": "source", "operator": "equals", "value": "web"}],
+    "actions": [{"type": "update_field", "field": "status", "value": "backfilled"}],
+}
+ROWS = 2_500  # 1,250 of them from 'web'
+
+
+async def leads(conn: psycopg.AsyncConnection[Any], n: int = ROWS) -> None:
+    await conn.execute(
+        "INSERT INTO leads (name, source)"
+        " SELECT 'lead ' || i, CASE WHEN i %% 2 = 0 THEN 'web' ELSE 'ads' END"
+        " FROM generate_series(1, %s) AS i",
+        [n],
+    )
+
+
+async def executions(conn: psycopg.AsyncConnection[Any]) -> int:
+    return int(await value(conn, "SELECT count(*) FROM crmflow.executions"))
+
+
+async def test_dry_run_limit_run_and_an_idempotent_second_run(
+    crm: psycopg.AsyncConnection[Any], settings: Settings, worker: Any
+) -> None:
+    await leads(crm)
+    wf = await apply(crm, MARK)  # after the rows: their inserts enroll nothing
+    dry = await backfill.run(crm, wf, dry_run=True, settings=settings)
+    assert (dry.scanned, dry.matched, dry.enrolled, dry.batches) == (ROWS, 1250, 1250, 3)
+    assert await executions(crm) == 0  # a dry run changes nothing
+
+    first = await backfill.run(crm, wf, limit=100, settings=settings)
+    assert first.enrolled == 100 and len(first.execution_ids) == 100
+    rest = await backfill.run(crm, wf, batch_size=400, settings=settings)
+    assert rest.enrolled == 1150 and rest.skipped == 100 and rest.batches == 7
+    again = await backfill.run(crm, wf, settings=settings)
+    assert again.enrolled == 0 and again.matched == 1250
+    assert (await backfill.run(crm, wf, dry_run=True, settings=settings)).enrolled == 0
+    rows = await fetch(
+        crm,
+        "SELECT count(*) AS n, count(DISTINCT entity_pk) AS entities,"
+        " bool_and(enrollment_key = 'backfill:' || entity_pk::text) AS keyed,"
+        " bool_and(event_id IS NULL) AS no_event"
+        " FROM crmflow.executions WHERE workflow_id = %s",
+        wf,
+    )
+    assert rows == [{"n": 1250, "entities": 1250, "keyed": True, "no_event": True}]
+
+    # The normal executor runs them: every web lead is marked, no other.
+    async def done() -> bool:
+        return (
+            await value(crm, "SELECT count(*) FROM crmflow.executions WHERE status = 'completed'")
+            == 1250
+        )
+
+    await wait_until(done, timeout=60)
+    marked = await fetch(
+        crm, "SELECT source, count(*) AS n FROM leads WHERE status = 'backfilled' GROUP BY 1"
+    )
+    assert marked == [{"source": "web", "n": 1250}]
+
+
+async def test_the_reenrollment_policy_applies(
+    crm: psycopg.AsyncConnection[Any], settings: Settings
+) -> None:
+    await leads(crm, 10)
+    wf = await apply(crm, {**MARK, "limits": {"reenrollment": "never"}})
+    # Lead 2 was enrolled already (by an event, say): "never" keeps it out.
+    await crm.execute(
+        "INSERT INTO crmflow.executions (workflow_id, workflow_version_id, workflow_version,"
+        " enrollment_key, entity_type, entity_pk, status, priority, depth, triggered_at)"
+        " SELECT w.id, v.id, v.version, 'event:0', 'lead', '{\"id\": 2}', 'completed', 0, 0,"
+        " now() FROM crmflow.workflows w JOIN crmflow.workflow_versions v ON v.workflow_id = w.id"
+        " WHERE w.id = %s",
+        [wf],
+    )
+    report = await backfill.run(crm, wf, dry_run=True, settings=settings)
+    assert (report.matched, report.enrolled) == (5, 4)
+
+
+@pytest.mark.parametrize(
+    ("definition", "path", "reason"),
+    [
+        (
+            {
+                "name": "Nightly",
+                "trigger": {"type": "scheduled", "entity_type": "lead", "schedule": "0 3 * * *"},
+                "actions": [{"type": "qualify_lead"}],
+            },
+            "trigger.type",
+            "has a scheduled trigger: only entity_created, entity_updated, field_updated",
+        ),
+        (
+            {
+                "name": "Deleted",
+                "trigger": {"type": "entity_deleted", "entity_type": "lead"},
+                "actions": [{"type": "send_notification", "recipient": 1, "message": "x"}],
+            },
+            "trigger.type",
+            "has a entity_deleted trigger",
+        ),
+        (
+            {
+                "name": "Changed",
+                "trigger": {"type": "entity_updated", "entity_type": "lead"},
+                "conditions": [{"field": "status", "operator": "changed"}],
+                "actions": [{"type": "qualify_lead"}],
+            },
+            "conditions[0]",
+            "without its previous values",
+        ),
+        (
+            {
+                "name": "From",
+                "trigger": {
+                    "type": "field_updated",
+                    "entity_type": "lead",
+                    "field": "status",
+                    "from": "new",
+                },
+                "actions": [{"type": "qualify_lead"}],
+            },
+            "trigger.from",
+            "with 'from' cannot be backfilled",
+        ),
+    ],
+)
+async def test_refused_with_the_reason_naming_the_path(
+    crm: psycopg.AsyncConnection[Any],
+    settings: Settings,
+    definition: dict[str, Any],
+    path: str,
+    reason: str,
+) -> None:
+    wf = await apply(crm, definition)
+    with pytest.raises(backfill.BackfillRefused, match=reason) as refused:
+        await backfill.run(crm, wf, settings=settings)
+    assert (refused.value.path or "").startswith(path)
+    assert await executions(crm) == 0
+
+
+async def test_field_updated_to_is_required_of_the_row_now(
+    crm: psycopg.AsyncConnection[Any], settings: Settings
+) -> None:
+    await crm.execute(
+        "INSERT INTO leads (name, status)"
+        " VALUES ('a', 'qualified'), ('b', 'new'), ('c', 'qualified')"
+    )
+    wf = await apply(
+        crm,
+        {
+            "name": "Qualified",
+            "trigger": {
+                "type": "field_updated",
+                "entity_type": "lead",
+                "field": "status",
+                "to": "qualified",
+            },
+            "actions": [{"type": "qualify_lead"}],
+        },
+    )
+    assert (await backfill.run(crm, wf, dry_run=True, settings=settings)).enrolled == 2
+    paused = await apply(crm, {**MARK, "status": "paused"})
+    with pytest.raises(backfill.BackfillRefused, match="paused: activate it"):
+        await backfill.run(crm, paused, settings=settings)
+
+
+async def test_a_batch_never_blocks_a_crm_writer(
+    crm: psycopg.AsyncConnection[Any], settings: Settings, db_url: str
+) -> None:
+    await leads(crm, 2_000)
+    wf = await apply(crm, MARK)
+    plan = await backfill.plan(crm, wf)
+    params = backfill.batch_params(plan, settings, 1000, datetime.now(UTC))
+    async with await db.connect(db_url, autocommit=True) as writer:
+        await writer.execute("SET lock_timeout = '2s'")
+        # A batch's transaction left open: the rows it read (and enrolled) stay writable.
+        async with crm.transaction():
+            row = await (
+                await crm.execute(backfill.statement(plan, dry_run=False, first=True), params)
+            ).fetchone()
+            assert row is not None and row["enrolled"] == 500
+            locks = await fetch(
+                crm,
+                "SELECT mode FROM pg_locks WHERE relation = 'public.leads'::regclass"
+                " AND pid = pg_backend_pid()",
+            )
+            assert {r["mode"] for r in locks} == {"AccessShareLock"}
+            started = time.monotonic()
+            await writer.execute("UPDATE leads SET score = 1 WHERE id IN (2, 4, 500)")
+            await writer.execute("UPDATE leads SET source = 'ads' WHERE id = 1998")
+            assert time.monotonic() - started < 1.0
+
+        # And during a whole backfill in small batches: each write completes at once.
+        latencies: list[float] = []
+
+        async def write() -> None:
+            for i in range(40):
+                started = time.monotonic()
+                await writer.execute(
+                    "UPDATE leads SET score = %s WHERE id = %s", [i, 1001 + (i * 23) % 999]
+                )
+                latencies.append(time.monotonic() - started)
+                await asyncio.sleep(0.005)
+
+        run = asyncio.create_task(backfill.run(crm, wf, batch_size=100, settings=settings))
+        await write()
+        report = await run
+        assert report.enrolled == 499  # 1,000 web leads, 500 enrolled, lead 1998 now 'ads'
+        assert max(latencies) < 1.0, latencies
+
+
+async def test_cli_and_api(crm: psycopg.AsyncConnection[Any], db_url: str, client: Any) -> None:
+    await leads(crm, 30)
+    wf = await apply(crm, MARK)
+    env = {**os.environ, "CRMFLOW_DATABASE_URL": db_url}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "engine.cli", "workflow", "backfill", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    dry = cli(str(wf), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "15 row(s) would enroll" in dry.stdout and "nothing was changed" in dry.stdout
+    assert await executions(crm) == 0
+    limited = cli("Mark web leads", "--limit", "5", "--json")
+    assert limited.returncode == 0, limited.stderr
+    assert json.loads(limited.stdout)["enrolled"] == 5
+    bad = cli(str(wf), "--limit", "0")
+    assert bad.returncode == 2 and "at least 1" in bad.stderr
+
+    response = await client.post(f"/workflows/{wf}/backfill", json={"dry_run": True})
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "workflow_id": wf,
+        "dry_run": True,
+        "scanned": 30,
+        "matched": 15,
+        "enrolled": 10,
+        "skipped": 5,
+        "batches": 1,
+        "limit": None,
+    }
+    response = await client.post(f"/workflows/{wf}/backfill", json={"limit": 4})
+    assert response.json()["enrolled"] == 4
+    response = await client.post(f"/workflows/{wf}/backfill")
+    assert response.json()["enrolled"] == 6
+    assert await executions(crm) == 15
+
+    scheduled = await apply(
+        crm,
+        {
+            "name": "Nightly",
+            "trigger": {"type": "scheduled", "entity_type": "lead", "schedule": "0 3 * * *"},
+            "actions": [{"type": "qualify_lead"}],
+        },
+    )
+    refused = await client.post(f"/workflows/{scheduled}/backfill", json={})
+    assert refused.status_code == 409
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert refused.json()["errors"][0]["path"] == "trigger.type"
+    assert "scheduled" in refused.json()["detail"]
+    cli_refused = cli("Nightly")
+    assert cli_refused.returncode == 1 and "scheduled trigger" in cli_refused.stderr
+    unknown = await client.post(f"/workflows/{wf}/backfill", json={"dryrun": True})
+    assert unknown.status_code == 422
+    assert (await client.post("/workflows/999999/backfill")).status_code == 404
