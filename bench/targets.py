@@ -823,6 +823,108 @@ async def q3(quick: bool, events: int | None = None) -> Result:
     )
 
 
+# ───────────────────────────── L1: the lifecycle's cost to the matcher ─────────────────
+
+WATCHED_NURTURE = {
+    "name": "bench nurture (goal, exit_when, wait_until)",
+    "trigger": {"type": "manual", "entity_type": "lead"},
+    "conditions": [{"field": "name", "operator": "starts_with", "value": "watched"}],
+    "goal": {"field": "status", "operator": "equals", "value": "customer"},
+    "exit_when": {"field": "status", "operator": "equals", "value": "lost"},
+    "actions": [
+        {
+            "id": "wait",
+            "type": "wait",
+            "wait_until": {
+                "conditions": [{"field": "score", "operator": "greater_than", "value": 10**9}]
+            },
+            "timeout": "7d",
+        },
+        {"type": "create_task", "title": "call {{ entity.name }}"},
+    ],
+}
+
+
+async def _l1_case(events: int, watched: int, waiting: bool) -> float:
+    """Matcher events/s on a burst of ``events`` new leads plus one update of each of the
+    ``watched`` leads (changes that meet nothing), with the nurture workflow's executions
+    of those leads waiting (``waiting``) or not enrolled at all."""
+    from engine.config import Settings
+    from engine.matcher import Matcher
+    from engine.scheduler import run_now
+
+    with scratch_database() as url:
+        await prepare(url)
+        await apply_active(url, [TASK_ON_NEW_LEAD, WATCHED_NURTURE])
+        async with await db.connect(url, autocommit=True) as conn:
+            await conn.execute(
+                "INSERT INTO leads (name, score) SELECT 'watched ' || i, 0"
+                " FROM generate_series(1, %s) i",
+                [watched],
+            )
+        if waiting:
+            async with await db.connect(url, autocommit=True) as conn:
+                wf = await scalar(
+                    url, "SELECT id FROM crmflow.workflows WHERE name LIKE 'bench nurture%%'"
+                )
+                await run_now(conn, int(wf))
+            async with worker_process(url) as worker:
+                await wait_for(
+                    url,
+                    "SELECT count(*) FROM crmflow.watches WHERE kind = 'wait'",
+                    watched,
+                    300,
+                    worker,
+                )
+        async with await db.connect(url, autocommit=True) as conn:
+            await conn.execute(
+                "UPDATE crmflow.outbox SET processed_at = now() WHERE processed_at IS NULL"
+            )
+            await conn.execute(
+                "INSERT INTO leads (name) SELECT 'lead ' || i FROM generate_series(1, %s) i",
+                [events],
+            )
+            await conn.execute("UPDATE leads SET score = score + 1 WHERE name LIKE 'watched%%'")
+        settings = Settings(database_url=url)
+        pool = db.create_pool(url, settings, min_size=1, max_size=4)
+        await pool.open(wait=True)
+        try:
+            start = time.monotonic()
+            drained = await Matcher(pool, settings).drain()
+            elapsed = time.monotonic() - start
+        finally:
+            await pool.close()
+        if waiting:
+            still = await scalar(url, "SELECT count(*) FROM crmflow.watches WHERE kind = 'wait'")
+            if still != watched:
+                raise RuntimeError(f"L1: {still} of {watched} waits left; the burst met none")
+        return drained.claimed / elapsed
+
+
+async def l1(quick: bool, events: int | None = None, watched: int = 1000) -> Result:
+    events = events or (5_000 if quick else 20_000)
+    without = await _l1_case(events, watched, waiting=False)
+    with_waits = await _l1_case(events, watched, waiting=True)
+    ratio = with_waits / without
+    return Result(
+        "L1",
+        f"matcher events/s with {watched:,} waiting executions that have goal, exit_when and "
+        f"wait_until ÷ without them ({events:,} new leads + {watched:,} changes of the watched "
+        "leads, matched in-process)",
+        ratio,
+        0.8,
+        "ratio",
+        True,
+        {
+            "events": events + watched,
+            "watched": watched,
+            "with_per_s": round(with_waits),
+            "without_per_s": round(without),
+        },
+        measured_text=f"{ratio:.2f} ({with_waits:,.0f} / {without:,.0f} events/s)",
+    )
+
+
 async def views(quick: bool) -> list[Result]:
     from bench.views import view_times
 
@@ -853,6 +955,7 @@ async def run_all(quick: bool, only: set[str] | None = None, progress: Any = Non
         ("Q2", q2),
         ("Q3", q3),
         ("W1", w1),
+        ("L1", l1),
         ("S", scale_out),
         ("V", views),
     ]

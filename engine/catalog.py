@@ -94,6 +94,24 @@ class EntitySchema:
     def qualified_name(self) -> str:
         return f"{self.table_schema}.{self.table_name}"
 
+    def pk_match(self, left: str = "t", right: str = "p") -> sql.Composable:
+        """``left.k1 = right.k1 AND ...`` over the primary key: the one place a row is matched
+        to a key (``p`` is usually ``jsonb_populate_record(NULL::table, %(pk)s)``)."""
+        return sql.SQL(" AND ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(left, c), sql.Identifier(right, c))
+            for c in self.pk_columns
+        )
+
+    def pk_object(self, alias: str) -> sql.Composable:
+        """``jsonb_build_object('k1', alias.k1, ...)``: the key of the row ``alias`` as JSON
+        (the shape of ``entity_key`` in the outbox and the executions)."""
+        return sql.SQL("jsonb_build_object({})").format(
+            sql.SQL(", ").join(
+                sql.SQL("{}, {}").format(sql.Literal(c), sql.Identifier(alias, c))
+                for c in self.pk_columns
+            )
+        )
+
     def resolve(self, name: str) -> FieldSpec | None:
         """A column, a derived field, or ``column.key.subkey`` into a json/jsonb column."""
         if name in self.columns:

@@ -93,10 +93,7 @@ def _current_row(entities: list[catalog.EntitySchema]) -> sql.Composable:
         sql.SQL(_q("current_row_case")).format(
             entity_type=sql.Literal(e.entity_type),
             table=e.table,
-            pk_match=sql.SQL(" AND ").join(
-                sql.SQL("{} = {}").format(sql.Identifier("t", c), sql.Identifier("p", c))
-                for c in e.pk_columns
-            ),
+            pk_match=e.pk_match(),
         )
         for e in entities
     ]
@@ -498,6 +495,24 @@ class Matcher:
         except psycopg.DatabaseError as exc:
             log.warning("goals, exits and waits of a batch left to the executor: %s", exc)
 
+    async def _rescore(
+        self, conn: psycopg.AsyncConnection[Any], ids: list[int], careful: bool
+    ) -> None:
+        """Queue the entities the batch's events concern for real-time scorecards
+        (engine/scorecards/run.py; no statement while none is real-time). Redoing a
+        failed batch step by step, a failure here is logged, not the batch's."""
+        from engine.scorecards.run import note_events
+
+        assert self.plan is not None
+        if not careful:
+            await note_events(conn, ids, self.plan.generation)
+            return
+        try:
+            async with conn.transaction():
+                await note_events(conn, ids, self.plan.generation)
+        except psycopg.DatabaseError as exc:
+            log.warning("real-time rescoring of a batch's entities skipped: %s", exc)
+
     def _params(self, ids: list[int]) -> dict[str, Any]:
         return {"ids": ids, "queue": self.settings.queue_name, "max_depth": self.settings.max_depth}
 
@@ -510,6 +525,7 @@ class Matcher:
             return BatchResult()
         assert self.plan is not None
         await self._lifecycle(conn, ids, careful)
+        await self._rescore(conn, ids, careful)
         if self.plan.statement is None:
             await conn.execute(_q("mark_processed"), {"ids": ids, "error": None})
             return BatchResult(claimed=len(ids))

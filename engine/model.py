@@ -295,24 +295,6 @@ class DelayUntil(_Strict):
         return parse_duration(v, allow_negative=True)
 
 
-STEP_OPTIONS = frozenset(
-    {
-        "id",
-        "type",
-        "delay",
-        "when",
-        "retry",
-        "timeout",
-        "on_failure",
-        "depends_on",
-        "params",
-        "compensate",
-        "window",
-        "wait_until",
-    }
-)
-
-
 class WaitUntil(_Strict):
     """A step that waits (engine/lifecycle.py) until the entity meets ``conditions``, or
     the custom event ``event`` about it arrives, or ``timeout`` passes; then it runs, its

@@ -35,10 +35,13 @@ def pk_object(entity: EntitySchema, entity_id: Any) -> dict[str, Any]:
     return {entity.pk_columns[0]: entity_id}
 
 
-def _pk_match(entity: EntitySchema) -> sql.Composable:
-    return sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier("t", c), sql.Identifier("p", c))
-        for c in entity.pk_columns
+def entity_row_query(entity: EntitySchema, *, lock: bool = False) -> sql.Composed:
+    """The statement reading one entity's row by its key (``%(pk)s``), as ``row``; with
+    ``lock``, the row stays locked for the rest of the transaction."""
+    return db.template("entity_row", "rows.sql").format(
+        table=entity.table,
+        pk_match=entity.pk_match(),
+        lock=sql.SQL("FOR UPDATE OF t" if lock else ""),
     )
 
 
@@ -47,9 +50,7 @@ async def fetch_row(
 ) -> dict[str, Any] | None:
     """The entity's row as JSON (``to_jsonb``), or None when there is no such row."""
     pk = pk_object(entity, entity_id)
-    query = db.template("entity_row", "api.sql").format(
-        table=entity.table, pk_match=_pk_match(entity)
-    )
+    query = entity_row_query(entity)
     try:
         async with conn.transaction():
             row = await (await conn.execute(query, {"pk": Jsonb(pk)})).fetchone()

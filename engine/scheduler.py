@@ -29,7 +29,6 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from engine import catalog, db, tracing
-from engine.catalog import EntitySchema
 from engine.config import Settings, get_settings
 from engine.model import DateRelative, Scheduled, parse_definition
 
@@ -71,15 +70,6 @@ def _next_run(definition: dict[str, Any], after: datetime) -> datetime:
     return after + timedelta(seconds=DATE_RELATIVE_INTERVAL)
 
 
-def _pk_object(entity: EntitySchema) -> sql.Composable:
-    return sql.SQL("jsonb_build_object({})").format(
-        sql.SQL(", ").join(
-            sql.SQL("{}, {}").format(sql.Literal(c), sql.Identifier("n", c))
-            for c in entity.pk_columns
-        )
-    )
-
-
 async def enroll(
     conn: psycopg.AsyncConnection[Any],
     wf: dict[str, Any],
@@ -113,7 +103,7 @@ async def enroll(
         ).fetchone()
         return list(row["execution_ids"] or []) if row else []
 
-    pk = _pk_object(entity)
+    pk = entity.pk_object("n")
     limits = wf.get("limits") or {}
     extra: list[sql.Composable] = []
     params: dict[str, Any] = {**base, "entity_type": entity.entity_type}

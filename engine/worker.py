@@ -115,6 +115,12 @@ class Worker:
             )
         if self.run_scheduler:
             self._tasks.append(asyncio.create_task(self.scheduler.run(stop), name="scheduler"))
+            # Scorecards: real-time rescoring from the matcher's queue, daily batches.
+            from engine.scorecards.run import run_loop as run_scorecards
+
+            self._tasks.append(
+                asyncio.create_task(run_scorecards(self.pool, stop), name="scorecards")
+            )
         log.info("worker %s started (concurrency %d)", self.worker_id, self.concurrency)
 
     async def _procrastinate(self) -> None:

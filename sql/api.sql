@@ -65,13 +65,6 @@ DELETE FROM crmflow.ui_sessions WHERE token_hash = %(hash)s;
 
 -- ───────────────────────────── entities and events ─────────────────────────────
 
--- name: entity_row
--- One entity's row as JSON, found by its key (a JSON object of the key columns): the
--- key columns of t (the table) are compared with those of p (the key as a typed row).
-SELECT to_jsonb(t) AS row
-  FROM jsonb_populate_record(NULL::{table}, %(pk)s::jsonb) AS p
-  JOIN {table} AS t ON {pk_match};
-
 -- name: insert_event
 -- A custom event (POST /events/NAME) waits in the outbox like a captured change; the
 -- matcher enrolls the workflows whose trigger is an "event" trigger of this name.

@@ -126,12 +126,6 @@ UPDATE crmflow.executions
  WHERE id = %(id)s AND status IN ('pending', 'running', 'waiting')
 RETURNING id;
 
--- name: entity_row
--- The entity as it is now, as JSON (NULL once deleted).
-SELECT to_jsonb(t) AS row
-  FROM jsonb_populate_record(NULL::{table}, %(pk)s::jsonb) AS p
-  JOIN {table} AS t ON {pk_match}
-
 -- name: evaluate
 SELECT {predicate} AS ok
   FROM jsonb_populate_record(NULL::{table}, %(row)s::jsonb) AS n

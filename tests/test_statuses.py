@@ -16,6 +16,7 @@ from engine.statuses import (
     LIVE,
     BreakerState,
     ExecutionStatus,
+    ScorecardStatus,
     StepStatus,
     WorkflowStatus,
 )
@@ -25,6 +26,7 @@ ENUMS: dict[tuple[str, str], type[StrEnum]] = {
     ("executions", "status"): ExecutionStatus,
     ("execution_steps", "status"): StepStatus,
     ("circuit_breakers", "state"): BreakerState,
+    ("scorecards", "status"): ScorecardStatus,
 }
 
 # The CHECK constraints on one column each of crmflow's tables (pg_constraint), with their

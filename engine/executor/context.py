@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine import db, templates
+from engine import db, rows, templates
 from engine.catalog import EntitySchema, FieldSpec
 from engine.conditions import NEW, Compiler
 from engine.config import Settings
@@ -111,9 +111,7 @@ class StepContext:
     async def lock_entity_row(self) -> dict[str, Any] | None:
         """The entity's row, locked for the rest of the step's transaction."""
         entity = self.require_entity()
-        query = sql.SQL(_q("entity_row") + " FOR UPDATE OF t").format(
-            table=entity.table, pk_match=pk_match(entity)
-        )
+        query = rows.entity_row_query(entity, lock=True)
         row = await (
             await self.require_conn().execute(query, {"pk": Jsonb(self.entity_pk)})
         ).fetchone()
@@ -138,7 +136,7 @@ class StepContext:
             table=entity.table,
             cols=sql.SQL(", ").join(sql.Identifier(c) for c in columns),
             vcols=sql.SQL(", ").join(sql.Identifier("v", c) for c in columns),
-            pk_match=pk_match(entity),
+            pk_match=entity.pk_match(),
         )
         # A 1-column row: "SET (a) = (SELECT ...)" needs ROW() in PostgreSQL.
         if len(columns) == 1:
@@ -150,20 +148,13 @@ class StepContext:
                 table=entity.table,
                 col=sql.Identifier(columns[0]),
                 vcol=sql.Identifier("v", columns[0]),
-                pk_match=pk_match(entity),
+                pk_match=entity.pk_match(),
             )
         await self.require_conn().execute(
             query, {"values": Jsonb(values), "pk": Jsonb(self.entity_pk)}
         )
         self.row = {**before, **values}
         return {c: before.get(c) for c in columns}
-
-
-def pk_match(entity: EntitySchema) -> sql.Composable:
-    return sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier("t", c), sql.Identifier("p", c))
-        for c in entity.pk_columns
-    )
 
 
 def with_steps(entity: EntitySchema | None) -> EntitySchema:

@@ -43,6 +43,8 @@ ALLOWED_FUNCTIONS = frozenset(
         "left",
         "lpad",
         "length",
+        "ln",  # scorecards' log-scaled factors (docs/scorecards.md); ln(0) is an error
+        "log",
         "lower",
         "ltrim",
         "make_date",

@@ -1,0 +1,226 @@
+"""Running scorecards: a set-based scoring statement, then the entity writes in short
+chunks; the matcher's hook that queues real-time rescores; the worker's loop that drains
+that queue and runs the daily schedules (docs/scorecards.md, "When scoring runs")."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from engine import db
+from engine.scorecards import store
+from engine.scorecards.compile import LoadedScorecard, compile_scoring, compile_write_chunk
+
+log = logging.getLogger(__name__)
+
+# Entity rows written per transaction: a chunk's row locks last one short statement.
+WRITE_CHUNK = 2000
+# Keys rescored per real-time round, and the round's poll interval (seconds).
+REALTIME_BATCH = 5000
+REALTIME_POLL = 0.2
+SCHEDULE_POLL = 10.0
+
+
+def _q(name: str) -> str:
+    return db.query(name, "scorecards.sql")
+
+
+@dataclass
+class RunResult:
+    scorecard: str
+    version: int
+    scored: int = 0
+    updated: int = 0
+    history_rows: int = 0
+    level_changes: int = 0
+    skipped_locked: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+async def score(
+    conn: psycopg.AsyncConnection[Any],
+    scorecard: str | LoadedScorecard,
+    keys: list[dict[str, Any]] | None = None,
+    as_of: datetime | None = None,
+) -> RunResult:
+    """Score ``scorecard``'s entities (all, or those whose key objects are in ``keys``),
+    record the history, then write the entities' columns."""
+    started = time.perf_counter()
+    card = (
+        scorecard if isinstance(scorecard, LoadedScorecard) else await store.load(conn, scorecard)
+    )
+    assert card.id is not None
+    result = RunResult(card.definition.name, card.version)
+    if keys is not None and not keys:
+        return result
+    statement = compile_scoring(card, keyed=keys is not None)
+    params: dict[str, Any] = {
+        "as_of": as_of,
+        "scorecard_id": card.id,
+        "version": card.version,
+        "keys": Jsonb(keys) if keys is not None else None,
+    }
+    async with conn.transaction():
+        # The whole table may take longer than an engine statement's usual bound.
+        await conn.execute("SET LOCAL statement_timeout = '10min'")
+        await conn.execute(_q("lock_scorecard_run"), {"id": card.id})
+        row = await (await conn.execute(statement, params)).fetchone()
+        await conn.execute(_q("scorecard_ran"), {"id": card.id})
+    assert row is not None
+    result.scored = int(row["scored"])
+    result.history_rows = int(row["history_rows"])
+    result.level_changes = int(row["level_changes"])
+    if row["pending"] or keys is None:
+        updated, skipped = await write_pending(conn, card)
+        result.updated, result.skipped_locked = updated, skipped
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+async def write_pending(
+    conn: psycopg.AsyncConnection[Any], card: LoadedScorecard
+) -> tuple[int, int]:
+    """Write the pending scores into the entity's columns, a chunk per transaction, with
+    the engine's signed write context (so the writes are captured as crmflow's, depth 1).
+    Rows a CRM writer holds locked are skipped: they stay pending for the next run.
+    Returns (rows written, rows skipped)."""
+    if not card.definition.write.columns():
+        return 0, 0
+    statement = compile_write_chunk(card)
+    after: Any = None  # JSON null sorts before every key object
+    written = skipped = 0
+    actor = f"crmflow:scorecard:{card.definition.name}"
+    while True:
+        async with conn.transaction():
+            await conn.execute(
+                db.query("set_write_context", "runtime.sql"), {"depth": "1", "actor": actor}
+            )
+            row = await (
+                await conn.execute(
+                    statement,
+                    {
+                        "scorecard_id": card.id,
+                        "after": Jsonb(after),
+                        "chunk": WRITE_CHUNK,
+                    },
+                )
+            ).fetchone()
+        assert row is not None
+        written += int(row["written"])
+        skipped += int(row["todo"]) - int(row["locked"])
+        if int(row["todo"]) < WRITE_CHUNK or row["last"] is None:
+            return written, skipped
+        after = row["last"]
+
+
+# ───────────────────────────── real time ─────────────────────────────
+
+_sources_known: dict[int, bool] = {}  # matcher generation -> any score sources?
+
+
+async def note_events(conn: psycopg.AsyncConnection[Any], ids: list[int], generation: int) -> None:
+    """The matcher's hook, in its claiming transaction: queue the entities the claimed
+    events concern for the real-time scorecards (nothing to do, no statement, when no
+    scorecard is real-time: score sources bump the generation)."""
+    if not ids:
+        return
+    present = _sources_known.get(generation)
+    if present is None:
+        row = await (await conn.execute(_q("has_score_sources"), {})).fetchone()
+        present = bool(row and row["present"])
+        _sources_known.clear()
+        _sources_known[generation] = present
+    if present:
+        await conn.execute(_q("note_score_events"), {"ids": ids})
+
+
+async def rescore_queued(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
+    """One real-time round: take the queued keys, rescore them, one statement per
+    scorecard; keys of a failed rescore go back to the queue."""
+    async with conn.transaction():
+        rows = await (
+            await conn.execute(_q("take_score_queue"), {"limit": REALTIME_BATCH})
+        ).fetchall()
+    by_card: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_card.setdefault(int(r["scorecard_id"]), []).append(r["entity_key"])
+    results: list[RunResult] = []
+    for sid, keys in by_card.items():
+        try:
+            card = await store.load_by_id(conn, sid)
+            results.append(await score(conn, card, keys))
+        except store.ScorecardNotFound:
+            continue
+        except Exception as exc:
+            if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                raise
+            log.warning("real-time rescore of scorecard %s failed: %s", sid, exc)
+            async with conn.transaction():
+                await conn.execute(_q("requeue_scores"), {"id": sid, "keys": Jsonb(keys)})
+    return results
+
+
+async def run_due(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
+    """The scheduled runs that are due (each claimed by one worker), the whole table."""
+    from croniter import croniter
+
+    due: list[dict[str, Any]] = []
+    async with conn.transaction():
+        for r in await (await conn.execute(_q("due_scorecards"), {})).fetchall():
+            nxt = croniter(r["schedule"], datetime.now(UTC)).get_next(datetime)
+            await conn.execute(_q("set_next_run"), {"id": r["id"], "next_run_at": nxt})
+            due.append(dict(r))
+    results = []
+    for r in due:
+        try:
+            card = await store.load_by_id(conn, int(r["id"]))
+            result = await score(conn, card)
+            log.info(
+                "scorecard %s: scored %d, wrote %d, %d level changes (%.1fs)",
+                r["name"],
+                result.scored,
+                result.updated,
+                result.level_changes,
+                result.seconds,
+            )
+            results.append(result)
+        except Exception as exc:
+            if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                raise
+            log.error("scheduled run of scorecard %s failed: %s", r["name"], exc)
+    return results
+
+
+async def run_loop(pool: db.Pool, stop: asyncio.Event) -> None:
+    """The worker's scorecard loop: real-time rounds every REALTIME_POLL seconds, due
+    schedules every SCHEDULE_POLL seconds and left-over pending writes with them."""
+    last_schedule = 0.0
+    while not stop.is_set():
+        try:
+            async with db.autocommit(pool) as conn:
+                busy = True
+                while busy and not stop.is_set():
+                    busy = bool(await rescore_queued(conn))
+                if time.monotonic() - last_schedule >= SCHEDULE_POLL:
+                    last_schedule = time.monotonic()
+                    await run_due(conn)
+                    for r in await (await conn.execute(_q("pending_scorecards"), {})).fetchall():
+                        card = await store.load_by_id(conn, int(r["scorecard_id"]))
+                        await write_pending(conn, card)
+        except (psycopg.Error, store.ScorecardNotFound) as exc:
+            log.warning("scorecard loop: %s", exc)
+        except Exception as exc:
+            log.error("scorecard loop failed: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), REALTIME_POLL)
