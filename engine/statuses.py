@@ -9,6 +9,7 @@ psycopg sends their value (``ExecutionStatus.FAILED == "failed"``).
 - crmflow.executions.status: :class:`ExecutionStatus`
 - crmflow.execution_steps.status: :class:`StepStatus`
 - crmflow.circuit_breakers.state: :class:`BreakerState`
+- crmflow.scorecards.status: :class:`ScorecardStatus`
 - crmflow.workflow_changes.action: :class:`WorkflowChange`
 """
 
@@ -55,6 +56,13 @@ class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+class ScorecardStatus(StrEnum):
+    """A scorecard's status (crmflow.scorecards.status): a paused one runs only when asked."""
+
+    ACTIVE = "active"
+    PAUSED = "paused"
 
 
 # Live executions (never removed by retention); the others have finished.

@@ -15,6 +15,7 @@ from api.routes import (
     workflow_admin,
     workflows,
 )
+from api.routes import scorecards as scorecards_routes
 
 ROUTERS: list[APIRouter] = [
     workflows.router,
@@ -26,4 +27,5 @@ ROUTERS: list[APIRouter] = [
     apikeys.router,
     health.router,
     metrics.router,
+    scorecards_routes.router,
 ]
