@@ -105,47 +105,10 @@ async def dry_run(
     """
     wf = await workflows.get_workflow(conn, workflow_id)
     definition = parse_definition(wf["definition"])
-    entity: EntitySchema | None = None
-    if wf["entity_type"]:
-        entity = await catalog.load_entity(conn, wf["entity_type"])
-        if entity is None:
-            raise DryRunError(
-                [Issue("", f"{wf['entity_type']!r} is no longer watched")], status=409
-            )
+    entity = await _entity_of(conn, wf)
     op = TRIGGER_OPS.get(wf["trigger_type"])
-    new: dict[str, Any] | None = None
-    old: dict[str, Any] | None = None
-    if entity is None:
-        if entity_id is not None or row is not None:
-            raise DryRunError([Issue("entity_id", "this workflow is about no entity")])
-    else:
-        new = await _row_of(conn, entity, entity_id, row)
-    if old_row is not None:
-        if op != "update" or entity is None:
-            raise DryRunError(
-                [Issue("old_row", f"old_row applies to update triggers, not {wf['trigger_type']}")]
-            )
-        _check_fields(entity, old_row, "old_row")
-        old = {**(new or {}), **old_row}
-    if op == "delete":
-        new, old = None, new
-
-    compiler = Compiler(
-        entity,
-        allow_transitions=wf["trigger_type"] in ("entity_updated", "field_updated")
-        and not definition.edge_triggered,
-    )
-    raw_conditions = wf["definition"].get("conditions", [])
-    items = top_level(raw_conditions, parse_conditions(raw_conditions, "conditions"))
-    compiled = [compiler.compile(cond, NEW) for cond, _ in items]
-    issues: list[Issue] = []
-    trigger: sql.Composable = sql.SQL("true")
-    if wf["trigger_type"] in EVENT_TRIGGERS:
-        trigger = workflows._trigger_predicate(definition, compiler, issues)
-    issues += [Issue(p, m) for p, m in compiler.issues]
-    if issues:  # the catalog changed since the workflow was saved
-        raise DefinitionError(issues)
-
+    new, old = await _rows(conn, wf, entity, op, entity_id, row, old_row)
+    items, compiled, trigger = _compile(wf, definition, entity)
     event = _event(wf, definition, entity, op, new, old, payload)
     predicate = wf["predicate"]
     columns = [
@@ -186,6 +149,67 @@ async def dry_run(
         "row": result["evaluated_row"],
         "old_row": old,
     }
+
+
+async def _entity_of(conn: psycopg.AsyncConnection[Any], wf: dict[str, Any]) -> EntitySchema | None:
+    if not wf["entity_type"]:
+        return None
+    entity = await catalog.load_entity(conn, wf["entity_type"])
+    if entity is None:
+        raise DryRunError([Issue("", f"{wf['entity_type']!r} is no longer watched")], status=409)
+    return entity
+
+
+async def _rows(
+    conn: psycopg.AsyncConnection[Any],
+    wf: dict[str, Any],
+    entity: EntitySchema | None,
+    op: str | None,
+    entity_id: Any,
+    row: dict[str, Any] | None,
+    old_row: dict[str, Any] | None,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The simulated event's new and old rows."""
+    new: dict[str, Any] | None = None
+    old: dict[str, Any] | None = None
+    if entity is None:
+        if entity_id is not None or row is not None:
+            raise DryRunError([Issue("entity_id", "this workflow is about no entity")])
+    else:
+        new = await _row_of(conn, entity, entity_id, row)
+    if old_row is not None:
+        if op != "update" or entity is None:
+            raise DryRunError(
+                [Issue("old_row", f"old_row applies to update triggers, not {wf['trigger_type']}")]
+            )
+        _check_fields(entity, old_row, "old_row")
+        old = {**(new or {}), **old_row}
+    if op == "delete":
+        new, old = None, new
+    return new, old
+
+
+def _compile(
+    wf: dict[str, Any], definition: Any, entity: EntitySchema | None
+) -> tuple[list[tuple[Condition, Any]], list[sql.Composable], sql.Composable]:
+    """Each top-level condition compiled on its own (to say which one failed), and the
+    trigger's own predicate."""
+    compiler = Compiler(
+        entity,
+        allow_transitions=wf["trigger_type"] in ("entity_updated", "field_updated")
+        and not definition.edge_triggered,
+    )
+    raw_conditions = wf["definition"].get("conditions", [])
+    items = top_level(raw_conditions, parse_conditions(raw_conditions, "conditions"))
+    compiled = [compiler.compile(cond, NEW) for cond, _ in items]
+    issues: list[Issue] = []
+    trigger: sql.Composable = sql.SQL("true")
+    if wf["trigger_type"] in EVENT_TRIGGERS:
+        trigger = workflows._trigger_predicate(definition, compiler, issues)
+    issues += [Issue(p, m) for p, m in compiler.issues]
+    if issues:  # the catalog changed since the workflow was saved
+        raise DefinitionError(issues)
+    return items, compiled, trigger
 
 
 def _event(
