@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from engine import catalog, db
 from engine.catalog import EntitySchema
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 GOAL, EXIT, WAIT = "goal", "exit", "wait"
 GOAL_MET, EXIT_CRITERIA = "goal met", "exit criteria"
 MET, EVENT, TIMED_OUT = "met", "event", "timed_out"
+SKIPPED = "skipped"  # wait_step: the step's "when" was false, it is skipped without waiting
 
 
 _q = db.Queries("lifecycle.sql")
@@ -358,6 +360,7 @@ async def wait_step(
     step: Step,
     row: dict[str, Any],
     ready_at: datetime,
+    rows: dict[str, dict[str, Any]] | None = None,
 ) -> str | None:
     """A wait_until step that is ready: its outcome once the wait is over (``met``,
     ``event``, ``timed_out``), None while it goes on. The first time, a condition met
@@ -380,6 +383,22 @@ async def wait_step(
             return await runner.evaluate(conn, entity, current, {}, predicate)
 
         if row["status"] == "pending":
+            if sid in plan.when_sql:
+                steps_view = {
+                    s: {"status": r["status"], "result": r.get("result")}
+                    for s, r in (rows or {}).items()
+                }
+                current = await runner.entity_row(conn, ex, entity)
+                if not await runner.evaluate(conn, entity, current, steps_view, plan.when_sql[sid]):
+                    await conn.execute(
+                        db.query("step_skipped", "runtime.sql"),
+                        {
+                            "id": ex["id"],
+                            "step_id": sid,
+                            "result": Jsonb({"reason": "'when' was false"}),
+                        },
+                    )
+                    return SKIPPED
             if await met_now():
                 return MET
             at = ready_at + timedelta(seconds=float(wait.timeout))

@@ -351,3 +351,41 @@ async def test_the_enrollments_view_and_endpoint(
         "/workflows/{workflow_id}/enrollments"
         in (await client.get("/openapi.json")).json()["paths"]
     )
+
+
+def doc_example(name: str) -> dict[str, Any]:
+    """The example of docs/workflows.md named ``name``, as written there."""
+    import json
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "workflows.md").read_text()
+    for block in re.findall(r"```json\n(.*?)```", text, re.DOTALL):
+        if f'"name": "{name}"' in block:
+            found: dict[str, Any] = json.loads(block)
+            return found
+    raise AssertionError(f"no example {name!r} in docs/workflows.md")
+
+
+async def test_the_docs_examples_run_a_false_when_skips_a_wait(
+    crm: psycopg.AsyncConnection[Any], worker: Worker
+) -> None:
+    nurture_doc = doc_example("Onboarding nurture")
+    await workflows.apply(crm, {**nurture_doc, "status": "paused"})
+    demo = doc_example("Demo follow-up")
+    # the same flow without the email (no mail server here)
+    demo["actions"] = demo["actions"][1:]
+    await apply(crm, demo)
+    await crm.execute("INSERT INTO leads (name) VALUES ('Ada')")
+    [ex] = await waiting(crm, 1)
+    lead_id = await value(crm, "SELECT id FROM leads")
+    await events.ingest(crm, "demo_booked", entity_type="lead", entity_id=lead_id)
+    done = await settled(crm, ex["id"])
+    assert done["status"] == "completed"
+    steps = await step_rows(crm, ex["id"])
+    assert steps["booked"]["result"] == {"outcome": "event"}
+    # the second wait's "when" is false: skipped at once, not after its 7 days
+    assert steps["engaged"]["status"] == "skipped"
+    assert [r["title"] for r in await fetch(crm, "SELECT title FROM tasks")] == [
+        "Prepare the demo for Ada"
+    ]

@@ -270,10 +270,13 @@ class Runner:
                 step = plan.steps[sid]
                 if step.wait_until is not None and row["status"] in ("pending", "scheduled"):
                     ready_at = ready_moment(ex, plan, sid, rows)
-                    outcome = await lifecycle.wait_step(self, ex, plan, sid, step, row, ready_at)
+                    outcome = await lifecycle.wait_step(
+                        self, ex, plan, sid, step, row, ready_at, rows
+                    )
                     if outcome is None:
                         continue  # still waiting: the matcher or the timeout wakes it
-                    await self._run_step(ex, plan, sid, rows, wait_outcome=outcome)
+                    if outcome != lifecycle.SKIPPED:  # (a false "when" skips the wait too)
+                        await self._run_step(ex, plan, sid, rows, wait_outcome=outcome)
                     ran = True
                     break
                 if row["status"] == "pending" and step.delay is not None:
