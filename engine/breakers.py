@@ -214,32 +214,39 @@ class Breakers:
             known = self._hosts[host] = _Host()
         at = now()
         if ok is None:
-            if known.probing:  # the probe made no call: the next caller may probe
-                known.probing = False
-                known.version += 1
-                try:
-                    row = await self._write("breaker_release_probe", host, at)
-                except _Unavailable:
-                    row = self._row(OPEN, at, 0, known.trips)
-                if row is not None:
-                    self._set(host, row)
-            return
-        if ok:
-            if known.state == CLOSED:
-                del self._hosts[host]  # healthy again: forget the count
-                return
+            await self._no_verdict(host, known, at)
+        elif ok:
+            await self._answered(host, known, at)
+        else:
+            await self._failed(host, known, at, (error or "")[:MAX_ERROR] or None)
+
+    async def _no_verdict(self, host: str, known: _Host, at: datetime) -> None:
+        if known.probing:  # the probe made no call: the next caller may probe
+            known.probing = False
+            known.version += 1
             try:
-                closed = await self._write("breaker_close", host, at) is not None
+                row = await self._write("breaker_release_probe", host, at)
             except _Unavailable:
-                closed = True
-            self._hosts.pop(host, None)
-            if closed:
-                self._transition(host, CLOSED)
-                log.info("circuit breaker for %s closed", host)
+                row = self._row(OPEN, at, 0, known.trips)
+            if row is not None:
+                self._set(host, row)
+
+    async def _answered(self, host: str, known: _Host, at: datetime) -> None:
+        if known.state == CLOSED:
+            del self._hosts[host]  # healthy again: forget the count
             return
+        try:
+            closed = await self._write("breaker_close", host, at) is not None
+        except _Unavailable:
+            closed = True
+        self._hosts.pop(host, None)
+        if closed:
+            self._transition(host, CLOSED)
+            log.info("circuit breaker for %s closed", host)
+
+    async def _failed(self, host: str, known: _Host, at: datetime, error: str | None) -> None:
         known.failures += 1
         known.version += 1
-        error = (error or "")[:MAX_ERROR] or None
         if known.probing:
             try:
                 row = await self._write("breaker_reopen", host, at, error=error, **self._periods())
