@@ -1,6 +1,9 @@
 """OpenTelemetry tracing: a trace per execution, spans for its enrollment, steps and calls.
 
-The only module that imports OpenTelemetry (the optional extra ``crmflow[tracing]``).
+The only module that imports OpenTelemetry (the optional extra ``crmflow[tracing]``),
+which is why it is one module of about 550 lines rather than several: keeping every
+OpenTelemetry import and the off-switch behind one file keeps the rest of the engine
+free of it (a test would otherwise have to police each importer).
 Tracing is off unless the standard environment asks for it (``OTEL_TRACES_EXPORTER``,
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``; see
 docs/operations.md) or a test installs a provider (:func:`use_provider`). Off, every
