@@ -23,7 +23,8 @@ SELECT w.id, w.name, w.status, w.current_version AS version, v.priority, v.trigg
 -- name: ui_splits
 -- Split steps' paths per live workflow (crmflow.split_report), for the workflows page.
 SELECT r.workflow_id, r.workflow_name, r.step_id, r.path, r.executions, r.share,
-       r.completed, r.failed, r.in_progress, r.success_rate
+       r.completed, r.failed, r.in_progress, r.success_rate, r.goal_conversions,
+       r.goal_conversion_rate
   FROM crmflow.split_report AS r
   JOIN crmflow.workflows AS w ON w.id = r.workflow_id
  WHERE w.status <> 'archived'

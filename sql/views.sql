@@ -170,6 +170,11 @@ SELECT x.workflow_id,
        round(count(*) FILTER (WHERE x.status = 'completed')::numeric
              / nullif(count(*) FILTER (WHERE x.status IN ('completed', 'failed')), 0), 4)
            AS success_rate,
+       -- the A/B measure: executions of the path that ended because the entity met the
+       -- workflow's goal
+       count(*) FILTER (WHERE x.goal_met_at IS NOT NULL) AS goal_conversions,
+       round(count(*) FILTER (WHERE x.goal_met_at IS NOT NULL)::numeric / count(*), 4)
+           AS goal_conversion_rate,
        min(s.finished_at) AS first_at,
        max(s.finished_at) AS last_at
   FROM crmflow.execution_steps AS s

@@ -202,6 +202,40 @@ async def test_paths_hold_across_reenrollment_edits_and_the_inline_path(
     assert [(v["workflow_version"], v["n"]) for v in versions] == [(1, 60), (2, 60)]
 
 
+async def test_goal_conversions_per_path(
+    crm: psycopg.AsyncConnection[Any], pool: AsyncConnectionPool, settings: Settings
+) -> None:
+    """The A/B measure: which path's entities met the goal. The paths wait (a window
+    delay of an hour): the goal ends them while they wait."""
+    definition = ab_workflow({"A": 50, "B": 50})
+    definition["goal"] = {"field": "status", "operator": "equals", "value": "customer"}
+    for step in definition["actions"][1:]:
+        step["delay"] = "1h"
+    wf = await apply(crm, definition)
+    await crm.execute("INSERT INTO leads (name) SELECT 'l' || i FROM generate_series(1, 40) i")
+    await run_all(pool, settings)
+    assert (
+        await value(crm, "SELECT count(*) FROM crmflow.executions WHERE status = 'waiting'") == 40
+    )
+    await crm.execute("UPDATE leads SET status = 'customer' WHERE id % 4 = 0")
+    await run_all(pool, settings)
+    chosen = await paths_by_lead(crm)
+    expected = {"A": 0, "B": 0}
+    for lead, [path] in chosen.items():
+        assert path == choose({"A": 50, "B": 50}, f"{wf}:lead:{lead}")
+        expected[path] += lead % 4 == 0
+    report = await fetch(
+        crm,
+        "SELECT path, executions, goal_conversions, goal_conversion_rate, in_progress"
+        " FROM crmflow.split_report ORDER BY path",
+    )
+    assert {r["path"]: r["goal_conversions"] for r in report} == expected
+    assert sum(r["goal_conversions"] for r in report) == 10
+    for r in report:
+        assert float(r["goal_conversion_rate"]) == round(r["goal_conversions"] / r["executions"], 4)
+        assert r["in_progress"] == r["executions"] - r["goal_conversions"]
+
+
 # ───────── the docs' example and the dashboard ─────────
 
 
