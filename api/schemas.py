@@ -344,7 +344,8 @@ def definition_schema(*, partial: bool = False) -> dict[str, Any]:
                 "required": ["type"],
                 "properties": {"type": {"enum": sorted(registry())}},
                 "description": "a step: its type, the action's parameters, and options "
-                "(id, delay, when, retry, timeout, on_failure, depends_on)",
+                "(id, delay, when, retry, timeout, on_failure, depends_on, window: business "
+                "hours)",
             },
         },
         "status": {"enum": ["active", "paused"], "description": "default: paused"},
