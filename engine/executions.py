@@ -93,7 +93,7 @@ async def list_executions(
     ``entity_id`` on 100k executions, 0.5 ms -> 120-160 ms from the 11th call on."""
     rows = await (
         await conn.execute(
-            db.query("list_executions"),
+            db.query("list_executions", "executions.sql"),
             {
                 "workflow_id": workflow_id,
                 "status": status,
@@ -111,13 +111,17 @@ async def list_executions(
 
 
 async def get_execution(conn: psycopg.AsyncConnection[Any], execution_id: int) -> dict[str, Any]:
-    row = await (await conn.execute(db.query("get_execution"), {"id": execution_id})).fetchone()
+    row = await (
+        await conn.execute(db.query("get_execution", "executions.sql"), {"id": execution_id})
+    ).fetchone()
     if row is None:
         raise ExecutionNotFound(execution_id)
     detail = shape(row)
     # The execution's trace (engine/tracing.py), derived: the same whether tracing is on.
     detail["trace_id"] = tracing.execution_trace_id(row["id"], row["triggered_at"])
-    steps = await (await conn.execute(db.query("execution_steps"), {"id": execution_id})).fetchall()
+    steps = await (
+        await conn.execute(db.query("execution_steps", "executions.sql"), {"id": execution_id})
+    ).fetchall()
     detail["steps"] = [
         {
             "id": s["step_id"],

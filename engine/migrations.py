@@ -29,6 +29,7 @@ from engine.config import get_settings
 
 # pg_advisory_xact_lock key: "crmflow migrate"
 MIGRATION_LOCK = 0x63726D666C6F77
+_q = db.Queries("migrations.sql")
 _FILE_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # SQL files (not migrations) applied on every migrate, in this order.
 ALERT_ENTITY = "crmflow_alert"
@@ -75,12 +76,10 @@ async def migrate(
     report = MigrationReport()
     settings = get_settings()
     async with conn.transaction():
-        # Migrations may run long and wait for a concurrent migrate: the engine
-        # session's statement and lock timeouts (engine.db.configure) do not apply.
-        await conn.execute("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK])
-        await conn.execute(db.query("bootstrap_migrations"))
-        rows = await (await conn.execute(db.query("applied_migrations"), {})).fetchall()
+        await conn.execute(_q("migration_timeouts"))
+        await conn.execute(_q("migration_lock"), {"lock": MIGRATION_LOCK})
+        await conn.execute(_q("bootstrap_migrations"))
+        rows = await (await conn.execute(_q("applied_migrations"), {})).fetchall()
         applied = {r["version"]: r["checksum"] for r in rows}
 
         files = migration_files(directory)
@@ -99,9 +98,7 @@ async def migrate(
                 await conn.execute(text.encode())
             except psycopg.Error as exc:
                 raise MigrationError(f"migration {p.name} failed: {exc}") from exc
-            await conn.execute(
-                db.query("record_migration"), {"version": p.stem, "checksum": digest}
-            )
+            await conn.execute(_q("record_migration"), {"version": p.stem, "checksum": digest})
             report.applied.append(p.stem)
         newer = [v for v in applied if not v.startswith("procrastinate/") and v not in known]
         if newer:
@@ -123,9 +120,7 @@ async def migrate(
         await capture.install_event_trigger(conn)
         report.recaptured_tables = await capture.reinstall_all(conn)
         if (
-            await (
-                await conn.execute("SELECT to_regclass('crmflow.alerts') IS NOT NULL AS x", {})
-            ).fetchone()
+            await (await conn.execute(_q("alerts_table_exists"), {})).fetchone()
             and not await (
                 await conn.execute(db.query("watched_by_entity"), {"entity_type": ALERT_ENTITY})
             ).fetchone()
@@ -140,17 +135,12 @@ async def _migrate_procrastinate(
 ) -> list[str]:
     schema_sql, migration_paths = _procrastinate_sql()
     await conn.execute(
-        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema_name))
-    )
-    # procrastinate's SQL names its objects without a schema: point it at ours.
-    await conn.execute(
-        sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(schema_name))
+        db.template("procrastinate_schema", "migrations.sql").format(
+            schema=sql.Identifier(schema_name)
+        )
     )
     exists = await (
-        await conn.execute(
-            "SELECT to_regclass(format('%%I.procrastinate_jobs', %s::text)) IS NOT NULL AS x",
-            [schema_name],
-        )
+        await conn.execute(_q("procrastinate_installed"), {"schema": schema_name})
     ).fetchone()
     done: list[str] = []
     if not exists or not exists["x"]:
@@ -158,7 +148,7 @@ async def _migrate_procrastinate(
         # schema.sql already contains every migration shipped with this version.
         for p in migration_paths:
             await conn.execute(
-                db.query("record_migration"),
+                _q("record_migration"),
                 {"version": f"procrastinate/{p.stem}", "checksum": checksum(p.read_text())},
             )
         done.append("schema.sql")
@@ -170,10 +160,10 @@ async def _migrate_procrastinate(
             text = p.read_text(encoding="utf-8")
             await conn.execute(text.encode())
             await conn.execute(
-                db.query("record_migration"), {"version": version, "checksum": checksum(text)}
+                _q("record_migration"), {"version": version, "checksum": checksum(text)}
             )
             done.append(p.name)
-    await conn.execute("RESET search_path")
+    await conn.execute(_q("reset_search_path"))
     await conn.execute(
         db.template("procrastinate_wakeups", "functions.sql").format(
             schema=sql.Identifier(schema_name)
@@ -184,11 +174,9 @@ async def _migrate_procrastinate(
 
 async def pending_migrations(conn: psycopg.AsyncConnection[Any]) -> list[str]:
     """Migrations on disk that the database has not applied (for health checks)."""
-    exists = await (
-        await conn.execute("SELECT to_regclass('crmflow.schema_migrations') IS NOT NULL AS x")
-    ).fetchone()
+    exists = await (await conn.execute(_q("ledger_exists"))).fetchone()
     if not exists or not exists["x"]:
         return [p.stem for p in migration_files()]
-    rows = await (await conn.execute(db.query("applied_migrations"), {})).fetchall()
+    rows = await (await conn.execute(_q("applied_migrations"), {})).fetchall()
     applied = {r["version"] for r in rows}
     return [p.stem for p in migration_files() if p.stem not in applied]
