@@ -14,6 +14,7 @@ import psycopg
 from engine import capture, db, executions, workflows
 from engine.commands import apikey, entities, examples, service, workflow_admin
 from engine.commands import executions as executions_commands
+from engine.commands import suppress as suppress_commands
 from engine.commands import workflow as workflow_commands
 from engine.commands.common import CliError, err
 from engine.model import DefinitionError
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     examples.register(sub)
     apikey.register(sub)
     service.register(sub)
+    suppress_commands.register(sub)
     return parser
 
 

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_depth: int = Field(5, ge=1)
     # Run leading immediate database steps in the matcher's transaction (engine/inline.py).
     inline_steps: bool = True
+    # The environment this process runs in: a workflow enrolls only on the workers (and
+    # manual runs only in the CLI/API processes) of its "environment" ("production" when
+    # the workflow does not say). See docs/operations.md, "Environments".
+    environment: str = Field("production", pattern=r"^[A-Za-z0-9_-]{1,50}$")
 
     # Runtime (see docs/operations.md).
     stalled_worker_timeout: float = Field(30.0, gt=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from engine import catalog, db, lifecycle, metrics, tracing
+from engine import catalog, db, lifecycle, metrics, suppressions, tracing
 from engine.config import Settings, get_settings
 from engine.executor import queue as execution_queue
 from engine.executor.runner import Runner
@@ -60,6 +61,11 @@ class MatchPlan:
     broken: dict[int, str] = field(default_factory=dict)  # workflow id → why, left out
     # Broken states that changed at this build (workflow id, reason or None), to record.
     changes: list[tuple[int, str | None]] = field(default_factory=list)
+    # Workflows of other environments: (environment, entity type or None for custom
+    # events of any entity) whose events this matcher queues for them.
+    elsewhere: list[tuple[str, str | None]] = field(default_factory=list)
+    # The statement matching events queued for this environment (environment_events).
+    queued_statement: str | None = None
 
 
 def _branch(
@@ -119,8 +125,41 @@ def compose(
         branches=sql.SQL("\nUNION ALL\n").join(branches),
         current_row=current_row,
         processed=sql.SQL(_q(processed)),
+        not_suppressed=_not_suppressed(rows),
     )
     return statement.as_string(conn)
+
+
+def _not_suppressed(rows: list[dict[str, Any]]) -> sql.Composable:
+    """The suppression test of match_and_enroll's candidates: ``true`` when no workflow
+    has ``suppress`` (nothing read), else the lists of each version as constants (a CASE
+    on the version: the stored definitions are not read per event)."""
+    lists = {
+        r["version_id"]: r["definition"].get("suppress")
+        for r in rows
+        if (r.get("definition") or {}).get("suppress")
+    }
+    if not lists:
+        return sql.SQL("true")
+    by_version = sql.SQL("CASE mt.version_id {} END").format(
+        sql.SQL(" ").join(
+            sql.SQL("WHEN {} THEN {}::jsonb").format(
+                sql.Literal(version_id), sql.Literal(json.dumps(names))
+            )
+            for version_id, names in sorted(lists.items())
+        )
+    )
+    return suppressions.not_suppressed(
+        by_version,
+        sql.SQL("ev.entity_type"),
+        sql.SQL("ev.pk"),
+        sql.SQL("coalesce(ev.new_row, ev.old_row)"),
+    )
+
+
+def workflow_environment(row: dict[str, Any]) -> str:
+    """A workflow version's environment ("production" when its definition names none)."""
+    return str((row.get("definition") or {}).get("environment") or "production")
 
 
 async def _compiles(
@@ -205,14 +244,30 @@ async def find_broken(
 
 
 async def build_plan(
-    conn: psycopg.AsyncConnection[Any], generation: int, log_changes: bool = True
+    conn: psycopg.AsyncConnection[Any],
+    generation: int,
+    log_changes: bool = True,
+    environment: str | None = None,
 ) -> MatchPlan:
     """The match statement of the active workflows that compile; the others are left
-    out, their broken state in ``changes`` (see :func:`record_broken`)."""
+    out, their broken state in ``changes`` (see :func:`record_broken`). With an
+    ``environment``, only that environment's workflows are matched; the others' entity
+    types are in ``elsewhere`` (their events are queued for them)."""
     rows = await (await conn.execute(_q("active_event_workflows"), {})).fetchall()
     entities = await catalog.load_entities(conn)
     broken = await find_broken(conn, rows, entities)
     healthy = [r for r in rows if r["workflow_id"] not in broken]
+    elsewhere: list[tuple[str, str | None]] = []
+    if environment is not None:
+        elsewhere = sorted(
+            {
+                (workflow_environment(r), r["entity_type"])
+                for r in healthy
+                if workflow_environment(r) != environment
+            },
+            key=lambda pair: (pair[0], pair[1] or ""),
+        )
+        healthy = [r for r in healthy if workflow_environment(r) == environment]
     changes = [
         (r["workflow_id"], broken.get(r["workflow_id"]))
         for r in rows
@@ -232,6 +287,12 @@ async def build_plan(
         entities=entities,
         broken=broken,
         changes=changes,
+        elsewhere=elsewhere,
+        queued_statement=(
+            compose(conn, healthy, entities, processed="environment_processed")
+            if environment is not None
+            else None
+        ),
     )
 
 
@@ -414,6 +475,9 @@ class Matcher:
                 log.info("batch failed (%s); redoing it step by step", exc)
                 async with conn.transaction():
                     result = await self._batch(conn, careful=True)
+            queued = await self._run_environment_batch(conn)
+            result.claimed += queued.claimed
+            result.enrolled += queued.enrolled
             result = self._count(result)
             if result.claimed:
                 metrics.EVENTS_MATCHED.inc(result.claimed)
@@ -463,7 +527,7 @@ class Matcher:
         return list(row["ids"])
 
     async def _rebuild(self, conn: psycopg.AsyncConnection[Any], generation: int) -> None:
-        self.plan = await build_plan(conn, generation)
+        self.plan = await build_plan(conn, generation, environment=self.settings.environment)
         self._built_at = time.monotonic()
         self.round = await lifecycle.build_round(conn, self.plan.entities)
         await record_broken(conn, self.plan)
@@ -514,7 +578,78 @@ class Matcher:
             log.warning("real-time rescoring of a batch's entities skipped: %s", exc)
 
     def _params(self, ids: list[int]) -> dict[str, Any]:
-        return {"ids": ids, "queue": self.settings.queue_name, "max_depth": self.settings.max_depth}
+        return {
+            "ids": ids,
+            "queue": self.settings.queue_name,
+            "max_depth": self.settings.max_depth,
+            "environment": self.settings.environment,
+        }
+
+    async def _queue_elsewhere(self, conn: psycopg.AsyncConnection[Any], ids: list[int]) -> None:
+        """Queue the claimed events that other environments' workflows watch, in the
+        batch's transaction (nothing to do, no statement, while all are of one)."""
+        assert self.plan is not None
+        if not self.plan.elsewhere or not ids:
+            return
+        await conn.execute(
+            _q("queue_for_environments"),
+            {
+                "ids": ids,
+                "environments": [env for env, _ in self.plan.elsewhere],
+                "entity_types": [et for _, et in self.plan.elsewhere],
+            },
+        )
+
+    async def _run_environment_batch(self, conn: psycopg.AsyncConnection[Any]) -> BatchResult:
+        """The batch of queued events, if any (an empty claim is one cheap statement). A
+        failing batch is left queued and logged; the outbox's batches go on."""
+        try:
+            async with conn.transaction():
+                return await self._environment_batch(conn)
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise
+        except psycopg.DatabaseError as exc:
+            if catalog_error(exc):
+                self.plan = None
+            log.warning(
+                "matching the events queued for environment %r failed (%s); retrying "
+                "on the next batch",
+                self.settings.environment,
+                exc,
+            )
+            return BatchResult()
+
+    async def _environment_batch(self, conn: psycopg.AsyncConnection[Any]) -> BatchResult:
+        """Match the events other environments' matchers queued for this environment's
+        workflows (crmflow.environment_events), in one transaction."""
+        row = await (
+            await conn.execute(
+                _q("claim_environment_events"),
+                {
+                    "environment": self.settings.environment,
+                    "batch_size": self.settings.matcher_batch_size,
+                },
+            )
+        ).fetchone()
+        assert row is not None
+        ids = list(row["ids"])
+        if not ids:
+            return BatchResult()
+        if self.plan is None or self.plan.generation != row["generation"]:
+            await self._rebuild(conn, row["generation"])
+        assert self.plan is not None
+        self._batch_started = tracing.clock()
+        if self.plan.queued_statement is None:
+            await conn.execute(
+                _q("drop_environment_events"),
+                {"environment": self.settings.environment, "ids": ids},
+            )
+            return BatchResult(claimed=len(ids))
+        enrolled = await (
+            await conn.execute(self.plan.queued_statement, self._params(ids))
+        ).fetchall()
+        await self._start(conn, enrolled, careful=True)
+        return BatchResult(claimed=len(ids), enrolled=len(enrolled))
 
     async def _batch(
         self, conn: psycopg.AsyncConnection[Any], careful: bool, one_by_one: bool = False
@@ -524,6 +659,7 @@ class Matcher:
         if not ids:
             return BatchResult()
         assert self.plan is not None
+        await self._queue_elsewhere(conn, ids)
         await self._lifecycle(conn, ids, careful)
         await self._rescore(conn, ids, careful)
         if self.plan.statement is None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -436,6 +437,18 @@ def normalise_name(value: str) -> str:
     return normalised
 
 
+def _suppress_list(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", value):
+        raise ValueError(
+            f"{value[:100]!r} is not a suppression list name "
+            "(1 to 100 letters, digits or _ . : -, like 'unsubscribed')"
+        )
+    return value
+
+
+SuppressList = Annotated[str, AfterValidator(_suppress_list)]
+
+
 class WorkflowDefinition(_Strict):
     name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
     description: str | None = Field(None, max_length=5000)
@@ -447,6 +460,8 @@ class WorkflowDefinition(_Strict):
     environment: str = Field("production", pattern=r"^[A-Za-z0-9_-]{1,50}$")
     limits: Limits = Field(default_factory=Limits)
     edge_triggered: bool = False
+    # Suppression lists (engine/suppressions.py): entities on any of them do not enroll.
+    suppress: list[SuppressList] | None = Field(None, max_length=20)
     # Enrollment lifecycle (engine/lifecycle.py): met, the execution ends completed
     # ("goal met"); exit_when: it ends cancelled ("exit criteria").
     goal: Any = None

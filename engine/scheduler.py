@@ -28,7 +28,7 @@ from croniter import croniter
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine import catalog, db, tracing
+from engine import catalog, db, suppressions, tracing
 from engine.config import Settings, get_settings
 from engine.model import DateRelative, Scheduled, parse_definition
 
@@ -119,6 +119,15 @@ async def enroll(
         )
         params["reenrollment"] = reenrollment
         params["reenroll_after"] = float(limits.get("reenroll_after") or 0)
+    if wf["definition"].get("suppress"):  # its suppression lists (engine/suppressions.py)
+        extra.append(
+            suppressions.not_suppressed(
+                suppressions.lists_literal(wf["definition"]),
+                sql.Literal(entity.entity_type),
+                pk,
+                sql.SQL("to_jsonb(n)"),
+            )
+        )
     key: sql.Composable = sql.SQL("{} || {}::text").format(sql.Literal(key_prefix), pk)
     trigger = parse_definition(wf["definition"]).parsed_trigger
     if isinstance(trigger, DateRelative) and entity_id is None:
@@ -179,6 +188,12 @@ async def run_now(
             f"a {wf['trigger_type']} workflow runs on events; only manual, scheduled and "
             "date_relative workflows can be run by hand"
         )
+    environment = wf["definition"].get("environment") or "production"
+    if environment != settings.environment:
+        raise NotRunnable(
+            f"workflow {workflow_id} belongs to the environment {environment!r}; this process "
+            f"runs in {settings.environment!r} (CRMFLOW_ENVIRONMENT): run it there"
+        )
     triggered_at = datetime.now(UTC)
     async with conn.transaction():
         ids = await enroll(
@@ -232,7 +247,11 @@ class Scheduler:
         """Run every due schedule this worker can claim; returns executions enrolled."""
         total = 0
         async with self.pool.connection() as conn, conn.transaction():
-            due = await (await conn.execute(_q("claim_due_schedules"), {})).fetchall()
+            due = await (
+                await conn.execute(
+                    _q("claim_due_schedules"), {"environment": self.settings.environment}
+                )
+            ).fetchall()
             for wf in due:
                 tick_at = wf["next_run_at"]
                 ids = await enroll(

@@ -121,7 +121,12 @@ class Worker:
             self._tasks.append(
                 asyncio.create_task(run_scorecards(self.pool, stop), name="scorecards")
             )
-        log.info("worker %s started (concurrency %d)", self.worker_id, self.concurrency)
+        log.info(
+            "worker %s started (concurrency %d, environment %s)",
+            self.worker_id,
+            self.concurrency,
+            self.settings.environment,
+        )
 
     async def _procrastinate(self) -> None:
         """procrastinate's worker, restarted with a back-off whenever it stops on its own.

@@ -117,6 +117,8 @@ WITH batch AS (
      WHERE (ev.actor IS NULL OR NOT starts_with(ev.actor, 'crmflow:compensation:'))
        -- A workflow fires for writes committed after it was activated (migration 0015).
        AND (w.active_since IS NULL OR NOT pg_visible_in_snapshot(ev.txid, w.active_since))
+       -- Entities on the workflow's suppression lists do not enroll (sql/suppressions.sql).
+       AND {not_suppressed}
 ), enrollable AS (
     -- Re-enrollment policy: "never" enrolls an entity once per workflow, "after"
     -- once per interval; within the batch the earliest event wins.
@@ -355,3 +357,42 @@ SELECT coalesce(bool_and(pg_has_role(current_user, c.relowner, 'USAGE')), false)
  WHERE c.oid IN ('crmflow.outbox'::regclass, 'crmflow.executions'::regclass,
                  'crmflow.execution_steps'::regclass, 'crmflow.execution_queue'::regclass,
                  'procrastinate_jobs'::regclass);
+
+-- name: queue_for_environments
+-- Events of this batch that active workflows of other environments watch, queued for
+-- those environments' matchers (migration 0025); they are woken by a hint.
+WITH queued AS (
+    INSERT INTO crmflow.environment_events (environment, event_id)
+    SELECT DISTINCT t.environment, o.id
+      FROM crmflow.outbox AS o
+      JOIN unnest(%(environments)s::text[], %(entity_types)s::text[]) AS t(environment, entity_type)
+        ON o.entity_type = t.entity_type OR (t.entity_type IS NULL AND o.op = 'event')
+     WHERE o.id = ANY(%(ids)s)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) AS queued,
+       CASE WHEN count(*) > 0 THEN pg_notify('crmflow_outbox', '') END AS hinted
+  FROM queued;
+
+-- name: claim_environment_events
+-- The events queued for this environment's workflows, oldest first; each taken by one
+-- matcher of the environment (SKIP LOCKED), deleted when matched (environment_processed).
+SELECT (SELECT generation FROM crmflow.matcher_state) AS generation,
+       ARRAY(SELECT q.event_id
+               FROM crmflow.environment_events AS q
+              WHERE q.environment = %(environment)s
+              ORDER BY q.event_id
+              LIMIT %(batch_size)s
+                FOR UPDATE SKIP LOCKED) AS ids;
+
+-- name: environment_processed
+-- match_and_enroll's last step for events queued for an environment: off the queue
+-- (by id: an event that retention has pruned from the outbox since goes too).
+DELETE FROM crmflow.environment_events AS q
+ WHERE q.environment = %(environment)s AND q.event_id = ANY(%(ids)s)
+
+-- name: drop_environment_events
+-- Queued events of an environment whose matcher has no workflow for them any more.
+DELETE FROM crmflow.environment_events
+ WHERE environment = %(environment)s AND event_id = ANY(%(ids)s);

@@ -31,6 +31,8 @@ SELECT s.workflow_id, s.next_run_at, v.id AS version_id, v.version, v.entity_typ
   FROM crmflow.schedules AS s
   JOIN crmflow.workflow_versions AS v ON v.id = s.workflow_version_id
  WHERE s.next_run_at <= clock_timestamp()
+   -- Each environment's workers run its workflows' ticks (CRMFLOW_ENVIRONMENT).
+   AND coalesce(v.definition ->> 'environment', 'production') = %(environment)s
  ORDER BY s.next_run_at
  LIMIT 20
    FOR UPDATE OF s SKIP LOCKED;

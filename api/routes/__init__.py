@@ -16,6 +16,7 @@ from api.routes import (
     workflows,
 )
 from api.routes import scorecards as scorecards_routes
+from api.routes import suppressions as suppressions_routes
 
 ROUTERS: list[APIRouter] = [
     workflows.router,
@@ -28,4 +29,5 @@ ROUTERS: list[APIRouter] = [
     health.router,
     metrics.router,
     scorecards_routes.router,
+    suppressions_routes.router,
 ]

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from psycopg import sql
 from pydantic import Field
 
+from engine.actions import dedupe
 from engine.actions.base import Action, Params, Skip
 from engine.actions.crm import (
     check_owner_field,
@@ -27,6 +28,9 @@ class CreateTaskParams(Params):
     due: Duration | None = None  # due this long after the step runs ("2d")
     assignee: int | str | None = "owner"  # "owner", a user id, "role:<role>" (first one), None
     owner_field: str = "owner_id"
+    # A template ("{{ entity.account_id }}:churn"): while a task made under the same key
+    # is open (not completed), it is updated instead of another being added.
+    dedupe_key: str | None = Field(None, min_length=1, max_length=500)
 
 
 class CreateTask(Action):
@@ -37,13 +41,73 @@ class CreateTask(Action):
     description = "Create a task in the CRM, assigned to the entity's owner by default."
 
     def check_entity(self, params: Any, entity: Any, path: str) -> list[Issue]:
-        issues = check_templates({"title": params.title, "description": params.description}, path)
+        issues = check_templates(
+            {
+                "title": params.title,
+                "description": params.description,
+                "dedupe_key": params.dedupe_key,
+            },
+            path,
+        )
         issues += check_who(params.assignee, f"{path}.assignee", "assignee")
         if params.assignee == "owner" and entity is not None:
             issues += check_owner_field(entity, params.owner_field, f"{path}.assignee", "assignee")
         return issues
 
     async def run(self, ctx: StepContext, params: Any) -> dict[str, Any]:
+        if params.dedupe_key is not None:
+            key = dedupe.render_key(ctx, params.dedupe_key)
+            await dedupe.lock_keys([ctx], KIND, [key])
+            return await self._deduped(ctx, params, key)
+        return await self._insert(ctx, params)
+
+    async def _deduped(self, ctx: StepContext, params: Any, key: str) -> dict[str, Any]:
+        """The key's open task updated (title, description, priority, due date), else a
+        new task remembered under the key. The key's row is locked already."""
+        table = crm_table(ctx, "tasks")
+        open_ids = await dedupe.open_items(ctx, KIND, key, table, "completed_at")
+        if not open_ids:
+            result = await self._insert(ctx, params)
+            await dedupe.remember(ctx, KIND, key, [result["task_id"]], updated=False)
+            return {**result, "dedupe_key": key, "deduped": False}
+        due_at = now() + timedelta(seconds=params.due) if params.due is not None else None
+        row = await (
+            await ctx.require_conn().execute(
+                sql.SQL(
+                    "WITH before AS (SELECT id, title, description, priority, due_at FROM {t}"
+                    " WHERE id = %(id)s)"
+                    " UPDATE {t} AS t SET title = %(title)s, description = %(description)s,"
+                    " priority = %(priority)s, due_at = coalesce(%(due_at)s, t.due_at)"
+                    " FROM before AS b WHERE t.id = b.id"
+                    " RETURNING t.id, t.assignee_id, b.title, b.description, b.priority,"
+                    " b.due_at"
+                ).format(t=table),
+                {
+                    "id": open_ids[0],
+                    "title": ctx.render(params.title),
+                    "description": ctx.render(params.description),
+                    "priority": params.priority,
+                    "due_at": due_at,
+                },
+            )
+        ).fetchone()
+        assert row is not None
+        await dedupe.remember(ctx, KIND, key, open_ids, updated=True)
+        return {
+            "task_id": row["id"],
+            "assignee_id": row["assignee_id"],
+            "dedupe_key": key,
+            "deduped": True,
+            # What compensation puts back (an update is undone, not the task deleted).
+            "previous": {
+                "title": row["title"],
+                "description": row["description"],
+                "priority": row["priority"],
+                "due_at": row["due_at"].isoformat() if row["due_at"] else None,
+            },
+        }
+
+    async def _insert(self, ctx: StepContext, params: Any) -> dict[str, Any]:
         assignees = await resolve_users(ctx, params.assignee, params.owner_field)
         assignee_id = assignees[0]["id"] if assignees else None
         due_at = now() + timedelta(seconds=params.due) if params.due is not None else None
@@ -75,6 +139,13 @@ class CreateTask(Action):
         """One INSERT for the whole batch (titles rendered per entity in Python)."""
         if not contexts:
             return []
+        if params.dedupe_key is not None:
+            # Every key of the batch locked first, in key order (no deadlock with a
+            # concurrent batch), then each step updates or inserts in turn: two steps of
+            # the batch with one key make one task.
+            keys = [dedupe.render_key(c, params.dedupe_key) for c in contexts]
+            await dedupe.lock_keys(contexts, KIND, keys)
+            return [await self._deduped(c, params, k) for c, k in zip(contexts, keys, strict=True)]
         if params.assignee == "owner":
             assignees = [(c.row or {}).get(params.owner_field) for c in contexts]
         else:
@@ -110,10 +181,22 @@ class CreateTask(Action):
         ]
 
     async def compensate(self, ctx: StepContext, params: Any, result: dict[str, Any]) -> None:
+        previous = result.get("previous")
+        if result.get("deduped") and isinstance(previous, dict):
+            await ctx.require_conn().execute(
+                sql.SQL(
+                    "UPDATE {} SET title = %(title)s, description = %(description)s,"
+                    " priority = %(priority)s, due_at = %(due_at)s::timestamptz WHERE id = %(id)s"
+                ).format(crm_table(ctx, "tasks")),
+                {**previous, "id": result["task_id"]},
+            )
+            return
         await ctx.require_conn().execute(
             sql.SQL("DELETE FROM {} WHERE id = %(id)s").format(crm_table(ctx, "tasks")),
             {"id": result["task_id"]},
         )
 
+
+KIND = "task"
 
 ACTION = CreateTask()

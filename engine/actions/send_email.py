@@ -15,8 +15,8 @@ from typing import Any
 import aiosmtplib
 from pydantic import Field, model_validator
 
-from engine import smtp
-from engine.actions.base import Action, Params, PermanentError
+from engine import db, smtp
+from engine.actions.base import Action, Params, PermanentError, Skip
 from engine.actions.crm import check_owner_field, check_templates, fetch_all, resolve_users
 from engine.executor.context import StepContext
 from engine.model import Issue
@@ -94,6 +94,22 @@ class SendEmail(Action):
         if not to:
             raise PermanentError(f"no recipient for {params.to!r}")
         cc = await self._recipients(ctx, params.cc, params.owner_field)
+        # Never to an address on the list "unsubscribed" (engine/suppressions.py).
+        rows = await fetch_all(
+            ctx,
+            db.query("unsubscribed", "suppressions.sql"),
+            {"addresses": [_address(a) for a in to + cc]},
+        )
+        unsubscribed = {r["address"] for r in rows}
+        suppressed = [a for a in to + cc if _address(a) in unsubscribed]
+        if suppressed:
+            to = [a for a in to if _address(a) not in unsubscribed]
+            cc = [a for a in cc if _address(a) not in unsubscribed]
+            if not to:  # the copies alone are not worth a message meant for the others
+                raise Skip(
+                    "suppressed: every recipient is on the list 'unsubscribed' "
+                    f"({', '.join(suppressed)[:500]}); nothing was sent"
+                )
         settings = ctx.settings
         domain = settings.email_from.rpartition("@")[2] or "crmflow"
         message_id = f"<{ctx.idempotency_key}@{domain}>"
@@ -142,9 +158,16 @@ class SendEmail(Action):
                 ) from None
             raise
         result: dict[str, Any] = {"message_id": message_id, "to": to, "cc": cc}
+        if suppressed:
+            result["suppressed"] = suppressed  # on the list "unsubscribed": not sent to
         if refused:  # some recipients refused, the others accepted: it was sent
             result["refused"] = {rcpt: f"{r.code} {r.message}" for rcpt, r in refused.items()}
         return result
+
+
+def _address(text: str) -> str:
+    """The bare address of "Name <a@b>" or "a@b", lowercased (as the list compares)."""
+    return (parseaddr(text)[1] or text).strip().lower()
 
 
 def _one_line(text: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from psycopg import sql
 from pydantic import Field
 
+from engine.actions import dedupe
 from engine.actions.base import Action, Params, Skip
 from engine.actions.crm import (
     check_owner_field,
@@ -61,6 +62,9 @@ class SendNotificationParams(Params):
     message: str = Field(min_length=1, max_length=5000)
     recipient: int | str | list[int] = "owner"  # "owner", a user id, ids, "role:<role>"
     owner_field: str = "owner_id"
+    # A template: while notifications made under the same key are unread, their message
+    # is updated instead of new ones being added.
+    dedupe_key: str | None = Field(None, min_length=1, max_length=500)
 
 
 class SendNotification(Action):
@@ -71,7 +75,7 @@ class SendNotification(Action):
     description = "Notify users in the CRM (notifications table + NOTIFY crmflow_notifications)."
 
     def check_entity(self, params: Any, entity: Any, path: str) -> list[Issue]:
-        issues = check_templates({"message": params.message}, path)
+        issues = check_templates({"message": params.message, "dedupe_key": params.dedupe_key}, path)
         issues += check_who(params.recipient, f"{path}.recipient", "recipient")
         if params.recipient == "owner":
             issues += check_owner_field(
@@ -85,6 +89,37 @@ class SendNotification(Action):
             raise Skip(f"no recipient: {params.recipient!r} names no user")
         message = ctx.render(params.message) or ""
         conn = ctx.require_conn()
+        key = None
+        if params.dedupe_key is not None:
+            key = dedupe.render_key(ctx, params.dedupe_key)
+            await dedupe.lock_keys([ctx], KIND, [key])
+            table = crm_table(ctx, "notifications")
+            open_ids = await dedupe.open_items(ctx, KIND, key, table, "read_at")
+            if open_ids:
+                rows = await (
+                    await conn.execute(
+                        sql.SQL(
+                            "WITH before AS (SELECT id, message FROM {t} WHERE id = ANY(%(ids)s))"
+                            " UPDATE {t} AS t SET message = %(m)s FROM before AS b"
+                            " WHERE t.id = b.id RETURNING t.id, t.recipient_id, b.message"
+                        ).format(t=table),
+                        {"ids": open_ids, "m": message},
+                    )
+                ).fetchall()
+                await dedupe.remember(ctx, KIND, key, open_ids, updated=True)
+                ids = [r["id"] for r in rows]
+                recipient_ids = [r["recipient_id"] for r in rows]
+                payload = notify_payload(
+                    ids, recipient_ids, ctx.execution.get("entity_type"), ctx.entity_id, message
+                )
+                await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload])
+                return {
+                    "notification_ids": ids,
+                    "recipient_ids": recipient_ids,
+                    "dedupe_key": key,
+                    "deduped": True,
+                    "previous": {str(r["id"]): r["message"] for r in rows},
+                }
         ids = []
         for user in recipients:
             row = await (
@@ -111,9 +146,26 @@ class SendNotification(Action):
             message,
         )
         await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload])
-        return {"notification_ids": ids, "recipient_ids": [u["id"] for u in recipients]}
+        result: dict[str, Any] = {
+            "notification_ids": ids,
+            "recipient_ids": [u["id"] for u in recipients],
+        }
+        if key is not None:
+            await dedupe.remember(ctx, KIND, key, ids, updated=False)
+            result |= {"dedupe_key": key, "deduped": False}
+        return result
 
     async def compensate(self, ctx: StepContext, params: Any, result: dict[str, Any]) -> None:
+        previous = result.get("previous")
+        if result.get("deduped") and isinstance(previous, dict):  # an update: put it back
+            await ctx.require_conn().execute(
+                sql.SQL(
+                    "UPDATE {} AS t SET message = p.message FROM unnest(%(ids)s::bigint[],"
+                    " %(messages)s::text[]) AS p(id, message) WHERE t.id = p.id"
+                ).format(crm_table(ctx, "notifications")),
+                {"ids": [int(i) for i in previous], "messages": list(previous.values())},
+            )
+            return
         await ctx.require_conn().execute(
             sql.SQL("DELETE FROM {} WHERE id = ANY(%(ids)s)").format(
                 crm_table(ctx, "notifications")
@@ -121,5 +173,7 @@ class SendNotification(Action):
             {"ids": result.get("notification_ids", [])},
         )
 
+
+KIND = "notification"
 
 ACTION = SendNotification()
