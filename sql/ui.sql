@@ -49,3 +49,12 @@ SELECT workflow_id, workflow_name, day, executions, p50_first_action_s, p95_firs
   FROM crmflow.execution_report
  WHERE day > (now() AT TIME ZONE 'UTC')::date - %(days)s::int
  ORDER BY workflow_id, day;
+
+-- name: ui_goal_conversions
+-- One workflow's goal conversions over its whole history (crmflow.execution_report).
+SELECT coalesce(sum(r.executions), 0) AS executions,
+       coalesce(sum(r.goal_conversions), 0) AS goal_conversions,
+       coalesce(sum(r.goal_conversions)::numeric / nullif(sum(r.executions), 0), 0)
+           AS goal_conversion_rate
+  FROM crmflow.execution_report AS r
+ WHERE r.workflow_id = %(workflow_id)s;

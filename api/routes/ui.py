@@ -40,9 +40,9 @@ from psycopg_pool import PoolTimeout
 
 from api.deps import CONNECTION_TIMEOUT, Conn, PoolDep, RunnerDep, SettingsDep
 from api.live import ExecutionFeed
-from api.routes.params import ObjectId
+from api.routes.params import Id, ObjectId
 from api.ui.chart import build_charts
-from engine import apikeys, db, executions, workflows
+from engine import apikeys, db, executions, lifecycle, workflows
 from engine.breakers import list_breakers
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
@@ -237,6 +237,26 @@ async def workflows_page(request: Request, conn: Conn, key: UiKey) -> HTMLRespon
         key,
         workflows=await _rows(conn, "ui_workflows"),
         splits=await _rows(conn, "ui_splits"),  # split steps' paths (crmflow.split_report)
+    )
+
+
+@router.get("/workflows/{workflow_id}/enrollments")
+async def enrollments_page(
+    request: Request,
+    conn: Conn,
+    key: UiKey,
+    workflow_id: ObjectId,
+    state: lifecycle.EnrollmentState | None = None,
+    before_id: Annotated[Id | None, Query()] = None,
+) -> HTMLResponse:
+    """A workflow's enrollments, filtered by state, with its goal conversions."""
+    workflow = await workflows.get_workflow(conn, workflow_id)
+    page = await lifecycle.list_enrollments(
+        conn, workflow_id, state=state, before_id=before_id, limit=LIVE_ROWS
+    )
+    [goals] = await _rows(conn, "ui_goal_conversions", workflow_id=workflow_id)
+    return _page(
+        request, "enrollments.html", key, workflow=workflow, page=page, state=state, goals=goals
     )
 
 
