@@ -109,33 +109,35 @@ async def test_distribution_over_ten_thousand_entities(
         assert abs(counts[name] / 10_000 - weight / total) < 0.02, counts
 
 
-@pytest.mark.parametrize(
-    ("paths", "words"),
-    [
-        ({"A": 100}, "at least two paths"),
-        ({}, "at least two paths"),
-        ({"A": 50, "B b": 50}, "path name 'B b'"),
-        ({"A": 0, "B": 50}, "a weight is from 1 to 10000, not 0"),
-        ({"A": -5, "B": 50}, "not -5"),
-        ({"A": 1.5, "B": 50}, "whole number, not 1.5"),
-        ({"A": True, "B": 50}, "whole number, not True"),
-        ({"A": "50", "B": 50}, "whole number, not '50'"),
-        (["A", "B"], "paths is an object"),
-    ],
-)
-async def test_bad_splits_are_refused_naming_the_path(
-    crm: psycopg.AsyncConnection[Any], paths: Any, words: str
-) -> None:
-    with pytest.raises(DefinitionError) as caught:
-        await apply(crm, ab_workflow({"A": 1, "B": 1}) | {"actions": [
-            {"id": "ab", "type": "split", "paths": paths}, {"type": "create_task", "title": "t"}
-        ]})  # fmt: skip
-    found = {i.path: i.message for i in caught.value.issues}
-    assert "actions[0].paths" in found, found
-    assert words in found["actions[0].paths"], found
+BAD_SPLITS: list[tuple[Any, str]] = [
+    ({"A": 100}, "at least two paths"),
+    ({}, "at least two paths"),
+    ({"A": 50, "B b": 50}, "path name 'B b'"),
+    ({"A": 0, "B": 50}, "a weight is from 1 to 10000, not 0"),
+    ({"A": -5, "B": 50}, "not -5"),
+    ({"A": 1.5, "B": 50}, "whole number, not 1.5"),
+    ({"A": True, "B": 50}, "whole number, not True"),
+    ({"A": "50", "B": 50}, "whole number, not '50'"),
+    (["A", "B"], "paths is an object"),
+]
+
+
+async def test_bad_splits_are_refused_naming_the_path(crm: psycopg.AsyncConnection[Any]) -> None:
+    for paths, words in BAD_SPLITS:
+        definition = ab_workflow({"A": 1, "B": 1})
+        definition["actions"] = [
+            {"id": "ab", "type": "split", "paths": paths},
+            {"type": "create_task", "title": "t"},
+        ]
+        with pytest.raises(DefinitionError) as caught:
+            await apply(crm, definition)
+        found = {i.path: i.message for i in caught.value.issues}
+        assert "actions[0].paths" in found, (paths, found)
+        assert words in found["actions[0].paths"], (paths, found)
     with pytest.raises(DefinitionError) as caught:
         await apply(crm, ab_workflow({"A": 1, "B": 1}) | {"actions": [{"type": "split"}]})
     assert [i.path for i in caught.value.issues] == ["actions[0].paths"]
+    assert await value(crm, "SELECT count(*) FROM crmflow.workflows") == 0  # nothing saved
 
 
 async def test_a_few_hundred_executions_take_their_paths_end_to_end(

@@ -22,7 +22,7 @@ from engine.executor.runner import Runner
 from engine.matcher import Matcher
 from engine.model import DefinitionError
 from engine.windows import DAYS, Window, next_opening
-from tests.helpers import apply, fetch
+from tests.helpers import apply, fetch, value
 
 LISBON = ZoneInfo("Europe/Lisbon")
 OFFICE = Window.model_validate(
@@ -118,36 +118,36 @@ def on_new_lead(actions: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize(
-    ("window", "path", "words"),
-    [
-        ({"days": ["monday"], "from": "09:00", "to": "17:00", "timezone": "UTC"}, "days",
-         "'monday' is not a day"),
-        ({"from": "9:00", "to": "17:00", "timezone": "UTC"}, "from", "not a time 'HH:MM'"),
-        ({"from": "09:00", "to": "25:00", "timezone": "UTC"}, "to", "not a time 'HH:MM'"),
-        ({"from": "09:00", "to": "09:00", "timezone": "UTC"}, "", "empty window"),
-        ({"from": "09:00", "to": "17:00", "timezone": "Europe/Lisbonne"}, "timezone",
-         "unknown time zone 'Europe/Lisbonne'"),
-        ({"from": "09:00", "to": "17:00"}, "", "exactly one of 'timezone' and 'timezone_field'"),
-        ({"from": "09:00", "to": "17:00", "timezone": "UTC", "timezone_field": "tz"}, "",
-         "exactly one"),
-        ({"from": "09:00", "to": "17:00", "timezone_field": "nope"}, "timezone_field",
-         "lead has no column 'nope'"),
-        ({"from": "09:00", "to": "17:00", "timezone_field": "score"}, "timezone_field",
-         "a time zone is read from a text column"),
-        ({"from": "09:00", "to": "17:00", "timezone": "UTC", "hours": 3}, "hours",
-         "unknown field"),
-    ],
-)  # fmt: skip
-async def test_bad_windows_are_refused_naming_the_path(
-    crm: psycopg.AsyncConnection[Any], window: dict[str, Any], path: str, words: str
-) -> None:
-    with pytest.raises(DefinitionError) as caught:
-        await apply(crm, on_new_lead([{"type": "create_task", "title": "t", "window": window}]))
-    expected = "actions[0].window" + (f".{path}" if path else "")
-    found = {i.path: i.message for i in caught.value.issues}
-    assert expected in found, found
-    assert words in found[expected], found
+BAD_WINDOWS: list[tuple[dict[str, Any], str, str]] = [
+    ({"days": ["monday"], "from": "09:00", "to": "17:00", "timezone": "UTC"}, "days",
+     "'monday' is not a day"),
+    ({"from": "9:00", "to": "17:00", "timezone": "UTC"}, "from", "not a time 'HH:MM'"),
+    ({"from": "09:00", "to": "25:00", "timezone": "UTC"}, "to", "not a time 'HH:MM'"),
+    ({"from": "09:00", "to": "09:00", "timezone": "UTC"}, "", "empty window"),
+    ({"from": "09:00", "to": "17:00", "timezone": "Europe/Lisbonne"}, "timezone",
+     "unknown time zone 'Europe/Lisbonne'"),
+    ({"from": "09:00", "to": "17:00"}, "", "exactly one of 'timezone' and 'timezone_field'"),
+    ({"from": "09:00", "to": "17:00", "timezone": "UTC", "timezone_field": "tz"}, "",
+     "exactly one"),
+    ({"from": "09:00", "to": "17:00", "timezone_field": "nope"}, "timezone_field",
+     "lead has no column 'nope'"),
+    ({"from": "09:00", "to": "17:00", "timezone_field": "score"}, "timezone_field",
+     "a time zone is read from a text column"),
+    ({"from": "09:00", "to": "17:00", "timezone": "UTC", "hours": 3}, "hours",
+     "unknown field"),
+]  # fmt: skip
+
+
+async def test_bad_windows_are_refused_naming_the_path(crm: psycopg.AsyncConnection[Any]) -> None:
+    for window, path, words in BAD_WINDOWS:
+        step = {"type": "create_task", "title": "t", "window": window}
+        with pytest.raises(DefinitionError) as caught:
+            await apply(crm, on_new_lead([step]))
+        expected = "actions[0].window" + (f".{path}" if path else "")
+        found = {i.path: i.message for i in caught.value.issues}
+        assert expected in found, (window, found)
+        assert words in found[expected], (window, found)
+    assert await value(crm, "SELECT count(*) FROM crmflow.workflows") == 0  # nothing saved
 
 
 # ───────── the engine ─────────
@@ -275,6 +275,36 @@ async def test_per_entity_time_zones(
     ny = by_name["ny"]
     expected = next_opening(parsed, before, ZoneInfo("America/New_York"))
     assert (ny["status"] == "succeeded") == (expected <= before)
+
+
+async def test_a_delay_then_a_window(
+    crm: psycopg.AsyncConnection[Any], pool: AsyncConnectionPool, settings: Settings
+) -> None:
+    """The delay counts first; when it is over, the window is checked (and defers)."""
+    days, opening = closed_today()
+    window = {"days": days, "from": "09:00", "to": "17:00", "timezone": "Europe/Lisbon"}
+    await apply(
+        crm,
+        on_new_lead(
+            [{"id": "s", "type": "create_task", "title": "t", "delay": "1s", "window": window}]
+        ),
+    )
+    await crm.execute("INSERT INTO leads (name) VALUES ('a')")
+    await Matcher(pool, settings).drain()
+    await executor(pool, settings).drain(seconds=1)
+    [step] = await fetch(crm, "SELECT status, scheduled_at, result FROM crmflow.execution_steps")
+    assert step["status"] == "scheduled" and step["scheduled_at"] < opening  # the delay
+    await wait_until_due(step["scheduled_at"])
+    await executor(pool, settings).drain(seconds=5)
+    [step] = await fetch(crm, "SELECT status, scheduled_at, result FROM crmflow.execution_steps")
+    assert (step["status"], step["scheduled_at"]) == ("scheduled", opening)
+    assert step["result"]["window"]["timezone"] == "Europe/Lisbon"
+
+
+async def wait_until_due(at: datetime) -> None:
+    import asyncio
+
+    await asyncio.sleep(max(0.0, (at - datetime.now(UTC)).total_seconds()) + 0.05)
 
 
 async def test_the_careful_path_defers_too(
