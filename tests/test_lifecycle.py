@@ -389,3 +389,21 @@ async def test_the_docs_examples_run_a_false_when_skips_a_wait(
     assert [r["title"] for r in await fetch(crm, "SELECT title FROM tasks")] == [
         "Prepare the demo for Ada"
     ]
+
+
+async def test_the_executor_checks_the_goal_before_a_step(
+    crm: psycopg.AsyncConnection[Any], worker: Worker
+) -> None:
+    definition = nurture(goal={"field": "status", "operator": "equals", "value": "customer"})
+    definition["actions"][1]["delay"] = "2s"
+    await apply(crm, definition)
+    await crm.execute("INSERT INTO leads (name) VALUES ('Ada')")
+    [ex] = await waiting(crm, 1)
+    # nothing watches it any more (as for a change that came before its watch): the
+    # executor's check before the follow-up finds the goal met
+    await crm.execute("DELETE FROM crmflow.watches")
+    await crm.execute("UPDATE leads SET status = 'customer'")
+    done = await settled(crm, ex["id"])
+    assert done["status"] == "completed" and done["goal_met_at"] is not None
+    assert (await step_rows(crm, ex["id"]))["follow_up"]["result"] == {"reason": "goal met"}
+    assert await value(crm, "SELECT count(*) FROM tasks") == 1
