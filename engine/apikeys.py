@@ -36,7 +36,7 @@ class ApiKeyNotFound(LookupError):
     pass
 
 
-_q = db.Queries("api.sql")
+_q = db.Queries("apikeys.sql")
 
 
 def hash_secret(secret: str) -> str:

@@ -120,11 +120,11 @@ async def dry_run(
         ),
     ]
     if entity is not None:
-        query = db.template("dry_run", "api.sql").format(
+        query = db.template("dry_run", "dryrun.sql").format(
             columns=sql.SQL(", ").join(columns), table=entity.table
         )
     else:
-        query = db.template("dry_run_no_entity", "api.sql").format(
+        query = db.template("dry_run_no_entity", "dryrun.sql").format(
             columns=sql.SQL(", ").join(columns)
         )
     result = await _evaluate(conn, query, event)

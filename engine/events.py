@@ -100,7 +100,7 @@ async def _insert(
     async with conn.transaction():
         row: dict[str, Any] | None = await (
             await conn.execute(
-                db.query("insert_event", "api.sql"),
+                db.query("insert_event", "events.sql"),
                 {
                     "entity_type": entity_type,
                     "pk": Jsonb(pk) if pk is not None else None,
@@ -111,6 +111,6 @@ async def _insert(
                 },
             )
         ).fetchone()
-        await conn.execute(db.query("wake_matcher", "api.sql"), {})
+        await conn.execute(db.query("wake_matcher", "events.sql"), {})
     assert row is not None
     return row

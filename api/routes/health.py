@@ -28,7 +28,7 @@ HEALTH_TIMEOUT = 3.0
 
 
 def _q(name: str) -> str:
-    return db.query(name, "api.sql")
+    return db.query(name, "health.sql")
 
 
 @router.get(
