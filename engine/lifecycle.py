@@ -323,12 +323,18 @@ async def add_watches(
 def _found(runner: Runner, ex: dict[str, Any], entity: EntitySchema | None) -> Predicates | None:
     if entity is None or ex.get("entity_pk") is None or not has_lifecycle(ex["definition"]):
         return None
-    return predicates(int(ex["workflow_version_id"]), ex["definition"], entity)
+    try:
+        return predicates(int(ex["workflow_version_id"]), ex["definition"], entity)
+    except ValueError as exc:  # a column the conditions read is gone: the steps go on
+        log.warning("execution %s: goal, exit_when or wait_until left out: %s", ex["id"], exc)
+        return None
 
 
 async def before_step(runner: Runner, ex: dict[str, Any]) -> str | None:
     """The executor's check before a step: the goal (first), then the exit criteria, on
     the entity as it is now; met, the execution ends here. Returns what ended it."""
+    if not has_lifecycle(ex["definition"]):
+        return None  # (no connection taken: this runs before every step of every workflow)
     async with db.autocommit(runner.pool) as conn:
         entity = await runner.entity(conn, ex["entity_type"])
         found = _found(runner, ex, entity)
@@ -345,6 +351,8 @@ async def before_step(runner: Runner, ex: dict[str, Any]) -> str | None:
 async def watch_waiting(runner: Runner, ex: dict[str, Any]) -> None:
     """An execution with a goal or exit criteria starts waiting (a delay, a retry): the
     matcher watches its entity from now on."""
+    if not has_lifecycle(ex["definition"]):
+        return
     async with db.autocommit(runner.pool) as conn:
         entity = await runner.entity(conn, ex["entity_type"])
         found = _found(runner, ex, entity)
@@ -372,8 +380,8 @@ async def wait_step(
     assert wait is not None
     async with db.autocommit(runner.pool) as conn:
         entity = await runner.entity(conn, ex["entity_type"])
-        found = _found(runner, ex, entity)
-        assert found is not None and entity is not None
+        found = _found(runner, ex, entity) or Predicates()
+        assert entity is not None
         predicate = found.waits.get(sid)
 
         async def met_now() -> bool:
