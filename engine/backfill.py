@@ -20,6 +20,8 @@ that already exist, as if each had just been created (or updated) to what it is 
   the scheduler applies it; ``max_per_minute`` and ``max_concurrent`` hold the
   executions back when they start, as any other (engine/executor/flow.py). ``limit``
   caps how many this run enrolls.
+- Suppression lists (``suppress``) keep their entities out, as on every enrollment path;
+  a workflow of another ``environment`` than this process's is refused.
 - A dry run counts what would enroll and writes nothing.
 """
 
@@ -34,7 +36,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine import catalog, db, tracing
+from engine import catalog, db, suppressions, tracing
 from engine.catalog import EntitySchema
 from engine.conditions import NEW, Compiler, FieldCondition, Group
 from engine.config import Settings, get_settings
@@ -157,10 +159,13 @@ def _predicate(definition: dict[str, Any], entity: EntitySchema, conn: Any) -> s
     return sql.SQL(" AND ").join(parts).as_string(conn)
 
 
-async def plan(conn: psycopg.AsyncConnection[Any], workflow_id: int) -> Plan:
+async def plan(
+    conn: psycopg.AsyncConnection[Any], workflow_id: int, settings: Settings | None = None
+) -> Plan:
     """What a backfill of the workflow enrolls; BackfillRefused with the reason."""
     from engine.workflows import WorkflowNotFound
 
+    settings = settings or get_settings()
     wf = await (await conn.execute(_q("backfill_workflow"), {"id": workflow_id})).fetchone()
     if wf is None or wf["status"] == WorkflowStatus.ARCHIVED:
         raise WorkflowNotFound(workflow_id)
@@ -181,6 +186,13 @@ async def plan(conn: psycopg.AsyncConnection[Any], workflow_id: int) -> Plan:
         raise BackfillRefused(
             f"workflow {workflow_id} is {wf['status']}: activate it to backfill", "status"
         )
+    environment = wf["definition"].get("environment") or "production"
+    if environment != settings.environment:
+        raise BackfillRefused(
+            f"workflow {workflow_id} belongs to the environment {environment!r}; this process "
+            f"runs in {settings.environment!r} (CRMFLOW_ENVIRONMENT): backfill it there",
+            "environment",
+        )
     entity = await catalog.load_entity(conn, wf["entity_type"])
     if entity is None:
         raise BackfillRefused(f"entity {wf['entity_type']!r} is not watched", "trigger.entity_type")
@@ -188,9 +200,17 @@ async def plan(conn: psycopg.AsyncConnection[Any], workflow_id: int) -> Plan:
 
 
 def _allowed(p: Plan) -> sql.Composable:
-    """Not on the workflow's suppression lists (``suppress``), tested on the row ``n``."""
-    # TODO(suppressions): engine/suppressions.not_suppressed once it is committed.
-    return sql.SQL("true")
+    """Not on the workflow's suppression lists (``suppress``, by key or by the row's
+    email), tested on the row ``n`` as every other enrollment path tests it."""
+    definition = p.workflow["definition"]
+    if not definition.get("suppress"):
+        return sql.SQL("true")
+    return suppressions.not_suppressed(
+        suppressions.lists_literal(definition),
+        sql.Literal(p.entity.entity_type),
+        _pk_object(p.entity, "n"),
+        sql.SQL("to_jsonb(n)"),
+    )
 
 
 def statement(p: Plan, *, dry_run: bool, first: bool) -> sql.Composed:
@@ -198,11 +218,13 @@ def statement(p: Plan, *, dry_run: bool, first: bool) -> sql.Composed:
     limits = p.workflow["limits"] or {}
     reenrollment: sql.Composable = sql.SQL("true")
     if limits.get("reenrollment", "always") != "always":
+        # The scheduler's test, as a lookup per row (see backfill_chosen).
         reenrollment = sql.SQL(
-            "NOT EXISTS (SELECT 1 FROM crmflow.executions AS x"
+            "(SELECT x.id FROM crmflow.executions AS x"
             " WHERE x.workflow_id = %(workflow_id)s AND x.entity_type = %(entity_type)s"
             " AND x.entity_pk = s.pk AND (%(reenrollment)s = 'never'"
-            " OR x.created_at > now() - make_interval(secs => %(reenroll_after)s)))"
+            " OR x.created_at > now() - make_interval(secs => %(reenroll_after)s))"
+            " LIMIT 1) IS NULL"
         )
     keys = [sql.Identifier("n", c) for c in entity.pk_columns]
     aliases = [sql.Identifier(f"k{i}") for i in range(len(keys))]
@@ -285,7 +307,7 @@ async def run(
     settings = settings or get_settings()
     if limit is not None and limit < 1:
         raise BackfillRefused("limit must be at least 1", "limit")
-    p = prepared or await plan(conn, workflow_id)
+    p = prepared or await plan(conn, workflow_id, settings)
     wf = p.workflow
     report = Report(workflow_id, dry_run, limit=limit)
     triggered_at = datetime.now(UTC)

@@ -7,8 +7,9 @@
 -- name: backfill_chosen
 -- The CTEs both statements share: a batch of rows in key order, whether each matches,
 -- and the matching ones that may enroll: not enrolled by a backfill before, allowed by
--- the re-enrollment policy ({reenrollment}) and by the workflow's suppression lists
--- ({allowed}, on the row), at most %(room)s of them (NULL: no limit).
+-- the re-enrollment policy and by the workflow's suppression lists (tested on the row),
+-- at most "room" of them (NULL: no limit). (No braces or placeholders in these
+-- comments: they are format fields.)
 scanned AS MATERIALIZED (
     SELECT {pk} AS pk, coalesce({predicate}, false) AS hit, {allowed} AS allowed,
            {pk_columns}
@@ -20,11 +21,13 @@ scanned AS MATERIALIZED (
     SELECT s.pk, 'backfill:' || s.pk::text AS enrollment_key
       FROM scanned AS s
      WHERE s.hit AND s.allowed
-       AND NOT EXISTS (
-            SELECT 1 FROM crmflow.executions AS x
+       -- A lookup per row (a scalar subquery is never made a join): an anti-join would
+       -- hash every key the workflow's backfills ever enrolled, at each batch.
+       AND (SELECT x.id FROM crmflow.executions AS x
              WHERE x.workflow_id = %(workflow_id)s
                AND x.enrollment_key = 'backfill:' || s.pk::text
-               AND x.enrollment_key LIKE 'backfill:%%')
+               AND x.enrollment_key LIKE 'backfill:%%'
+             LIMIT 1) IS NULL
        AND {reenrollment}
      ORDER BY {scanned_order}
      LIMIT %(room)s
