@@ -7,10 +7,11 @@ level, with setbacks: a budget cut, a key contact who leaves); health drives wha
 sees (logins and feature usage down, support tickets up, NPS down, invoices paid late)
 and the weekly hazard of churning, so the risk factors are actually predictive.
 Customers younger than 90 days behave differently: their activity ramps up during
-onboarding, they open onboarding tickets whatever their health, they answer no NPS
-survey yet, and whether they stay depends on how far they adopt the product (feature
-usage) rather than on the mature health process: a model fitted on the mature accounts
-misjudges them, which is what the scorecard's own segment for new customers is for.
+onboarding, everyone logs in, the engaged ones open more (onboarding) tickets, not
+fewer, they answer no NPS survey yet, and whether they stay depends on how far they
+adopt the product (feature usage) rather than on the mature health process: a model
+fitted on the mature accounts misjudges them, which is what the scorecard's own segment
+for new customers is for.
 
 Everything is simulated in Python with numpy (vectorised over accounts, one step per
 week) from one seed, then sent with COPY: the same seed and end date give the same rows.
@@ -149,9 +150,13 @@ def simulate(n_accounts: int = 3000, seed: int = 17, end: date | None = None) ->
         # What the CRM sees. New customers: driven by adoption, ramping up.
         drive = np.where(new, adoption, health)
         act = np.flatnonzero(active)
-        logins = rng.poisson(2.6 * np.exp(0.75 * drive) * ramp)
+        # (everyone logs in during onboarding: logins say little about a new customer)
+        logins = rng.poisson(2.6 * np.exp(0.75 * np.where(new, 0.2 * adoption, health)) * ramp)
         uses = rng.poisson(1.0 * np.exp(np.where(new, 1.0, 0.7) * drive) * np.where(new, ramp, 1.0))
-        tickets = rng.poisson(np.where(new, 0.55, 0.12 * np.exp(-0.9 * health)))
+        # (engaged new customers ask more onboarding questions, not fewer)
+        tickets = rng.poisson(
+            np.where(new, 0.5 * np.exp(0.35 * adoption), 0.12 * np.exp(-0.9 * health))
+        )
         for table, count in (
             ("logins", logins),
             ("feature_usage", uses),

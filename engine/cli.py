@@ -12,8 +12,11 @@ from collections.abc import Sequence
 import psycopg
 
 from engine import capture, db, executions, workflows
-from engine.commands import apikey, entities, examples, service, workflow_admin
+from engine.commands import apikey, entities, examples, score_fit, service, workflow_admin
+from engine.commands import churn as churn_commands
+from engine.commands import enrollments as enrollments_commands
 from engine.commands import executions as executions_commands
+from engine.commands import score as score_commands
 from engine.commands import suppress as suppress_commands
 from engine.commands import workflow as workflow_commands
 from engine.commands.common import CliError, err
@@ -28,11 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     entities.register(sub)
     workflow_admin.register(workflow_commands.register(sub))
+    enrollments_commands.register(sub)  # workflow enrollments
     executions_commands.register(sub)
     examples.register(sub)
     apikey.register(sub)
     service.register(sub)
     suppress_commands.register(sub)
+    score_fit.register(score_commands.register(sub))
+    churn_commands.register(sub)
     return parser
 
 

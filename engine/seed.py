@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import yaml
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
@@ -20,6 +21,19 @@ WATCHED: dict[str, dict[str, str]] = {
     "deals": {"last_activity_days_ago": "current_date - CAST(last_activity_at AS date)"},
     "accounts": {"days_to_renewal": "renewal_date - current_date"},
     "contacts": {},
+    # The churn playbook's tasks: closing one as a false positive feeds back.
+    "tasks": {},
+}
+
+# The churn scorecard's signal tables (docs/churn.md): related to accounts by
+# account_id, with the time column its aggregates window on (table: (key, time column)).
+RELATIONS: dict[str, tuple[str, str]] = {
+    "logins": ("account_id", "occurred_at"),
+    "feature_usage": ("account_id", "occurred_at"),
+    "support_tickets": ("account_id", "opened_at"),
+    "nps_responses": ("account_id", "responded_at"),
+    "invoices": ("account_id", "due_date"),
+    "contacts": ("account_id", "left_at"),
 }
 
 
@@ -43,6 +57,8 @@ class Seeded:
     users: list[dict[str, Any]] = field(default_factory=list)
     # Roles the workflows need that no active user has (with users of the CRM's own).
     missing_roles: list[str] = field(default_factory=list)
+    # The scorecards applied (examples/scorecards/).
+    scorecards: list[Any] = field(default_factory=list)
 
 
 # The roles the pre-configured workflows assign or notify: the playbook's CSM, the
@@ -52,6 +68,30 @@ NEEDED_ROLES = ("csm", "manager")
 
 def seed_workflow_files() -> list[Path]:
     return sorted((db.resource_dir("examples") / "workflows").glob("*.json"))
+
+
+def seed_scorecard_files() -> list[Path]:
+    return sorted((db.resource_dir("examples") / "scorecards").glob("*.yaml"))
+
+
+async def seed_scorecards(conn: psycopg.AsyncConnection[Any], settings: Settings) -> list[Any]:
+    """Declare the signal tables' relations to accounts and apply the example scorecards
+    that are not stored yet (one already there, refitted by `score fit --save` perhaps,
+    keeps its weights)."""
+    from engine.scorecards import relations, store
+
+    for table, (key, time_column) in RELATIONS.items():
+        await relations.add_relation(
+            conn, f"{settings.crm_schema}.{table}", "account", key, time_column
+        )
+    saved = []
+    for path in seed_scorecard_files():
+        raw = yaml.safe_load(path.read_text())
+        try:
+            await store.get(conn, raw["name"])
+        except store.ScorecardNotFound:
+            saved.append(await store.apply(conn, raw))
+    return saved
 
 
 async def install_example_crm(conn: psycopg.AsyncConnection[Any], settings: Settings) -> None:
@@ -99,6 +139,7 @@ async def seed(conn: psycopg.AsyncConnection[Any], settings: Settings | None = N
     await install_example_crm(conn, settings)
     for table, derived in WATCHED.items():
         await capture.watch(conn, f"{settings.crm_schema}.{table}", derived=derived)
+    scorecards = await seed_scorecards(conn, settings)
     results = []
     async with conn.transaction():
         for path in seed_workflow_files():
@@ -114,6 +155,6 @@ async def seed(conn: psycopg.AsyncConnection[Any], settings: Settings | None = N
                 )
             ).fetchall()
     except psycopg.errors.InsufficientPrivilege:
-        return Seeded(results, users)  # cannot tell
+        return Seeded(results, users, scorecards=scorecards)  # cannot tell
     have = {r["role"] for r in present}
-    return Seeded(results, users, [r for r in NEEDED_ROLES if r not in have])
+    return Seeded(results, users, [r for r in NEEDED_ROLES if r not in have], scorecards)

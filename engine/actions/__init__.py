@@ -31,8 +31,9 @@ BUILTIN_MODULES = (
     "http_request",
     "qualify_lead",
     "enrich_lead",
-    "wait",
+    "score_feedback",
     "split",
+    "wait",
 )
 
 __all__ = ["Action", "PermanentError", "Skip", "registry"]
