@@ -925,6 +925,124 @@ async def l1(quick: bool, events: int | None = None, watched: int = 1000) -> Res
     )
 
 
+SC1_TABLES = """
+CREATE TABLE bench_accounts (id bigint PRIMARY KEY, name text, created_at timestamptz NOT NULL,
+    arr numeric, csm_id bigint, churn_score double precision, churn_risk text,
+    churn_factors jsonb);
+CREATE TABLE bench_logins (id bigserial PRIMARY KEY, account_id bigint NOT NULL,
+    occurred_at timestamptz NOT NULL);
+CREATE INDEX ON bench_logins (account_id, occurred_at);
+CREATE TABLE bench_tickets (id bigserial PRIMARY KEY, account_id bigint NOT NULL,
+    opened_at timestamptz NOT NULL);
+CREATE INDEX ON bench_tickets (account_id, opened_at);
+INSERT INTO bench_accounts (id, name, created_at, arr, csm_id)
+SELECT i, 'account ' || i, now() - (i % 700) * interval '1 day',
+       CASE WHEN i % 10 = 0 THEN NULL ELSE (i % 97) * 1000 END,
+       CASE WHEN i % 3 = 0 THEN NULL ELSE i % 50 END
+  FROM generate_series(1, {n}) AS i;
+-- About ten logins per account over the last 60 days (fewer lately for every 4th), and
+-- a ticket for every other account.
+INSERT INTO bench_logins (account_id, occurred_at)
+SELECT 1 + (g % {n}), now() - ((g * 7919) % 60) * interval '1 day'
+       - CASE WHEN g % 4 = 0 THEN interval '30 days' ELSE interval '0' END
+  FROM generate_series(1, {n} * 10) AS g;
+INSERT INTO bench_tickets (account_id, opened_at)
+SELECT 1 + (g * 2 % {n}), now() - (g % 45) * interval '1 day'
+  FROM generate_series(1, {n} / 2) AS g;
+ANALYZE bench_accounts, bench_logins, bench_tickets;
+"""
+
+SC1_CARD: dict[str, Any] = {
+    "name": "bench_churn",
+    "entity_type": "bench_account",
+    "intercept": -2.0,
+    "factors": [
+        {
+            "id": "logins_down",
+            "weight": 1.2,
+            "aggregate": {
+                "relation": "logins",
+                "window": "30d",
+                "compare_to_previous": "decline",
+            },
+        },
+        {
+            "id": "tickets_up",
+            "weight": 0.9,
+            "aggregate": {
+                "relation": "tickets",
+                "window": "30d",
+                "compare_to_previous": "increase",
+            },
+        },
+        {"id": "no_csm", "weight": 0.5, "condition": [{"field": "csm_id", "operator": "is_empty"}]},
+        {"id": "arr", "weight": -0.2, "expression": {"sql": "ln(1 + coalesce(arr, 0))"}},
+    ],
+    "segments": [
+        {
+            "name": "new_customer",
+            "when": [{"field": "created_at", "operator": "within_last", "value": "90d"}],
+            "intercept": -1.0,
+            "weights": {"logins_down": 0.8},
+        }
+    ],
+    "bands": {"low": 0, "medium": 0.3, "high": 0.6, "critical": 0.8},
+    "write": {"score": "churn_score", "level": "churn_risk", "factors": "churn_factors"},
+}
+
+
+async def sc1(quick: bool, accounts: int | None = None) -> Result:
+    """Rescoring every account set-based: the first run writes every account's score,
+    level and top factors (in chunks); a second run finds nothing changed."""
+    from engine.scorecards import relations, store
+    from engine.scorecards import run as scoring
+
+    accounts = accounts or (20_000 if quick else 100_000)
+    with scratch_database() as url:
+        await prepare(url, crm=False)
+        async with await db.connect(url, autocommit=True) as conn:
+            await conn.execute(sql.SQL(SC1_TABLES).format(n=sql.Literal(accounts)))
+            await capture.watch(conn, "bench_accounts", entity="bench_account")
+            for table, name, column in (
+                ("bench_logins", "logins", "occurred_at"),
+                ("bench_tickets", "tickets", "opened_at"),
+            ):
+                await relations.add_relation(
+                    conn, table, "bench_account", "account_id", column, name=name
+                )
+            await store.apply(conn, SC1_CARD)
+            first = await scoring.score(conn, "bench_churn")
+            second = await scoring.score(conn, "bench_churn")
+            levels = {
+                r["churn_risk"]: r["n"]
+                for r in await (
+                    await conn.execute(
+                        "SELECT churn_risk, count(*) AS n FROM bench_accounts GROUP BY 1"
+                    )
+                ).fetchall()
+            }
+    if first.scored != accounts or first.updated != accounts:
+        raise RuntimeError(f"SC1: scored {first.scored}, wrote {first.updated} of {accounts}")
+    return Result(
+        "SC1",
+        f"rescoring {accounts:,} accounts set-based (4 factors, 2 related tables of "
+        f"{accounts * 10:,} logins and {accounts // 2:,} tickets, a segment): the first run, "
+        "writing every account",
+        first.seconds,
+        5.0,
+        "s",
+        False,
+        {
+            "accounts": accounts,
+            "first_run_s": round(first.seconds, 2),
+            "unchanged_run_s": round(second.seconds, 2),
+            "history_rows": first.history_rows,
+            "levels": levels,
+        },
+        measured_text=f"{first.seconds:.2f} s (unchanged rerun {second.seconds:.2f} s)",
+    )
+
+
 async def views(quick: bool) -> list[Result]:
     from bench.views import view_times
 
@@ -956,6 +1074,7 @@ async def run_all(quick: bool, only: set[str] | None = None, progress: Any = Non
         ("Q3", q3),
         ("W1", w1),
         ("L1", l1),
+        ("SC1", sc1),
         ("S", scale_out),
         ("V", views),
     ]

@@ -494,3 +494,17 @@ async def test_api_put_get_run(sc: psycopg.AsyncConnection[Any], client: Any) ->
     spec = (await client.get("/openapi.json")).json()
     assert "/scorecards/{name}/run" in spec["paths"]
     assert json.dumps(spec["paths"]["/scorecards/{name}"]["put"]).count("Create or update") == 1
+
+
+# ───────────────────────────── bench ─────────────────────────────
+
+
+async def test_bench_sc1_at_a_tiny_size(server_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import harness
+    from bench.targets import sc1
+
+    monkeypatch.setattr(harness, "server_url", lambda: server_url)
+    result = await sc1(True, accounts=300)
+    assert result.id == "SC1" and result.value > 0
+    assert result.detail["accounts"] == 300 and result.detail["history_rows"] == 300
+    assert sum(result.detail["levels"].values()) == 300

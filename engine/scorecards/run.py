@@ -81,47 +81,45 @@ async def score(
     result.scored = int(row["scored"])
     result.history_rows = int(row["history_rows"])
     result.level_changes = int(row["level_changes"])
-    if row["pending"] or keys is None:
-        updated, skipped = await write_pending(conn, card)
-        result.updated, result.skipped_locked = updated, skipped
+    updated, skipped = await write_keys(conn, card, list(row["to_write"]))
+    result.updated, result.skipped_locked = updated, skipped
     result.seconds = time.perf_counter() - started
     return result
 
 
-async def write_pending(
-    conn: psycopg.AsyncConnection[Any], card: LoadedScorecard
+async def write_keys(
+    conn: psycopg.AsyncConnection[Any], card: LoadedScorecard, keys: list[dict[str, Any]]
 ) -> tuple[int, int]:
-    """Write the pending scores into the entity's columns, a chunk per transaction, with
-    the engine's signed write context (so the writes are captured as crmflow's, depth 1).
-    Rows a CRM writer holds locked are skipped: they stay pending for the next run.
+    """Write the scores of the entities ``keys`` into their columns, a chunk per
+    transaction, with the engine's signed write context (so the writes are captured as
+    crmflow's, depth 1). Rows a CRM writer holds locked are skipped and stay pending.
     Returns (rows written, rows skipped)."""
-    if not card.definition.write.columns():
+    if not card.definition.write.columns() or not keys:
         return 0, 0
     statement = compile_write_chunk(card)
-    after: Any = None  # JSON null sorts before every key object
-    written = skipped = 0
     actor = f"crmflow:scorecard:{card.definition.name}"
-    while True:
+    written = skipped = 0
+    for start in range(0, len(keys), WRITE_CHUNK):
+        chunk = keys[start : start + WRITE_CHUNK]
         async with conn.transaction():
             await conn.execute(
                 db.query("set_write_context", "runtime.sql"), {"depth": "1", "actor": actor}
             )
             row = await (
-                await conn.execute(
-                    statement,
-                    {
-                        "scorecard_id": card.id,
-                        "after": Jsonb(after),
-                        "chunk": WRITE_CHUNK,
-                    },
-                )
+                await conn.execute(statement, {"scorecard_id": card.id, "keys": Jsonb(chunk)})
             ).fetchone()
         assert row is not None
         written += int(row["written"])
         skipped += int(row["todo"]) - int(row["locked"])
-        if int(row["todo"]) < WRITE_CHUNK or row["last"] is None:
-            return written, skipped
-        after = row["last"]
+    return written, skipped
+
+
+async def write_pending(
+    conn: psycopg.AsyncConnection[Any], card: LoadedScorecard
+) -> tuple[int, int]:
+    """Write the entities left pending (their rows were locked by a writer)."""
+    rows = await (await conn.execute(_q("pending_keys"), {"id": card.id})).fetchall()
+    return await write_keys(conn, card, [r["entity_key"] for r in rows])
 
 
 # ───────────────────────────── real time ─────────────────────────────

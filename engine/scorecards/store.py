@@ -179,8 +179,6 @@ async def load_definition(
                         "keys": Jsonb([]),
                         "scorecard_id": 0,
                         "version": 0,
-                        "after": Jsonb(None),
-                        "chunk": 1,
                     },
                 )
         except psycopg.Error as exc:
