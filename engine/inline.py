@@ -185,6 +185,12 @@ def _windows_open(ex: dict[str, Any], plan: Plan) -> bool:
     return all(windows.decide(w, row, at).open for w in windowed if w is not None)
 
 
+def _window_noted(window: Any, row: dict[str, Any] | None, value: dict[str, Any]) -> Any:
+    """A result that says which fallback zone its window was read in, if one was."""
+    decision = windows.decide(window, row, datetime.now(UTC))
+    return {**decision.note(), **value} if decision.zone.note else value
+
+
 async def _run(
     conn: psycopg.AsyncConnection[Any],
     runner: Runner,
@@ -257,6 +263,8 @@ async def _run(
                 status = "skipped" if isinstance(result, Skip) else "succeeded"
                 metrics.STEPS_RUN.labels(step.type, status, "inline").inc()
                 value = {"reason": str(result)} if isinstance(result, Skip) else result
+                if step.window is not None and isinstance(value, dict):
+                    value = _window_noted(step.window, ctx.row, value)
                 outcome.setdefault(ctx.execution_id, {})[sid] = (status, value, started, finished)
                 views[ctx.execution_id][sid] = {"status": status, "result": value}
 

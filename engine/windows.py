@@ -228,11 +228,19 @@ class Decision:
     open: bool
 
     def note(self) -> dict[str, Any]:
-        """What the deferred step's result says while it waits."""
-        note: dict[str, Any] = {"deferred_until": self.at.isoformat(), "timezone": self.zone.name}
+        """What the step's result says: while it waits, until when and in which zone;
+        and a fallback zone, whether it waits or not (kept in the result once it ran)."""
+        note: dict[str, Any] = {"timezone": self.zone.name}
+        if not self.open:
+            note = {"deferred_until": self.at.isoformat(), **note}
         if self.zone.note:
             note["note"] = self.zone.note
         return {"window": note}
+
+    @property
+    def worth_noting(self) -> bool:
+        """Whether the step's record gets the note: deferred, or read in a fallback zone."""
+        return not self.open or self.zone.note is not None
 
 
 def decide(window: Window, row: dict[str, Any] | None, at: datetime) -> Decision:

@@ -95,7 +95,11 @@ WITH outcome AS (
        SET status = CASE WHEN o.status = 'held' THEN 'scheduled' ELSE o.status END,
            attempts = CASE WHEN o.status = 'held' THEN greatest(s.attempts - 1, 0)
                            ELSE s.attempts END,
-           result = CASE WHEN o.status IN ('succeeded', 'skipped') THEN o.result ELSE s.result END,
+           result = CASE WHEN o.status NOT IN ('succeeded', 'skipped') THEN s.result
+                         -- a business-hours window's note stays (engine/windows.py)
+                         WHEN s.result ? 'window' AND jsonb_typeof(o.result) = 'object'
+                         THEN jsonb_build_object('window', s.result -> 'window') || o.result
+                         ELSE o.result END,
            error = o.error,
            -- a retry's time; otherwise the due time it had stays (delays are reported)
            scheduled_at = CASE WHEN o.status IN ('scheduled', 'held') THEN o.retry_at
@@ -122,9 +126,11 @@ UPDATE crmflow.execution_steps AS s
 
 -- name: steps_deferred
 -- Steps due outside their business-hours window (engine/windows.py): scheduled at the
--- next opening, the result saying until when and in which zone (and any fallback).
+-- next opening, the result saying until when and in which zone (and any fallback). A
+-- NULL at: the window is open, only the note (a fallback zone) is written.
 UPDATE crmflow.execution_steps AS s
-   SET status = 'scheduled', scheduled_at = k.at, result = k.note
+   SET status = CASE WHEN k.at IS NULL THEN s.status ELSE 'scheduled' END,
+       scheduled_at = coalesce(k.at, s.scheduled_at), result = k.note
   FROM unnest(%(execution_ids)s::bigint[], %(step_ids)s::text[], %(ats)s::timestamptz[],
               %(notes)s::jsonb[]) AS k(execution_id, step_id, at, note)
  WHERE s.execution_id = k.execution_id AND s.step_id = k.step_id

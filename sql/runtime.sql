@@ -71,7 +71,11 @@ RETURNING attempts;
 -- The execution remembers when its first action succeeded (event -> first action).
 WITH step AS (
     UPDATE crmflow.execution_steps
-       SET status = 'succeeded', result = %(result)s, error = NULL,
+       SET status = 'succeeded', error = NULL,
+           -- a business-hours window's note stays (engine/windows.py)
+           result = CASE WHEN result ? 'window' AND jsonb_typeof(%(result)s::jsonb) = 'object'
+                         THEN jsonb_build_object('window', result -> 'window') || %(result)s
+                         ELSE %(result)s END,
            finished_at = clock_timestamp()
      WHERE execution_id = %(id)s AND step_id = %(step_id)s
     RETURNING finished_at
@@ -82,7 +86,10 @@ UPDATE crmflow.executions
 
 -- name: step_skipped
 UPDATE crmflow.execution_steps
-   SET status = 'skipped', result = %(result)s, finished_at = clock_timestamp()
+   SET status = 'skipped', finished_at = clock_timestamp(),
+       result = CASE WHEN result ? 'window' AND jsonb_typeof(%(result)s::jsonb) = 'object'
+                     THEN jsonb_build_object('window', result -> 'window') || %(result)s
+                     ELSE %(result)s END
  WHERE execution_id = %(id)s AND step_id = %(step_id)s;
 
 -- name: step_attempt_failed

@@ -232,6 +232,10 @@ async def test_waves_defer_to_the_next_opening_and_run_inside_it(
         " JOIN crmflow.executions AS x ON x.id = s.execution_id WHERE s.step_id = 'office'",
     )
     assert {(r["status"], r["x_status"]) for r in done} == {("succeeded", "completed")}
+    kept = await fetch(crm, "SELECT result FROM crmflow.execution_steps WHERE step_id = 'office'")
+    for r in kept:  # the action's result, and the window's note of when it waited until
+        assert r["result"]["window"]["deferred_until"] == opening.astimezone(UTC).isoformat()
+        assert "task_id" in r["result"]
     assert len(await fetch(crm, "SELECT 1 FROM tasks WHERE title = 'office'")) == 40
 
 
@@ -275,6 +279,47 @@ async def test_per_entity_time_zones(
     ny = by_name["ny"]
     expected = next_opening(parsed, before, ZoneInfo("America/New_York"))
     assert (ny["status"] == "succeeded") == (expected <= before)
+
+
+async def test_a_fallback_zone_is_said_when_the_step_runs_at_once(
+    crm: psycopg.AsyncConnection[Any], pool: AsyncConnectionPool, settings: Settings
+) -> None:
+    """Open in its fallback zone, the step runs at once, on each path, and its result
+    says which zone was used and why (a deferred one keeps its note too, test above)."""
+    await crm.execute("ALTER TABLE leads ADD COLUMN tz text")
+    window = {"from": "00:00", "to": "24:00", "timezone_field": "tz",
+              "fallback_timezone": "Asia/Tokyo"}  # fmt: skip
+    step = {"type": "create_task", "title": "t", "window": window}
+    await apply(crm, on_new_lead([step], name="waves"))
+    await apply(crm, on_new_lead([step], name="careful", limits={"max_per_minute": 1000}))
+    await crm.execute(
+        "INSERT INTO leads (name, tz) VALUES ('none', NULL), ('lisbon', 'Europe/Lisbon')"
+    )
+    await run_all(pool, settings)
+    await apply(crm, on_new_lead([step], name="inline"))
+    await crm.execute(
+        "INSERT INTO leads (name, tz) VALUES ('none', ''), ('lisbon', 'Europe/Lisbon')"
+    )
+    await run_all(pool, settings.model_copy(update={"inline_steps": True}))
+    rows = await fetch(
+        crm,
+        "SELECT w.name AS workflow, l.name, s.status, s.result FROM crmflow.execution_steps AS s"
+        " JOIN crmflow.executions AS x ON x.id = s.execution_id"
+        " JOIN crmflow.workflows AS w ON w.id = x.workflow_id"
+        " JOIN leads AS l ON l.id = (x.entity_pk ->> 'id')::int",
+    )
+    seen = set()
+    for r in rows:
+        assert r["status"] == "succeeded" and "task_id" in r["result"], r
+        if r["name"] == "lisbon":
+            assert "window" not in r["result"], r
+        else:
+            assert r["result"]["window"] == {
+                "timezone": "Asia/Tokyo",
+                "note": "tz is empty; the window is read in Asia/Tokyo (fallback_timezone)",
+            }, r
+            seen.add(r["workflow"])
+    assert seen == {"waves", "careful", "inline"}
 
 
 async def test_a_delay_then_a_window(

@@ -106,19 +106,19 @@ async def check_windows(x: BatchExecutor, sid: str, group: list[Item]) -> None:
         ]
     what = f"step {sid} of workflow {group[0].ex['workflow_id']}"
     decisions = windows.decide_many(window, rows, moment, what=what)
-    deferred = [(i, d) for i, d in zip(group, decisions, strict=True) if not d.open]
-    if deferred:
+    noted = [(i, d) for i, d in zip(group, decisions, strict=True) if d.worth_noting]
+    if noted:  # deferred, or open in a fallback zone (the note says which)
         async with db.autocommit(x.pool) as conn:  # one statement
             await conn.execute(
                 _q("steps_deferred"),
                 {
-                    "execution_ids": [i.id for i, _ in deferred],
-                    "step_ids": [sid] * len(deferred),
-                    "ats": [d.at for _, d in deferred],
-                    "notes": [Jsonb(d.note()) for _, d in deferred],
+                    "execution_ids": [i.id for i, _ in noted],
+                    "step_ids": [sid] * len(noted),
+                    "ats": [None if d.open else d.at for _, d in noted],
+                    "notes": [Jsonb(d.note()) for _, d in noted],
                 },
             )
-        tracing.delays_scheduled([(i, sid, d.at) for i, d in deferred])
+        tracing.delays_scheduled([(i, sid, d.at) for i, d in noted if not d.open])
     for item, decision in zip(group, decisions, strict=True):
         item.progressed = True
         if decision.open:

@@ -356,17 +356,18 @@ class Runner:
                     window.describe(),
                     decision.zone.note,
                 )
-            if decision.open:
-                return False
-            await conn.execute(
-                db.query("steps_deferred", "executor.sql"),
-                {
-                    "execution_ids": [ex["id"]],
-                    "step_ids": [sid],
-                    "ats": [decision.at],
-                    "notes": [Jsonb(decision.note())],
-                },
-            )
+            if decision.worth_noting:  # deferred, or open in a fallback zone
+                await conn.execute(
+                    db.query("steps_deferred", "executor.sql"),
+                    {
+                        "execution_ids": [ex["id"]],
+                        "step_ids": [sid],
+                        "ats": [None if decision.open else decision.at],
+                        "notes": [Jsonb(decision.note())],
+                    },
+                )
+        if decision.open:
+            return False
         tracing.step_waits(ex, sid, step.type, decision.at)
         return True
 
