@@ -407,3 +407,31 @@ async def test_the_executor_checks_the_goal_before_a_step(
     assert done["status"] == "completed" and done["goal_met_at"] is not None
     assert (await step_rows(crm, ex["id"]))["follow_up"]["result"] == {"reason": "goal met"}
     assert await value(crm, "SELECT count(*) FROM tasks") == 1
+
+
+async def test_the_enrollments_command(
+    crm: psycopg.AsyncConnection[Any], worker: Worker, db_url: str
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    await apply(crm, nurture(goal={"field": "status", "operator": "equals", "value": "customer"}))
+    await crm.execute("INSERT INTO leads (name) VALUES ('Ada'), ('Bob')")
+    ada, _ = await waiting(crm, 2)
+    await crm.execute("UPDATE leads SET status = 'customer' WHERE name = 'Ada'")
+    await settled(crm, ada["id"])
+    env = {**os.environ, "CRMFLOW_DATABASE_URL": db_url}
+    command = [sys.executable, "-m", "engine.cli", "workflow", "enrollments", "nurture"]
+    out = subprocess.run(
+        [*command, "--state", "goal_met", "--json"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    page = json.loads(out.stdout)
+    assert [i["execution_id"] for i in page["items"]] == [ada["id"]]
+    assert page["counts"]["waiting"] == 1 and page["counts"]["goal_met"] == 1
+    table = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert table.returncode == 0 and "goal_met" in table.stdout and "follow_up" in table.stdout
+    bad = subprocess.run([*command, "--state", "done"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--state" in bad.stderr
