@@ -46,7 +46,10 @@ def cmd_score_apply(args: argparse.Namespace) -> int:
         for where, r in results:
             what = "created" if r.created else ("new version" if r.changed else "unchanged")
             console.print(
-                f"{where}: scorecard {r.name} v{r.version} {what}", highlight=False, markup=False
+                f"{where}: scorecard {r.name} v{r.version} {what}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,  # one line per scorecard, however long its path
             )
         return 0
 
@@ -169,6 +172,7 @@ def cmd_score_run(args: argparse.Namespace) -> int:
             )
             + f" in {result.seconds:.2f}s",
             highlight=False,
+            soft_wrap=True,
         )
         return 0
 
