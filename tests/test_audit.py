@@ -13,10 +13,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
+import pytest
 
 from engine import audit, workflows
 from tests.helpers import fetch
+from tests.test_dashboard import (  # the dashboard's fixtures, for the browser test
+    CHROMIUM,
+    Dashboard,
+    browser,
+    dashboard,
+    log_in,
+    page,
+)
+
+__all__ = ["browser", "dashboard", "page"]  # fixtures used by name
 
 LEADS = {
     "name": "Audit me",
@@ -159,3 +171,36 @@ async def test_through_the_cli_the_os_user_and_the_history_command(
     assert "status: paused → active" in table
     listed = json.loads(cli("workflow", "history", "Audit me", "--json").stdout)
     assert [c["action"] for c in listed] == ["create", "activate"]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
+def test_the_workflow_page_shows_its_change_history(page: Any, dashboard: Dashboard) -> None:
+    """In a browser: a pause from the dashboard and a change through the API appear on
+    the workflow's page, newest first, with who made them and the diff."""
+    from playwright.sync_api import expect
+
+    dash = dashboard
+    wf = dash.workflows["qualify"]
+    log_in(page, dash, "write", "/ui/workflows")
+    row = page.locator(f"tr[data-workflow-id='{wf}']")
+    row.get_by_role("button", name="Pause").click()
+    expect(row.locator("[data-field=status]")).to_have_text("paused")
+    changed = httpx.patch(
+        f"{dash.url}/workflows/{wf}",
+        json={"priority": 9},
+        headers={"Authorization": f"Bearer {dash.keys['admin']}"},
+        timeout=15,
+    )
+    assert changed.status_code == 200, changed.text
+
+    page.goto(f"{dash.url}/ui/workflows/{wf}/enrollments")
+    rows = page.locator("#history tbody tr")
+    expect(rows).to_have_count(3)
+    expect(rows.nth(0).locator("[data-field=action]")).to_have_text("update")
+    expect(rows.nth(0).locator("[data-field=actor]")).to_have_text("admin key")
+    expect(rows.nth(0).locator("[data-field=diff]")).to_contain_text("priority: 5 → 9")
+    expect(rows.nth(1).locator("[data-field=action]")).to_have_text("pause")
+    expect(rows.nth(1).locator("[data-field=actor]")).to_have_text("write key")
+    expect(rows.nth(1).locator("[data-field=diff]")).to_contain_text('status: "active" → "paused"')
+    expect(rows.nth(2).locator("[data-field=action]")).to_have_text("create")
+    expect(rows.nth(2).locator("[data-field=actor]")).to_have_text(getpass.getuser())

@@ -42,7 +42,7 @@ from api.deps import CONNECTION_TIMEOUT, Conn, PoolDep, RunnerDep, SettingsDep
 from api.live import ExecutionFeed
 from api.routes.params import Id, ObjectId
 from api.ui.chart import build_charts
-from engine import apikeys, db, executions, lifecycle, workflows
+from engine import apikeys, audit, db, executions, lifecycle, workflows
 from engine.breakers import list_breakers
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
@@ -249,14 +249,23 @@ async def enrollments_page(
     state: lifecycle.EnrollmentState | None = None,
     before_id: Annotated[Id | None, Query()] = None,
 ) -> HTMLResponse:
-    """A workflow's enrollments, filtered by state, with its goal conversions."""
+    """A workflow's page: its enrollments, filtered by state, with its goal conversions,
+    and its change history (engine/audit.py)."""
     workflow = await workflows.get_workflow(conn, workflow_id)
     page = await lifecycle.list_enrollments(
         conn, workflow_id, state=state, before_id=before_id, limit=LIVE_ROWS
     )
     [goals] = await _rows(conn, "ui_goal_conversions", workflow_id=workflow_id)
+    history = await audit.history(conn, workflow_id)  # who changed it, when, what
     return _page(
-        request, "enrollments.html", key, workflow=workflow, page=page, state=state, goals=goals
+        request,
+        "enrollments.html",
+        key,
+        workflow=workflow,
+        page=page,
+        state=state,
+        goals=goals,
+        history=history,
     )
 
 
