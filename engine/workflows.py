@@ -16,6 +16,8 @@ from psycopg import sql
 
 from engine import audit, catalog, db, lifecycle, prefilter
 from engine.actions import registry
+from engine.actions.split import split_paths
+from engine.actions.split import when_issues as split_when_issues
 from engine.catalog import EntitySchema
 from engine.conditions import (
     NEW,
@@ -227,6 +229,7 @@ def _check_steps(
 ) -> None:
     actions = registry()
     ids = step_ids(wf.actions)
+    splits = split_paths(wf.actions, ids)
     for i, step in enumerate(wf.actions):
         path = f"actions[{i}]"
         action = actions.get(step.type)
@@ -262,6 +265,8 @@ def _check_steps(
             step_compiler.compile(when, NEW)
             for leaf in walk(when):
                 if isinstance(leaf, FieldCondition) and leaf.field.startswith("steps."):
+                    # a split's path compared with a name it does not have
+                    issues.extend(Issue(p, m) for p, m in split_when_issues(leaf, splits))
                     ref = leaf.field.split(".")[1]
                     if ref not in ids[:i]:
                         issues.append(

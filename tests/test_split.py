@@ -137,6 +137,21 @@ async def test_bad_splits_are_refused_naming_the_path(crm: psycopg.AsyncConnecti
     with pytest.raises(DefinitionError) as caught:
         await apply(crm, ab_workflow({"A": 1, "B": 1}) | {"actions": [{"type": "split"}]})
     assert [i.path for i in caught.value.issues] == ["actions[0].paths"]
+    # a branch on a path the split does not have: a typo would skip it for everyone
+    typo = ab_workflow({"A": 1, "B": 1})
+    typo["actions"][2]["when"]["value"] = "b"
+    typo["actions"].append(
+        {"type": "create_task", "title": "t", "depends_on": ["ab"],
+         "when": {"field": "steps.ab.result.path", "operator": "in", "value": ["A", "C"]}}
+    )  # fmt: skip
+    with pytest.raises(DefinitionError) as caught:
+        await apply(crm, typo)
+    assert caught.value.as_list() == [
+        {"path": "actions[2].when.value",
+         "message": "split 'ab' has no path 'b'; its paths: ['A', 'B']"},
+        {"path": "actions[3].when.value",
+         "message": "split 'ab' has no path 'C'; its paths: ['A', 'B']"},
+    ]  # fmt: skip
     assert await value(crm, "SELECT count(*) FROM crmflow.workflows") == 0  # nothing saved
 
 

@@ -90,6 +90,41 @@ def choose(paths: dict[str, int], key: str) -> str:
     raise AssertionError("unreachable: the slot is below the total")
 
 
+def split_paths(steps: list[Any], ids: list[str]) -> dict[str, set[str]]:
+    """The path names of each split step of a workflow, by step id."""
+    return {
+        sid: set(step.params["paths"])
+        for sid, step in zip(ids, steps, strict=True)
+        if step.type == "split" and isinstance(step.params.get("paths"), dict)
+    }
+
+
+def when_issues(leaf: Any, splits: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """A ``when`` comparing a split's ``result.path`` with a name it does not have (a
+    typo would skip the step for everyone): (path, message) pairs."""
+    parts = str(leaf.field).split(".")
+    if len(parts) != 4 or parts[0] != "steps" or parts[2:] != ["result", "path"]:
+        return []
+    names = splits.get(parts[1])
+    if names is None:
+        return []
+    if leaf.operator in ("equals", "not_equals"):
+        values = [leaf.value]
+    elif leaf.operator in ("in", "not_in") and isinstance(leaf.value, list):
+        values = leaf.value
+    else:
+        return []
+    unknown = [v for v in values if v not in names]
+    if not unknown:
+        return []
+    return [
+        (
+            leaf.value_path or f"{leaf.path}.value",
+            f"split {parts[1]!r} has no path {unknown[0]!r}; its paths: {sorted(names)}",
+        )
+    ]
+
+
 class Split(Action):
     name = "split"
     Params = SplitParams
