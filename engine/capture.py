@@ -147,7 +147,9 @@ async def watch(
         pk = [
             r["name"]
             for r in await (
-                await conn.execute(db.query("primary_key_columns"), {"relid": found["relid"]})
+                await conn.execute(
+                    db.query("primary_key_columns", "catalog.sql"), {"relid": found["relid"]}
+                )
             ).fetchall()
         ]
         if not pk:
@@ -162,7 +164,7 @@ async def watch(
             )
         row = await (
             await conn.execute(
-                db.query("watch_table"),
+                db.query("watch_table", "catalog.sql"),
                 {
                     "entity_type": entity,
                     "table_schema": found["table_schema"],
@@ -173,7 +175,9 @@ async def watch(
         ).fetchone()
         if row is None:  # the name belongs to another table
             other = await (
-                await conn.execute(db.query("watched_by_entity"), {"entity_type": entity})
+                await conn.execute(
+                    db.query("watched_by_entity", "catalog.sql"), {"entity_type": entity}
+                )
             ).fetchone()
             where = f"{other['table_schema']}.{other['table_name']}" if other else "another table"
             raise CaptureError(f"entity name {entity!r} is already used by {where}")
@@ -185,7 +189,8 @@ async def watch(
         w = Watched(entity, found["table_schema"], found["table_name"], pk)
         if all_rows is not None:
             await conn.execute(
-                db.query("set_capture_all"), {"entity_type": entity, "capture_all": all_rows}
+                db.query("set_capture_all", "catalog.sql"),
+                {"entity_type": entity, "capture_all": all_rows},
             )
         try:
             async with conn.transaction():
@@ -223,11 +228,13 @@ async def declare_derived(
         raise CaptureError(f"derived field {name!r}: {exc.diag.message_primary or exc}") from None
     assert cur.description is not None
     facts = await (
-        await conn.execute(db.query("type_facts"), {"type_oid": cur.description[0].type_code})
+        await conn.execute(
+            db.query("type_facts", "catalog.sql"), {"type_oid": cur.description[0].type_code}
+        )
     ).fetchone()
     assert facts is not None
     await conn.execute(
-        db.query("upsert_derived_field"),
+        db.query("upsert_derived_field", "catalog.sql"),
         {
             "entity_type": entity_type,
             "name": name,
@@ -247,10 +254,14 @@ async def unwatch(conn: psycopg.AsyncConnection[Any], table: str, force: bool = 
             if found
             else _split_name(table)
         )
-        row = await (await conn.execute(db.query("watched_by_table"), lookup)).fetchone()
+        row = await (
+            await conn.execute(db.query("watched_by_table", "catalog.sql"), lookup)
+        ).fetchone()
         if row is None and found is None:  # a table renamed or dropped: its entity name
             row = await (
-                await conn.execute(db.query("watched_by_entity"), {"entity_type": table})
+                await conn.execute(
+                    db.query("watched_by_entity", "catalog.sql"), {"entity_type": table}
+                )
             ).fetchone()
         if row is None:
             raise CaptureError(f"{table!r} is not watched")
@@ -258,7 +269,9 @@ async def unwatch(conn: psycopg.AsyncConnection[Any], table: str, force: bool = 
             row["entity_type"], row["table_schema"], row["table_name"], list(row["pk_columns"])
         )
         users = await (
-            await conn.execute(db.query("live_workflows_of_entity"), {"entity_type": w.entity_type})
+            await conn.execute(
+                db.query("live_workflows_of_entity", "catalog.sql"), {"entity_type": w.entity_type}
+            )
         ).fetchall()
         active = [u["name"] for u in users if u["status"] == "active"]
         if active and not force:
@@ -268,7 +281,7 @@ async def unwatch(conn: psycopg.AsyncConnection[Any], table: str, force: bool = 
             )
         if active:
             await conn.execute(
-                db.query("pause_workflows_of_entity"), {"entity_type": w.entity_type}
+                db.query("pause_workflows_of_entity", "catalog.sql"), {"entity_type": w.entity_type}
             )
         # Wherever its triggers are now: the table under any name, and its partitions.
         relations = [
@@ -281,7 +294,7 @@ async def unwatch(conn: psycopg.AsyncConnection[Any], table: str, force: bool = 
         ]
         for statement in drop_ddl(w, relations):
             await conn.execute(statement)
-        await conn.execute(db.query("unwatch_table"), {"entity_type": w.entity_type})
+        await conn.execute(db.query("unwatch_table", "catalog.sql"), {"entity_type": w.entity_type})
         return w
 
 
@@ -291,13 +304,15 @@ def _split_name(name: str) -> dict[str, str]:
 
 
 async def list_watched(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
-    return await (await conn.execute(db.query("list_watched"), {})).fetchall()
+    return await (await conn.execute(db.query("list_watched", "catalog.sql"), {})).fetchall()
 
 
 async def reinstall_all(conn: psycopg.AsyncConnection[Any]) -> int:
     """Regenerate every watched table's capture functions (after an upgrade of
     sql/capture.sql), then heal: follow renames and key changes, capture new partitions."""
-    rows = await (await conn.execute(db.query("watched_tables_with_oid"), {})).fetchall()
+    rows = await (
+        await conn.execute(db.query("watched_tables_with_oid", "catalog.sql"), {})
+    ).fetchall()
     count = 0
     for row in rows:
         await conn.execute(

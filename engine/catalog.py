@@ -158,14 +158,18 @@ def _spec_from_row(row: dict[str, Any]) -> FieldSpec:
 
 
 async def table_fields(conn: psycopg.AsyncConnection[Any], relid: int) -> dict[str, FieldSpec]:
-    rows = await (await conn.execute(db.query("table_columns"), {"relid": relid})).fetchall()
+    rows = await (
+        await conn.execute(db.query("table_columns", "catalog.sql"), {"relid": relid})
+    ).fetchall()
     return {row["name"]: _spec_from_row(row) for row in rows}
 
 
 async def resolve_table(conn: psycopg.AsyncConnection[Any], name: str) -> dict[str, Any] | None:
     """Find a table by the name a user typed (``leads``, ``crm.leads``, ``"Odd Name"``)."""
     try:
-        row = await (await conn.execute(db.query("resolve_table"), {"name": name})).fetchone()
+        row = await (
+            await conn.execute(db.query("resolve_table", "catalog.sql"), {"name": name})
+        ).fetchone()
     except psycopg.errors.InvalidName:
         return None
     return row
@@ -174,7 +178,9 @@ async def resolve_table(conn: psycopg.AsyncConnection[Any], name: str) -> dict[s
 async def load_entities(conn: psycopg.AsyncConnection[Any]) -> dict[str, EntitySchema]:
     """Every watched entity with its fields and derived fields."""
     entities: dict[str, EntitySchema] = {}
-    watched = await (await conn.execute(db.query("watched_tables_with_oid"), {})).fetchall()
+    watched = await (
+        await conn.execute(db.query("watched_tables_with_oid", "catalog.sql"), {})
+    ).fetchall()
     for w in watched:
         if w["relid"] is None:  # the table was dropped behind our back
             continue
@@ -187,7 +193,7 @@ async def load_entities(conn: psycopg.AsyncConnection[Any]) -> dict[str, EntityS
             pk_columns=list(w["key_now"] or w["pk_columns"]),
             columns=await table_fields(conn, w["relid"]),
         )
-    derived = await (await conn.execute(db.query("derived_fields"), {})).fetchall()
+    derived = await (await conn.execute(db.query("derived_fields", "catalog.sql"), {})).fetchall()
     for d in derived:
         entity = entities.get(d["entity_type"])
         if entity is None:
@@ -224,7 +230,9 @@ async def _derived_type_now(
         return None
     assert cur.description is not None
     return await (
-        await conn.execute(db.query("type_facts"), {"type_oid": cur.description[0].type_code})
+        await conn.execute(
+            db.query("type_facts", "catalog.sql"), {"type_oid": cur.description[0].type_code}
+        )
     ).fetchone()
 
 

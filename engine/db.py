@@ -61,7 +61,7 @@ def sql_file(filename: str) -> dict[str, str]:
     return parse_named_queries((resource_dir("sql") / filename).read_text(encoding="utf-8"))
 
 
-def query(name: str, filename: str = "queries.sql") -> LiteralString:
+def query(name: str, filename: str) -> LiteralString:
     """A static named query; these files are ours, so they are as safe as literals in code."""
     # mypy takes LiteralString for str (a redundant cast to it); type checkers that tell
     # them apart need the cast.

@@ -122,7 +122,9 @@ async def migrate(
         if (
             await (await conn.execute(_q("alerts_table_exists"), {})).fetchone()
             and not await (
-                await conn.execute(db.query("watched_by_entity"), {"entity_type": ALERT_ENTITY})
+                await conn.execute(
+                    db.query("watched_by_entity", "catalog.sql"), {"entity_type": ALERT_ENTITY}
+                )
             ).fetchone()
         ):
             # crmflow watches its own alerts: workflows deliver them (engine/alerts.py).

@@ -178,7 +178,9 @@ async def run_now(
 ) -> list[int]:
     """``crmflow workflow run`` / ``POST /workflows/{id}/run``: enroll now, by hand."""
     settings = settings or get_settings()
-    wf = await (await conn.execute(db.query("workflow_for_run"), {"id": workflow_id})).fetchone()
+    wf = await (
+        await conn.execute(db.query("workflow_for_run", "scheduler.sql"), {"id": workflow_id})
+    ).fetchone()
     if wf is None:
         raise NotRunnable(f"no workflow {workflow_id}")
     if wf["status"] == "archived":

@@ -95,3 +95,10 @@ WITH enrolled AS (
 SELECT (SELECT count(*) FROM enrolled) AS enrolled,
        (SELECT n FROM deferred) AS deferred,
        (SELECT array_agg(id) FROM enrolled) AS execution_ids;
+
+-- name: workflow_for_run
+SELECT w.id AS workflow_id, w.status, v.id AS version_id, v.version, v.entity_type,
+       v.trigger_type, v.definition, v.predicate, v.priority, v.limits
+  FROM crmflow.workflows AS w
+  JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
+ WHERE w.id = %(id)s;

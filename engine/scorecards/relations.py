@@ -25,7 +25,7 @@ async def _watched_entity(conn: psycopg.AsyncConnection[Any], table: str) -> str
         raise ScorecardError([Issue("table", f"no table named {table!r}")])
     row = await (
         await conn.execute(
-            db.query("watched_by_table"),
+            db.query("watched_by_table", "catalog.sql"),
             {"table_schema": found["table_schema"], "table_name": found["table_name"]},
         )
     ).fetchone()
