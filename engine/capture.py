@@ -129,12 +129,16 @@ async def watch(
     entity: str | None = None,
     derived: dict[str, str] | None = None,
     all_rows: bool | None = None,
+    all_columns: bool | None = None,
 ) -> Watched:
     """Capture writes to ``table`` as events of ``entity`` (default: the table's singular).
 
     Capture keeps the rows some active workflow could match (docs/design.md, "Capture
     keeps what can match"); ``all_rows=True`` keeps every row of the table (an audit
-    trail), ``False`` goes back to filtering, ``None`` leaves the table's choice as is."""
+    trail), ``False`` goes back to filtering, ``None`` leaves the table's choice as is.
+    Of the rows kept it stores the key and the columns active workflows, derived fields
+    and capture demands read; ``all_columns=True`` stores whole rows, ``False`` goes back
+    to pruning, ``None`` leaves the table's choice as is."""
     async with conn.transaction():
         found = await catalog.resolve_table(conn, table)
         if found is None:
@@ -192,6 +196,11 @@ async def watch(
                 db.query("set_capture_all", "catalog.sql"),
                 {"entity_type": entity, "capture_all": all_rows},
             )
+        if all_columns is not None:
+            await conn.execute(
+                db.query("set_capture_all_columns", "capture.sql"),
+                {"entity_type": entity, "all_columns": all_columns},
+            )
         try:
             async with conn.transaction():
                 await install(conn, w, found["relid"])
@@ -242,6 +251,11 @@ async def declare_derived(
             "source": source,
             "data_type": facts["data_type"],
         },
+    )
+    # Which columns capture keeps depends on the derived fields' sources.
+    await conn.execute(
+        db.query("generate_capture", "capture.sql"),
+        {"entity_type": entity_type, "pk_columns": entity.pk_columns},
     )
     return str(facts["data_type"])
 

@@ -263,6 +263,72 @@ BEGIN
 END
 $filter$;
 
+-- Column pruning: the columns of an entity's table that capture leaves out of the rows it
+-- stores, as they are now; empty: every column is kept. A column is kept when it is part
+-- of the key, or named (as a whole word) anywhere in the definition of an active
+-- workflow on the entity (conditions, templates, trigger fields, limits' keys, goals,
+-- whatever a definition holds) or in the source of a derived field so named, or by a
+-- capture demand (migration 0022); every column is kept when the table keeps every row
+-- or every column (`crmflow watch --all-rows` / `--all-columns`), a demand reads all
+-- columns, or an active workflow on the entity is triggered by updates as a whole
+-- (entity_updated) or by deletes (the executor re-reads the entity by its key, but a
+-- deleted one is seen as its captured row), names `event` (templates may read the
+-- captured rows whole), is broken, or was saved without a capture filter. Columns whose
+-- names are not plain words are always kept. A column added later is kept until the
+-- next regeneration (the list names the columns left out, not those kept). Read like
+-- crmflow.capture_filter, under the entity's capture lock in READ COMMITTED.
+CREATE OR REPLACE FUNCTION crmflow.capture_pruned_columns(entity text) RETURNS text[]
+    LANGUAGE plpgsql STABLE AS $pruned$
+DECLARE
+    rel regclass;
+    corpus text;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RETURN '{}';
+    END IF;
+    SELECT CASE WHEN NOT (w.capture_all OR w.capture_all_columns)
+                THEN to_regclass(format('%I.%I', w.table_schema, w.table_name)) END
+      INTO rel
+      FROM crmflow.watched_tables AS w WHERE w.entity_type = entity;
+    IF rel IS NULL
+       OR EXISTS (SELECT 1 FROM crmflow.capture_demands AS d
+                   WHERE d.entity_type = entity AND d.columns IS NULL)
+       OR EXISTS (SELECT 1
+                    FROM crmflow.workflows AS w
+                    JOIN crmflow.workflow_versions AS v
+                      ON v.workflow_id = w.id AND v.version = w.current_version
+                   WHERE w.status = 'active' AND v.entity_type = entity
+                     AND (v.trigger_type IN ('entity_updated', 'entity_deleted')
+                          OR v.capture_filter IS NULL
+                          OR w.broken_reason IS NOT NULL
+                          OR v.definition::text ~ '\mevent\M')) THEN
+        RETURN '{}';
+    END IF;
+    SELECT concat_ws(' ',
+             (SELECT string_agg(v.definition::text, ' ')
+                FROM crmflow.workflows AS w
+                JOIN crmflow.workflow_versions AS v
+                  ON v.workflow_id = w.id AND v.version = w.current_version
+               WHERE w.status = 'active' AND v.entity_type = entity),
+             (SELECT string_agg(array_to_string(d.columns, ' '), ' ')
+                FROM crmflow.capture_demands AS d WHERE d.entity_type = entity))
+      INTO corpus;
+    corpus := coalesce(corpus, '');
+    -- The sources of the derived fields named (their expressions read columns).
+    corpus := corpus || ' ' || coalesce(
+        (SELECT string_agg(f.source, ' ') FROM crmflow.derived_fields AS f
+          WHERE f.entity_type = entity AND corpus ~ ('\m' || f.name || '\M')), '');
+    RETURN ARRAY(
+        SELECT a.attname::text
+          FROM pg_attribute AS a
+         WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attname ~ '^[A-Za-z_][A-Za-z0-9_]*$'
+           AND NOT a.attname = ANY(coalesce(crmflow.primary_key_of(rel), '{}'))
+           AND corpus !~ ('\m' || a.attname || '\M')
+         ORDER BY a.attnum);
+END
+$pruned$;
+
 -- (Re)generate the three capture functions of an entity, with its capture filter.
 -- Replacing a function takes no lock on the table (writers pick up the new body at
 -- their next statement), but every session recompiles it, so it is done only when the
@@ -315,6 +381,14 @@ DECLARE
     insert_sql text;
     update_sql text;
     update_probe text;
+    update_whole text;
+    update_pruned text;
+    f text;
+    -- Column pruning: the columns left out of the stored rows (crmflow.capture_pruned_columns).
+    pruned text[];
+    stored text;   -- a captured row as stored: r.j, less the pruned columns
+    kept text;     -- n.j / o.j, or their pruned copy p
+    prune_cte text;
 BEGIN
     IF entity !~ '^[a-z_][a-z0-9_]{0,62}$' THEN
         RAISE EXCEPTION 'entity name % cannot be captured', entity;
@@ -333,6 +407,16 @@ BEGIN
     f_update := crmflow.capture_filter(entity, 'update', 'n.j', 'o.j');
     f_key_delete := crmflow.capture_filter(entity, 'delete', 'o.j', NULL);
     f_key_insert := crmflow.capture_filter(entity, 'insert', 'n.j', NULL);
+    pruned := coalesce(crmflow.capture_pruned_columns(entity), '{}');
+    IF cardinality(pruned) > 0 THEN
+        stored := format('(r.j - %L::text[])', pruned);
+        kept := 'p';
+        prune_cte := format(', (r.j - %L::text[]) AS p', pruned);
+    ELSE
+        stored := 'r.j';
+        kept := 'j';
+        prune_cte := '';
+    END IF;
 
     -- {"id": r.j -> 'id'} when the row has the key it was generated with, else the
     -- table's key now (TG_RELID: the partition or table the statement wrote).
@@ -358,52 +442,63 @@ BEGIN
                         lock_key, hashtext(entity), epoch_seq, epoch);
         bodies := ARRAY[]::text[];
         -- Inserts and deletes: the rows of the statement's one transition table.
+        -- Each body has a whole variant (every row, whole: what a writer stores when it
+        -- cannot trust the body's filter and column list, the guard failing) and, when
+        -- the entity has a filter or pruned columns, a guarded one.
+        --   keep every row: the whole INSERT, or (pruned) IF NOT guard whole ELSE pruned;
+        --   keep no row: IF guard nothing ELSE whole;
+        --   filtered: IF NOT guard whole ELSIF the probe finds a row kept THEN the pruned
+        --   INSERT of the rows kept. The probe (EXISTS, which stops at the first row
+        --   kept) comes before the INSERT, so a statement none of whose rows can match
+        --   pays the guard and the probe, not an INSERT's start-up on the outbox
+        --   (docs/design.md, "Capture keeps what can match", has the figures). The guard
+        --   is tested with IS NOT TRUE: NULL (the sequence gone) keeps every row, whole.
         FOR op, rows_table, row_column IN
             VALUES ('insert', 'new_rows', 'new_row'), ('delete', 'old_rows', 'old_row')
         LOOP
             insert_sql := format(
                 'INSERT INTO crmflow.outbox (entity_type, op, pk, %s, depth, actor) '
-                'SELECT %L, %L, %s, r.j, %s, %s FROM %s',
+                'SELECT %L, %L, %s, <<stored>>, %s, %s FROM %s',
                 row_column, entity, op, key_expr, depth_expr, actor_expr,
                 format(rows_json, rows_table));
-            -- Filtered: a probe (EXISTS, which stops at the first row kept) before the
-            -- INSERT, so a statement none of whose rows can match pays the guard and
-            -- the probe, not an INSERT's start-up on the outbox (docs/design.md, "Capture
-            -- keeps what can match", has the figures). The guard is tested with IS NOT
-            -- TRUE: NULL (the sequence gone) keeps every row.
-            bodies := bodies || CASE CASE op WHEN 'insert' THEN f_insert ELSE f_delete END
-                WHEN 'true' THEN format('BEGIN %s; %s END', insert_sql, wake)
-                WHEN 'false' THEN format('BEGIN IF %s THEN NULL; ELSE %s; END IF; %s END',
-                                         guard, insert_sql, wake)
+            f := CASE op WHEN 'insert' THEN f_insert ELSE f_delete END;
+            bodies := bodies || CASE
+                WHEN f = 'true' AND stored = 'r.j' THEN
+                    format('BEGIN %s; %s END', replace(insert_sql, '<<stored>>', 'r.j'), wake)
+                WHEN f = 'true' THEN
+                    format('BEGIN IF (%s) IS NOT TRUE THEN %s; ELSE %s; END IF; %s END',
+                           guard, replace(insert_sql, '<<stored>>', 'r.j'), replace(insert_sql, '<<stored>>', stored), wake)
+                WHEN f = 'false' THEN
+                    format('BEGIN IF %s THEN NULL; ELSE %s; END IF; %s END',
+                           guard, replace(insert_sql, '<<stored>>', 'r.j'), wake)
                 ELSE format('BEGIN IF (%1$s) IS NOT TRUE THEN %2$s; '
-                            'ELSIF EXISTS (SELECT FROM %3$s WHERE %4$s) THEN %2$s WHERE %4$s; '
-                            'ELSE RETURN NULL; END IF; %5$s END',
-                            guard, insert_sql, format(rows_json, rows_table),
-                            CASE op WHEN 'insert' THEN f_insert ELSE f_delete END, wake)
+                            'ELSIF EXISTS (SELECT FROM %3$s WHERE %4$s) THEN %5$s WHERE %4$s; '
+                            'ELSE RETURN NULL; END IF; %6$s END',
+                            guard, replace(insert_sql, '<<stored>>', 'r.j'), format(rows_json, rows_table), f,
+                            replace(insert_sql, '<<stored>>', stored), wake)
                 END;
         END LOOP;
 
         -- Updates: rows are paired old/new by primary key. A row whose key itself
         -- changed has no pair: it is captured as the delete of the old key and the
         -- insert of the new one (and filtered as such). Updates that change no column
-        -- are not captured. Which columns changed is left to readers
-        -- (crmflow.changed_columns): that diff was half the writer's cost on wide tables.
-        -- The update bodies: the probe of the filtered one (variant 1: is any pair kept?),
-        -- the filtered one (2) and the one keeping every row (3).
-        update_sql := NULL;
-        FOR variant IN 1..3 LOOP
+        -- (no column kept, when pruned) are not captured. Which columns changed is left
+        -- to readers (crmflow.changed_columns): that diff was half the writer's cost on
+        -- wide tables. The variants: 1 the probe of the filtered one (is any pair kept?),
+        -- 2 the filtered one (pruned), 3 every row whole, 4 every row pruned.
+        FOR variant IN 1..4 LOOP
             insert_sql := format(
-                'WITH n AS MATERIALIZED (SELECT r.j, %1$s AS k FROM %2$s), '
-                '     o AS MATERIALIZED (SELECT r.j, %1$s AS k FROM %3$s) '
+                'WITH n AS MATERIALIZED (SELECT r.j%9$s, %1$s AS k FROM %2$s), '
+                '     o AS MATERIALIZED (SELECT r.j%9$s, %1$s AS k FROM %3$s) '
                 '%4$s FROM ('
-                '  SELECT ''update'' AS op, n.k AS pk, n.j AS new_row, o.j AS old_row, '
+                '  SELECT ''update'' AS op, n.k AS pk, n.%10$s AS new_row, o.%10$s AS old_row, '
                 '         NULL::text[] AS changed, 0 AS part '
-                '    FROM n JOIN o ON o.k = n.k WHERE n.j IS DISTINCT FROM o.j%5$s '
+                '    FROM n JOIN o ON o.k = n.k WHERE n.%10$s IS DISTINCT FROM o.%10$s%5$s '
                 '  UNION ALL '
-                '  SELECT ''delete'', o.k, NULL, o.j, NULL, 1 FROM o '
+                '  SELECT ''delete'', o.k, NULL, o.%10$s, NULL, 1 FROM o '
                 '   WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k = o.k)%6$s '
                 '  UNION ALL '
-                '  SELECT ''insert'', n.k, n.j, NULL, NULL, 2 FROM n '
+                '  SELECT ''insert'', n.k, n.%10$s, NULL, NULL, 2 FROM n '
                 '   WHERE NOT EXISTS (SELECT 1 FROM o WHERE o.k = n.k)%7$s '
                 ') AS c%8$s',
                 key_expr, format(rows_json, 'new_rows'), format(rows_json, 'old_rows'),
@@ -415,21 +510,28 @@ BEGIN
                 CASE WHEN variant < 3 AND f_update <> 'true' THEN ' AND ' || f_update ELSE '' END,
                 CASE WHEN variant < 3 AND f_key_delete <> 'true' THEN ' AND ' || f_key_delete ELSE '' END,
                 CASE WHEN variant < 3 AND f_key_insert <> 'true' THEN ' AND ' || f_key_insert ELSE '' END,
-                CASE WHEN variant = 1 THEN '' ELSE ' ORDER BY c.part' END);
-            IF variant = 1 THEN
-                update_probe := insert_sql;
-            ELSIF variant = 2 THEN
-                update_sql := insert_sql;
-            END IF;
+                CASE WHEN variant = 1 THEN '' ELSE ' ORDER BY c.part' END,
+                CASE WHEN variant = 3 THEN '' ELSE prune_cte END,
+                CASE WHEN variant = 3 THEN 'j' ELSE kept END);
+            CASE variant
+                WHEN 1 THEN update_probe := insert_sql;
+                WHEN 2 THEN update_sql := insert_sql;
+                WHEN 3 THEN update_whole := insert_sql;
+                ELSE update_pruned := insert_sql;
+            END CASE;
         END LOOP;
         bodies := bodies || CASE
+            WHEN (f_update, f_key_delete, f_key_insert) = ('true', 'true', 'true')
+                 AND stored = 'r.j' THEN
+                format('BEGIN %s; %s END', update_whole, wake)
             WHEN (f_update, f_key_delete, f_key_insert) = ('true', 'true', 'true') THEN
-                format('BEGIN %s; %s END', insert_sql, wake)
+                format('BEGIN IF (%s) IS NOT TRUE THEN %s; ELSE %s; END IF; %s END',
+                       guard, update_whole, update_pruned, wake)
             WHEN (f_update, f_key_delete, f_key_insert) = ('false', 'false', 'false') THEN
-                format('BEGIN IF %s THEN NULL; ELSE %s; END IF; %s END', guard, insert_sql, wake)
+                format('BEGIN IF %s THEN NULL; ELSE %s; END IF; %s END', guard, update_whole, wake)
             ELSE format('BEGIN IF (%s) IS NOT TRUE THEN %s; ELSIF EXISTS (%s) THEN %s; '
                         'ELSE RETURN NULL; END IF; %s END',
-                        guard, insert_sql, update_probe, update_sql, wake)
+                        guard, update_whole, update_probe, update_sql, wake)
             END;
         bodies := ARRAY[bodies[1], bodies[3], bodies[2]];  -- insert, update, delete
 
@@ -820,3 +922,7 @@ SELECT %(demand)s, %(entity_type)s, op, %(columns)s::text[]
 
 -- name: refresh_capture
 SELECT crmflow.refresh_capture();
+
+-- name: set_capture_all_columns
+UPDATE crmflow.watched_tables SET capture_all_columns = %(all_columns)s
+ WHERE entity_type = %(entity_type)s;

@@ -51,7 +51,12 @@ def _parse_derived(items: Sequence[str] | None) -> dict[str, str]:
 def cmd_watch(args: argparse.Namespace) -> int:
     async def run(conn: psycopg.AsyncConnection[Any]) -> int:
         w = await capture.watch(
-            conn, args.table, args.entity, _parse_derived(args.derived), all_rows=args.all_rows
+            conn,
+            args.table,
+            args.entity,
+            _parse_derived(args.derived),
+            all_rows=args.all_rows,
+            all_columns=args.all_columns,
         )
         console.print(
             f"watching {w.table_schema}.{w.table_name} as entity [bold]{w.entity_type}[/] "
@@ -126,7 +131,23 @@ def register(sub: Any) -> None:
         const=False,
         help="capture only the rows active workflows could match (the default)",
     )
-    p.set_defaults(func=cmd_watch, all_rows=None)
+    columns = p.add_mutually_exclusive_group()
+    columns.add_argument(
+        "--all-columns",
+        dest="all_columns",
+        action="store_const",
+        const=True,
+        help="store whole rows (an audit trail), not only the key and the columns "
+        "active workflows read",
+    )
+    columns.add_argument(
+        "--pruned-columns",
+        dest="all_columns",
+        action="store_const",
+        const=False,
+        help="store only the key and the columns active workflows read (the default)",
+    )
+    p.set_defaults(func=cmd_watch, all_rows=None, all_columns=None)
 
     p = sub.add_parser("unwatch", help="stop capturing a table")
     p.add_argument("table")
