@@ -347,7 +347,8 @@ async def apply(
     async def save() -> SaveResult:
         existing = await (
             await conn.execute(
-                db.query("lock_workflow_by_name"), {"name": compiled.definition.name}
+                db.query("lock_workflow_by_name", "workflows.sql"),
+                {"name": compiled.definition.name},
             )
         ).fetchone()
         if existing is None:
@@ -365,7 +366,7 @@ async def update(
 
     async def save() -> SaveResult:
         existing = await (
-            await conn.execute(db.query("lock_workflow"), {"id": workflow_id})
+            await conn.execute(db.query("lock_workflow", "workflows.sql"), {"id": workflow_id})
         ).fetchone()
         if existing is None or existing["status"] == "archived":
             raise WorkflowNotFound(workflow_id)
@@ -408,7 +409,7 @@ async def _create(
     wf = compiled.definition
     row = await (
         await conn.execute(
-            db.query("insert_workflow"),
+            db.query("insert_workflow", "workflows.sql"),
             {
                 "name": wf.name,
                 "status": raw.get("status", "paused"),
@@ -438,7 +439,7 @@ async def _new_version(
 ) -> SaveResult:
     before = await audit.snapshot(conn, workflow_id)
     current = await (
-        await conn.execute(db.query("current_version"), {"id": workflow_id})
+        await conn.execute(db.query("current_version", "workflows.sql"), {"id": workflow_id})
     ).fetchone()
     assert current is not None
     version = current["version"]
@@ -457,13 +458,13 @@ async def _new_version(
         from psycopg.types.json import Jsonb
 
         await conn.execute(
-            db.query("set_version_capture_filter"),
+            db.query("set_version_capture_filter", "workflows.sql"),
             {"id": current["id"], "capture_filter": Jsonb(compiled.capture_filter)},
         )
     try:
         row = await (
             await conn.execute(
-                db.query("update_workflow_head"),
+                db.query("update_workflow_head", "workflows.sql"),
                 {
                     "id": workflow_id,
                     "name": compiled.definition.name,
@@ -498,7 +499,7 @@ async def _insert_version(
     from psycopg.types.json import Jsonb
 
     await conn.execute(
-        db.query("insert_workflow_version"),
+        db.query("insert_workflow_version", "workflows.sql"),
         {
             "workflow_id": workflow_id,
             "version": version,
@@ -525,7 +526,8 @@ async def set_status(
         before = await audit.snapshot(conn, workflow_id)
         row = await (
             await conn.execute(
-                db.query("set_workflow_status"), {"id": workflow_id, "status": status}
+                db.query("set_workflow_status", "workflows.sql"),
+                {"id": workflow_id, "status": status},
             )
         ).fetchone()
         if row is not None and before is not None and before["status"] != row["status"]:
@@ -551,14 +553,16 @@ async def list_workflows(
     conn: psycopg.AsyncConnection[Any], include_archived: bool = False
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = await (
-        await conn.execute(db.query("list_workflows"), {"include_archived": include_archived})
+        await conn.execute(
+            db.query("list_workflows", "workflows.sql"), {"include_archived": include_archived}
+        )
     ).fetchall()
     return rows
 
 
 async def get_workflow(conn: psycopg.AsyncConnection[Any], workflow_id: int) -> dict[str, Any]:
     row: dict[str, Any] | None = await (
-        await conn.execute(db.query("get_workflow"), {"id": workflow_id})
+        await conn.execute(db.query("get_workflow", "workflows.sql"), {"id": workflow_id})
     ).fetchone()
     if row is None:
         raise WorkflowNotFound(workflow_id)
@@ -574,7 +578,7 @@ async def find_workflow(conn: psycopg.AsyncConnection[Any], ref: str) -> dict[st
     except ValueError:
         raise WorkflowNotFound(ref) from None
     row: dict[str, Any] | None = await (
-        await conn.execute(db.query("get_workflow_by_name"), {"name": name})
+        await conn.execute(db.query("get_workflow_by_name", "workflows.sql"), {"name": name})
     ).fetchone()
     if row is None:
         raise WorkflowNotFound(ref)
@@ -586,5 +590,5 @@ async def list_versions(
 ) -> list[dict[str, Any]]:
     await get_workflow(conn, workflow_id)
     return await (
-        await conn.execute(db.query("list_workflow_versions"), {"id": workflow_id})
+        await conn.execute(db.query("list_workflow_versions", "workflows.sql"), {"id": workflow_id})
     ).fetchall()

@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine import catalog, db, lifecycle, metrics, templates, tracing, windows
+from engine import catalog, db, lifecycle, metrics, rows, templates, tracing, windows
 from engine.actions import registry
 from engine.actions.base import Action
 from engine.breakers import Breakers, verdict
@@ -37,7 +37,7 @@ from engine.catalog import EntitySchema
 from engine.config import Settings, get_settings
 from engine.executor import flow
 from engine.executor.compensation import cancel, compensate, replay
-from engine.executor.context import StepContext, now, pk_match, template_context
+from engine.executor.context import StepContext, now, template_context
 from engine.executor.errors import (
     PermanentError,
     RetryAfter,
@@ -101,7 +101,7 @@ class Runner:
         """The entity now; after a delete, the last state the event saw."""
         if entity is None or ex["entity_pk"] is None:
             return None
-        query = sql.SQL(_q("entity_row")).format(table=entity.table, pk_match=pk_match(entity))
+        query = rows.entity_row_query(entity)
         row = await (await conn.execute(query, {"pk": Jsonb(ex["entity_pk"])})).fetchone()
         if row is not None:
             found: dict[str, Any] | None = row["row"]
