@@ -15,7 +15,6 @@ from engine import capture, db, executions, workflows
 from engine.commands import apikey, entities, examples, score_fit, service, workflow_admin
 from engine.commands import churn as churn_commands
 from engine.commands import enrollments as enrollments_commands
-from engine.commands import enrollments as enrollments_commands
 from engine.commands import executions as executions_commands
 from engine.commands import score as score_commands
 from engine.commands import suppress as suppress_commands
@@ -32,7 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     entities.register(sub)
     workflow_admin.register(workflow_commands.register(sub))
-    enrollments_commands.register(sub)  # workflow enrollments
     enrollments_commands.register(sub)  # workflow enrollments
     executions_commands.register(sub)
     examples.register(sub)
