@@ -400,7 +400,9 @@ async def test_no_matching_write_after_an_activation_is_lost_under_concurrent_wr
     edited to a wider condition, paused and activated again. Every write committed after
     an activation (by the matcher's rule: its transaction not visible in the activation's
     snapshot) and before the next change, that the version then current matches, was
-    captured; the ones after the last activation all enroll. Writers never wait."""
+    captured; the ones after the last activation all enroll (so their rows hold the
+    column the edit started reading: the pruned columns follow the changes as the
+    filter does). Writers never wait."""
     wf = await apply(
         crm,
         {
@@ -425,7 +427,7 @@ async def test_no_matching_write_after_an_activation_is_lost_under_concurrent_wr
                     source = rng.choice(["hot", "warm", "cold"])
                     row = await (
                         await w.execute(
-                            "INSERT INTO leads (name, source) VALUES (%s, %s)"
+                            "INSERT INTO leads (name, source, country) VALUES (%s, %s, 'UK')"
                             " RETURNING id, pg_current_xact_id()::text AS txid",
                             [f"w{k}-{n}", source],
                         )
@@ -453,10 +455,17 @@ async def test_no_matching_write_after_an_activation_is_lost_under_concurrent_wr
     await asyncio.sleep(0.5)
     before_edit = await snapshot()
     phases.append((start, before_edit, ("hot",)))
+    # The edit reads a column the first version did not (capture pruned it until then).
     await workflows.update(
         crm,
         wf,
-        {**HOT, "conditions": [{"field": "source", "operator": "in", "value": ["hot", "warm"]}]},
+        {
+            **HOT,
+            "conditions": [
+                {"field": "source", "operator": "in", "value": ["hot", "warm"]},
+                {"field": "country", "operator": "is_not_empty"},
+            ],
+        },
     )
     after_edit = await snapshot()
     await asyncio.sleep(0.5)
