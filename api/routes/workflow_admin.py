@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Conn, SettingsDep, by_method
 from api.problems import ApiError, problem_responses
@@ -40,7 +40,8 @@ class WorkflowChange(BaseModel):
 
 
 class BackfillIn(BaseModel):
-    model_config = {"extra": "forbid"}
+    # Strict: 0 is not false, "5" is not 5 (a typo must not run a backfill).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     dry_run: bool = Field(False, description="count what would enroll; change nothing")
     limit: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
@@ -87,7 +88,7 @@ async def workflow_history(conn: Conn, workflow_id: ObjectId) -> Any:
     "/{workflow_id}/backfill",
     response_model=BackfillOut,
     summary="Enroll the existing rows that match an event workflow, now",
-    responses=problem_responses(404, 409),
+    responses=problem_responses(400, 404, 409, 413),
 )
 async def backfill_workflow(
     conn: Conn, settings: SettingsDep, workflow_id: ObjectId, body: BackfillIn | None = None
