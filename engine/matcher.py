@@ -478,6 +478,7 @@ class Matcher:
             queued = await self._run_environment_batch(conn)
             result.claimed += queued.claimed
             result.enrolled += queued.enrolled
+            result.errors += queued.errors
             result = self._count(result)
             if result.claimed:
                 metrics.EVENTS_MATCHED.inc(result.claimed)
@@ -609,19 +610,21 @@ class Matcher:
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise
         except psycopg.DatabaseError as exc:
-            if catalog_error(exc):
+            if catalog_error(exc):  # schema drift: the next batch rebuilds and re-probes
                 self.plan = None
-            log.warning(
-                "matching the events queued for environment %r failed (%s); retrying "
-                "on the next batch",
-                self.settings.environment,
-                exc,
-            )
-            return BatchResult()
+                log.warning("matching queued events failed (%s); re-probing", exc)
+                return BatchResult()
+            log.warning("matching queued events failed (%s); one at a time", exc)
+        async with conn.transaction():
+            return await self._environment_batch(conn, one_by_one=True)
 
-    async def _environment_batch(self, conn: psycopg.AsyncConnection[Any]) -> BatchResult:
+    async def _environment_batch(
+        self, conn: psycopg.AsyncConnection[Any], one_by_one: bool = False
+    ) -> BatchResult:
         """Match the events other environments' matchers queued for this environment's
-        workflows (crmflow.environment_events), in one transaction."""
+        workflows (crmflow.environment_events), in one transaction; ``one_by_one``, each
+        in a savepoint, a failing one dropped from the queue with its error recorded on
+        its outbox row (as the outbox's poisoned events are)."""
         row = await (
             await conn.execute(
                 _q("claim_environment_events"),
@@ -645,11 +648,34 @@ class Matcher:
                 {"environment": self.settings.environment, "ids": ids},
             )
             return BatchResult(claimed=len(ids))
-        enrolled = await (
-            await conn.execute(self.plan.queued_statement, self._params(ids))
-        ).fetchall()
-        await self._start(conn, enrolled, careful=True)
-        return BatchResult(claimed=len(ids), enrolled=len(enrolled))
+        if not one_by_one:
+            enrolled = await (
+                await conn.execute(self.plan.queued_statement, self._params(ids))
+            ).fetchall()
+            await self._start(conn, enrolled, careful=True)
+            return BatchResult(claimed=len(ids), enrolled=len(enrolled))
+        result = BatchResult(claimed=len(ids))
+        for event_id in ids:
+            try:
+                async with conn.transaction():
+                    enrolled = await (
+                        await conn.execute(self.plan.queued_statement, self._params([event_id]))
+                    ).fetchall()
+                    await self._start(conn, enrolled, careful=True)
+                result.enrolled += len(enrolled)
+            except psycopg.OperationalError:
+                raise
+            except psycopg.DatabaseError as exc:
+                result.errors += 1
+                await conn.execute(
+                    _q("environment_event_failed"),
+                    {
+                        "environment": self.settings.environment,
+                        "id": event_id,
+                        "error": exc.diag.message_primary or str(exc),
+                    },
+                )
+        return result
 
     async def _batch(
         self, conn: psycopg.AsyncConnection[Any], careful: bool, one_by_one: bool = False

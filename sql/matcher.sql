@@ -378,19 +378,52 @@ SELECT count(*) AS queued,
 -- name: claim_environment_events
 -- The events queued for this environment's workflows, oldest first; each taken by one
 -- matcher of the environment (SKIP LOCKED), deleted when matched (environment_processed).
+-- As claim_events: an event whose entity has an earlier queued event that another
+-- matcher of the environment holds stays for the next round (one entity's events enroll
+-- in capture order). An event pruned from the outbox since is taken (and dropped).
+WITH candidates AS MATERIALIZED (
+    SELECT q.event_id
+      FROM crmflow.environment_events AS q
+     WHERE q.environment = %(environment)s
+     ORDER BY q.event_id
+     LIMIT %(batch_size)s
+       FOR UPDATE SKIP LOCKED
+), held_elsewhere AS MATERIALIZED (
+    SELECT o.entity_type, o.pk, o.id
+      FROM crmflow.environment_events AS q
+      JOIN crmflow.outbox AS o ON o.id = q.event_id
+     WHERE q.environment = %(environment)s
+       AND q.event_id < (SELECT max(event_id) FROM candidates)
+       AND q.event_id NOT IN (SELECT event_id FROM candidates)
+)
 SELECT (SELECT generation FROM crmflow.matcher_state) AS generation,
-       ARRAY(SELECT q.event_id
-               FROM crmflow.environment_events AS q
-              WHERE q.environment = %(environment)s
-              ORDER BY q.event_id
-              LIMIT %(batch_size)s
-                FOR UPDATE SKIP LOCKED) AS ids;
+       ARRAY(SELECT c.event_id
+               FROM candidates AS c
+               LEFT JOIN crmflow.outbox AS o ON o.id = c.event_id
+              WHERE o.pk IS NULL
+                 OR NOT EXISTS (
+                      SELECT 1 FROM held_elsewhere AS earlier
+                       WHERE earlier.entity_type = o.entity_type AND earlier.pk = o.pk
+                         AND earlier.id < c.event_id)
+              ORDER BY c.event_id) AS ids;
 
 -- name: environment_processed
 -- match_and_enroll's last step for events queued for an environment: off the queue
 -- (by id: an event that retention has pruned from the outbox since goes too).
 DELETE FROM crmflow.environment_events AS q
  WHERE q.environment = %(environment)s AND q.event_id = ANY(%(ids)s)
+
+-- name: environment_event_failed
+-- An event queued for this environment whose matching fails alone: off the queue, its
+-- error kept on the outbox row (as a poisoned event's, with the environment named).
+WITH dropped AS (
+    DELETE FROM crmflow.environment_events
+     WHERE environment = %(environment)s AND event_id = %(id)s
+)
+UPDATE crmflow.outbox
+   SET match_error = left(concat_ws('; ', match_error,
+                                    format('environment %%s: %%s', %(environment)s::text, %(error)s::text)), 4000)
+ WHERE id = %(id)s;
 
 -- name: drop_environment_events
 -- Queued events of an environment whose matcher has no workflow for them any more.

@@ -179,3 +179,28 @@ async def test_a_worker_of_an_environment_without_workflows_enrolls_nothing(
 def test_the_environment_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="environment"):
         Settings(environment="no spaces allowed")
+
+
+async def test_a_poisoned_event_queued_for_an_environment_is_set_aside(
+    crm: Conn, pool: AsyncConnectionPool, settings: Settings
+) -> None:
+    """A queued event that breaks the environment's batch (a sql condition dividing by
+    zero on it) is matched alone, dropped from the queue with its error on its outbox row;
+    the other events of the batch enroll."""
+    await apply(crm, on_new_lead("Production welcome", None))
+    risky = await apply(
+        crm,
+        {
+            **on_new_lead("Staging scoring", "staging"),
+            "conditions": [{"sql": "100 / (score - 5) > 0"}],
+        },
+    )
+    await crm.execute("INSERT INTO leads (name, score) VALUES ('a', 6), ('poison', 5), ('c', 7)")
+    await Matcher(pool, settings).drain()  # production claims and queues them for staging
+    assert await value(crm, "SELECT count(*) FROM crmflow.environment_events") == 3
+    result = await Matcher(pool, in_environment(settings, "staging")).drain()
+    assert result.errors == 1
+    assert (await enrolled(crm))[risky] == [1, 3]
+    assert await value(crm, "SELECT count(*) FROM crmflow.environment_events") == 0
+    error = await value(crm, "SELECT match_error FROM crmflow.outbox WHERE pk = '{\"id\": 2}'")
+    assert error.startswith("environment staging: division by zero")
