@@ -252,12 +252,12 @@ async def test_cli_and_api(crm: psycopg.AsyncConnection[Any], db_url: str, clien
     wf = await apply(crm, MARK)
     env = {**os.environ, "CRMFLOW_DATABASE_URL": db_url}
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    def cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "engine.cli", "workflow", "backfill", *args],
             capture_output=True,
             text=True,
-            env=env,
+            env={**env, **extra_env},
             timeout=60,
         )
         # Rich wraps long lines at the terminal's width: compare words.
@@ -308,6 +308,43 @@ async def test_cli_and_api(crm: psycopg.AsyncConnection[Any], db_url: str, clien
     assert "scheduled" in refused.json()["detail"]
     cli_refused = cli("Nightly")
     assert cli_refused.returncode == 1 and "scheduled trigger" in cli_refused.stderr
+    # On a terminal, a progress bar (rows read, executions enrolled) on stderr.
+    shown = cli(str(wf), "--batch-size", "10", TTY_COMPATIBLE="1", TTY_INTERACTIVE="1")
+    assert shown.returncode == 0, shown.stderr
+    assert "enrolling Mark web leads" in shown.stderr and "rows" in shown.stderr
+    assert "0 enrolled" in shown.stdout
     unknown = await client.post(f"/workflows/{wf}/backfill", json={"dryrun": True})
     assert unknown.status_code == 422
     assert (await client.post("/workflows/999999/backfill")).status_code == 404
+
+
+async def test_a_composite_primary_key_is_batched_in_key_order(
+    crm: psycopg.AsyncConnection[Any], settings: Settings
+) -> None:
+    from engine import capture
+
+    await crm.execute(
+        "CREATE TABLE memberships (org int, member text, role text, PRIMARY KEY (org, member))"
+    )
+    await crm.execute(
+        "INSERT INTO memberships SELECT o, 'm' || m, CASE WHEN m % 3 = 0 THEN 'admin' END"
+        " FROM generate_series(1, 4) AS o, generate_series(1, 9) AS m"
+    )
+    await capture.watch(crm, "public.memberships")
+    wf = await apply(
+        crm,
+        {
+            "name": "Admins",
+            "trigger": {"type": "entity_created", "entity_type": "membership"},
+            "conditions": [{"field": "role", "operator": "equals", "value": "admin"}],
+            "actions": [{"type": "update_field", "field": "role", "value": "owner"}],
+        },
+    )
+    report = await backfill.run(crm, wf, batch_size=5, settings=settings)
+    assert (report.scanned, report.matched, report.enrolled, report.batches) == (36, 12, 12, 8)
+    keys = await fetch(
+        crm,
+        "SELECT entity_pk FROM crmflow.executions ORDER BY entity_pk->>'org', entity_pk->>'member'",
+    )
+    assert len({json.dumps(k["entity_pk"], sort_keys=True) for k in keys}) == 12
+    assert (await backfill.run(crm, wf, batch_size=7, settings=settings)).enrolled == 0
