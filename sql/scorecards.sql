@@ -109,6 +109,7 @@ UPDATE crmflow.scorecards SET last_run_at = now() WHERE id = %(id)s;
 -- The matcher, in the transaction claiming events: the keys of the entities that events
 -- of a real-time scorecard's sources concern (its own table: the event's key, when an
 -- update changed a column it reads; a related table: the key column, old and new).
+WITH queued AS (
 INSERT INTO crmflow.score_queue (scorecard_id, entity_key)
 SELECT DISTINCT s.scorecard_id, k.key
   FROM crmflow.outbox AS o
@@ -128,7 +129,11 @@ SELECT DISTINCT s.scorecard_id, k.key
            AND jsonb_typeof(r.v -> s.key_column) IN ('number', 'string')
        ) AS k
  WHERE o.id = ANY(%(ids)s) AND o.op IN ('insert', 'update', 'delete')
-ON CONFLICT DO NOTHING;
+ON CONFLICT DO NOTHING
+RETURNING 1
+)
+-- The worker's scorecard loop listens (delivered when the matcher's transaction commits).
+SELECT pg_notify('crmflow_scores', '') FROM (SELECT 1 FROM queued LIMIT 1) AS q;
 
 -- name: has_score_sources
 SELECT EXISTS (SELECT 1 FROM crmflow.score_sources) AS present;

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 WRITE_CHUNK = 2000
 # Keys rescored per real-time round, and the round's poll interval (seconds).
 REALTIME_BATCH = 5000
-REALTIME_POLL = 0.2
+REALTIME_POLL = 0.5  # a fallback: the matcher's NOTIFY wakes the loop at once
+CHANNEL = "crmflow_scores"
 SCHEDULE_POLL = 10.0
 
 
@@ -200,9 +201,51 @@ async def run_due(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
     return results
 
 
+class _Wakeups:
+    """A LISTEN connection on the matcher's "keys queued" notifications; losing it only
+    slows the loop to its poll."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def wait(self, timeout: float, stop: asyncio.Event) -> None:
+        if self.conn is None or self.conn.closed:
+            try:
+                self.conn = await db.connect(self.url, autocommit=True)
+                await self.conn.execute("LISTEN crmflow_scores")  # CHANNEL
+            except psycopg.Error as exc:
+                log.debug("scorecards: LISTEN failed (%s); polling", exc)
+                self.conn = None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout)
+                return
+        try:
+            async for _ in self.conn.notifies(timeout=timeout, stop_after=1):
+                break
+        except psycopg.Error as exc:
+            log.debug("scorecards: LISTEN connection lost (%s)", exc)
+            await self.close()
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await self.conn.close()
+            self.conn = None
+
+
 async def run_loop(pool: db.Pool, stop: asyncio.Event) -> None:
-    """The worker's scorecard loop: real-time rounds every REALTIME_POLL seconds, due
-    schedules every SCHEDULE_POLL seconds and left-over pending writes with them."""
+    """The worker's scorecard loop: a real-time round whenever the matcher queues keys
+    (its NOTIFY, or every REALTIME_POLL seconds), due schedules and left-over pending
+    writes every SCHEDULE_POLL seconds."""
+    wakeups = _Wakeups(db.pool_conninfo(pool))
+    try:
+        await _loop(pool, stop, wakeups)
+    finally:
+        await wakeups.close()
+
+
+async def _loop(pool: db.Pool, stop: asyncio.Event, wakeups: _Wakeups) -> None:
     last_schedule = 0.0
     while not stop.is_set():
         try:
@@ -220,5 +263,5 @@ async def run_loop(pool: db.Pool, stop: asyncio.Event) -> None:
             log.warning("scorecard loop: %s", exc)
         except Exception as exc:
             log.error("scorecard loop failed: %s", exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), REALTIME_POLL)
+        if not stop.is_set():
+            await wakeups.wait(REALTIME_POLL, stop)
