@@ -125,15 +125,19 @@ def compose(
         branches=sql.SQL("\nUNION ALL\n").join(branches),
         current_row=current_row,
         processed=sql.SQL(_q(processed)),
-        not_suppressed=_not_suppressed(rows),
+        not_suppressed=_not_suppressed(rows, entities),
     )
     return statement.as_string(conn)
 
 
-def _not_suppressed(rows: list[dict[str, Any]]) -> sql.Composable:
+def _not_suppressed(
+    rows: list[dict[str, Any]], entities: dict[str, catalog.EntitySchema]
+) -> sql.Composable:
     """The suppression test of match_and_enroll's candidates: ``true`` when no workflow
     has ``suppress`` (nothing read), else the lists of each version as constants (a CASE
-    on the version: the stored definitions are not read per event)."""
+    on the version: the stored definitions are not read per event). Address entries are
+    compared with the entity's ``email`` as it is now, read from its table by key:
+    captured rows may leave out columns no workflow names (capture's column pruning)."""
     lists = {
         r["version_id"]: r["definition"].get("suppress")
         for r in rows
@@ -149,11 +153,33 @@ def _not_suppressed(rows: list[dict[str, Any]]) -> sql.Composable:
             for version_id, names in sorted(lists.items())
         )
     )
+    with_email = sorted(
+        {
+            r["entity_type"]
+            for r in rows
+            if r["version_id"] in lists
+            and r["entity_type"] in entities
+            and "email" in entities[r["entity_type"]].columns
+        }
+    )
+    captured = sql.SQL("coalesce(ev.new_row, ev.old_row)")
+    entity_row: sql.Composable = captured
+    if with_email:
+        now_cases = sql.SQL(" ").join(
+            sql.SQL(
+                "WHEN {et} THEN (SELECT jsonb_build_object('email', t.email)"
+                " FROM jsonb_populate_record(NULL::{table}, ev.pk) AS p"
+                " JOIN {table} AS t ON {pk_match})"
+            ).format(
+                et=sql.Literal(et),
+                table=entities[et].table,
+                pk_match=entities[et].pk_match(),
+            )
+            for et in with_email
+        )
+        entity_row = sql.SQL("coalesce(CASE ev.entity_type {} END, {})").format(now_cases, captured)
     return suppressions.not_suppressed(
-        by_version,
-        sql.SQL("ev.entity_type"),
-        sql.SQL("ev.pk"),
-        sql.SQL("coalesce(ev.new_row, ev.old_row)"),
+        by_version, sql.SQL("ev.entity_type"), sql.SQL("ev.pk"), entity_row
     )
 
 
