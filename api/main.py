@@ -20,7 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from api import deps, docs, problems
 from api.live import ExecutionFeed
 from api.middleware import BodySizeLimit
-from api.routes import ROUTERS, ui
+from api.routes import ROUTERS, ui, ui_risk
 from engine import db
 from engine.config import Settings, get_settings
 from engine.embedded import resolve_database_url
@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None, *, pool: db.Pool | None = None)
     for router in ROUTERS:
         app.include_router(router)
     ui.install(app)
+    app.include_router(ui_risk.router)  # /ui/risk
     # Added last = outermost: CORS headers go on every answer, the 413 included.
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     if settings.cors_origins:
