@@ -258,6 +258,15 @@ async def test_score_history_and_change(sc: psycopg.AsyncConnection[Any]) -> Non
     features = {r["entity_key"]["id"]: r for r in await fetch_q(sc, query, params)}
     assert features[1]["logins_down"] == pytest.approx(0.8)
     assert features[1]["tickets_up"] == 3 and features[2]["tickets_up"] == 0
+    # A deleted account loses its current score (by key, and in a whole-table run), keeps
+    # its history.
+    await sc.execute("DELETE FROM sc_accounts WHERE id IN (2, 3)")
+    await run.score(sc, "churn", keys=[{"id": 2}], as_of=AS_OF)
+    latest = "SELECT entity_key ->> 'id' AS id FROM crmflow.score_latest ORDER BY 1"
+    assert [r["id"] for r in await fetch(sc, latest)] == ["1", "3"]
+    await run.score(sc, "churn", as_of=AS_OF)
+    assert [r["id"] for r in await fetch(sc, latest)] == ["1"]
+    assert await value(sc, "SELECT count(DISTINCT entity_key) FROM crmflow.score_history") == 3
 
 
 async def fetch_q(conn: psycopg.AsyncConnection[Any], query: Any, params: Any) -> list[Any]:

@@ -781,6 +781,22 @@ def compile_scoring(card: LoadedScorecard, keyed: bool) -> sql.Composed:
             "scored_at = EXCLUDED.scored_at RETURNING 1)"
         )
     )
+    # Entities gone from the table (or out of it by key) lose their current score; their
+    # history stays.
+    scope = (
+        sql.SQL(
+            "AND l.entity_key IN (SELECT k FROM jsonb_array_elements(CAST(%(keys)s AS jsonb)) AS k)"
+        )
+        if keyed
+        else sql.SQL("")
+    )
+    ctes.append(
+        sql.SQL(
+            "gone AS (DELETE FROM crmflow.score_latest AS l WHERE l.scorecard_id = "
+            "%(scorecard_id)s {} AND NOT EXISTS (SELECT 1 FROM j WHERE j.entity_key = "
+            "l.entity_key) RETURNING 1)"
+        ).format(scope)
+    )
     return sql.Composed(
         [
             _with(ctes),
@@ -789,7 +805,7 @@ def compile_scoring(card: LoadedScorecard, keyed: bool) -> sql.Composed:
                 "history_rows, (SELECT coalesce(jsonb_agg(j.entity_key), '[]'::jsonb) FROM j "
                 "WHERE j.differs) AS to_write, "
                 "(SELECT count(*) FROM j WHERE j.p_level IS NOT NULL "
-                "AND j.p_level <> j.level) AS level_changes"
+                "AND j.p_level <> j.level) AS level_changes, (SELECT count(*) FROM gone) AS gone"
             ),
         ]
     )
