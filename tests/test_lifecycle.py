@@ -205,66 +205,64 @@ async def test_wait_until_an_event_about_the_entity(
     assert await outcome_of(crm, ada["id"]) == ("event", "on_event")
 
 
-@pytest.mark.parametrize(
-    ("change", "path", "message"),
-    [
-        (
-            {"goal": {"field": "stauts", "operator": "equals", "value": "x"}},
-            "goal.field",
-            "did you mean 'status'",
-        ),
-        (
-            {"exit_when": [{"field": "score", "operator": "greater_than", "value": "lots"}]},
-            "exit_when[0].value",
-            "not a valid",
-        ),
-        (
-            {
-                "actions": [
-                    {
-                        "type": "wait",
-                        "wait_until": {"conditions": {"field": "nope"}},
-                        "timeout": "1d",
-                    }
-                ]
-            },
-            "actions[0].wait_until.conditions",
-            "",
-        ),
-        (
-            {"actions": [{"type": "wait", "wait_until": {"event": "demo"}}]},
-            "actions[0].wait_until.timeout",
-            "required",
-        ),
-        (
-            {"actions": [{"type": "wait", "wait_until": {"timeout": "1d"}}]},
-            "actions[0].wait_until",
-            "either 'conditions' or 'event'",
-        ),
-        (
-            {
-                "actions": [
-                    {"type": "wait", "delay": "1h", "wait_until": {"event": "x"}, "timeout": "1d"}
-                ]
-            },
-            "actions[0].wait_until",
-            "not both",
-        ),
-    ],
-)
-async def test_bad_lifecycle_definitions_name_the_path(
-    crm: psycopg.AsyncConnection[Any], change: dict[str, Any], path: str, message: str
-) -> None:
-    definition = {
-        "name": "bad",
-        "trigger": {"type": "entity_created", "entity_type": "lead"},
-        "actions": [{"type": "wait"}],
-        **change,
-    }
-    with pytest.raises(DefinitionError) as info:
-        await workflows.apply(crm, definition)
-    found = {i.path: i.message for i in info.value.issues}
-    assert any(p.startswith(path) and message in m for p, m in found.items()), found
+BAD_DEFINITIONS: list[tuple[dict[str, Any], str, str]] = [
+    (
+        {"goal": {"field": "stauts", "operator": "equals", "value": "x"}},
+        "goal.field",
+        "did you mean 'status'",
+    ),
+    (
+        {"exit_when": [{"field": "score", "operator": "greater_than", "value": "lots"}]},
+        "exit_when[0].value",
+        "not a valid",
+    ),
+    (
+        {
+            "actions": [
+                {
+                    "type": "wait",
+                    "wait_until": {"conditions": {"field": "nope"}},
+                    "timeout": "1d",
+                }
+            ]
+        },
+        "actions[0].wait_until.conditions",
+        "",
+    ),
+    (
+        {"actions": [{"type": "wait", "wait_until": {"event": "demo"}}]},
+        "actions[0].wait_until.timeout",
+        "required",
+    ),
+    (
+        {"actions": [{"type": "wait", "wait_until": {"timeout": "1d"}}]},
+        "actions[0].wait_until",
+        "either 'conditions' or 'event'",
+    ),
+    (
+        {
+            "actions": [
+                {"type": "wait", "delay": "1h", "wait_until": {"event": "x"}, "timeout": "1d"}
+            ]
+        },
+        "actions[0].wait_until",
+        "not both",
+    ),
+]
+
+
+async def test_bad_lifecycle_definitions_name_the_path(crm: psycopg.AsyncConnection[Any]) -> None:
+    for change, path, message in BAD_DEFINITIONS:
+        definition = {
+            "name": "bad",
+            "trigger": {"type": "entity_created", "entity_type": "lead"},
+            "actions": [{"type": "wait"}],
+            **change,
+        }
+        with pytest.raises(DefinitionError) as info:
+            await workflows.apply(crm, definition)
+        found = {i.path: i.message for i in info.value.issues}
+        assert any(p.startswith(path) and message in m for p, m in found.items()), found
     assert await value(crm, "SELECT count(*) FROM crmflow.workflows") == 0
 
 
