@@ -363,6 +363,8 @@ async def test_batches_are_bounded_in_bytes(
     crm: psycopg.AsyncConnection[Any], pool: AsyncConnectionPool, settings: Settings
 ) -> None:
     await apply(crm, ON_LEAD)
+    # Whole rows stored: ON_LEAD does not read company (capture would leave it out).
+    await capture.watch(crm, "leads", all_columns=True)
     # incompressible ~300 kB values (md5 chains), five rows
     await crm.execute(
         "INSERT INTO leads (name, score, company) SELECT 'big' || i, 99, "
