@@ -205,6 +205,13 @@ async def test_suppressed_entities_do_not_enroll_on_events(crm: Conn, matcher: M
     # 2 by key, 3 by address (any case); 4's entry expired; 5 is on another list.
     assert await entities_enrolled(crm, wf) == [1, 4, 5]
     assert await entities_enrolled(crm, other) == [1, 2, 3, 4, 5]
+    # The same test for SQL users: crmflow.is_suppressed(lists, entity_type, key, row).
+    checks = await fetch(
+        crm,
+        "SELECT id, crmflow.is_suppressed(ARRAY['vip', 'unsubscribed'], 'lead',"
+        " jsonb_build_object('id', id), to_jsonb(leads)) AS s FROM leads ORDER BY id",
+    )
+    assert [c["s"] for c in checks] == [False, True, True, False, False]
 
     # A custom event about an entity goes through the matcher: the same test.
     on_event = await apply(
