@@ -14,6 +14,7 @@ from tests.test_dashboard import (  # noqa: F401 (fixtures)
     in_a_thread,
     log_in,
     page,
+    pytestmark,  # skipped where Debian's chromium is missing, as test_dashboard
     sql_value,
     wait_for,
 )
