@@ -160,17 +160,19 @@ async def test_through_the_cli_the_os_user_and_the_history_command(
     path.write_text(json.dumps(LEADS))
     cli("workflow", "apply", str(path))
     cli("workflow", "activate", "Audit me")
+    cli("workflow", "pause", "Audit me", "--actor", "ci-deploy")
     [wf] = [r["id"] for r in await fetch(crm, "SELECT id FROM crmflow.workflows")]
     rows = await changes(crm, wf)
     assert [(r["actor"], r["action"]) for r in rows] == [
         (getpass.getuser(), "create"),
         (getpass.getuser(), "activate"),
+        ("ci-deploy", "pause"),
     ]
     table = cli("workflow", "history", str(wf)).stdout
     assert "create" in table and "activate" in table and getpass.getuser() in table
     assert "status: paused → active" in table
     listed = json.loads(cli("workflow", "history", "Audit me", "--json").stdout)
-    assert [c["action"] for c in listed] == ["create", "activate"]
+    assert [c["action"] for c in listed] == ["create", "activate", "pause"]
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from engine import audit, backfill, workflows
 from engine.commands.common import CliError, console, dump_json, err, with_conn
 
 VALUE_WIDTH = 60
+# The `workflow` subcommands that change workflows (engine/commands/workflow.py).
+CHANGING = ("apply", "activate", "pause", "archive")
 
 
 def _value(value: Any) -> str:
@@ -204,8 +207,29 @@ def cmd_workflow_backfill(args: argparse.Namespace) -> int:
     return asyncio.run(with_conn(run))
 
 
+def _acting_as(command: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """``command`` with the audit trail naming ``--actor`` (else the OS user)."""
+
+    def run(args: argparse.Namespace) -> int:
+        with audit.acting_as(args.actor):
+            return command(args)
+
+    return run
+
+
 def register(wf: Any) -> None:
-    """Add history, export and backfill to the `workflow` subcommands' subparsers."""
+    """Add history, export and backfill to the `workflow` subcommands' subparsers, and
+    ``--actor`` to the subcommands that change workflows (who their history names)."""
+    for name in CHANGING:
+        changing = wf.choices.get(name)
+        if changing is None:
+            continue
+        changing.add_argument(
+            "--actor",
+            metavar="NAME",
+            help="who the workflow's history names for this change (default: the OS user)",
+        )
+        changing.set_defaults(func=_acting_as(changing.get_default("func")))
     p = wf.add_parser("history", help="a workflow's changes: who, when, what (the audit trail)")
     p.add_argument("id", help="workflow id or name")
     p.add_argument("--json", action="store_true")
