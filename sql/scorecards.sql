@@ -114,9 +114,12 @@ INSERT INTO crmflow.score_queue (scorecard_id, entity_key)
 SELECT DISTINCT s.scorecard_id, k.key
   FROM crmflow.outbox AS o
   JOIN crmflow.score_sources AS s ON s.source_entity = o.entity_type
+  JOIN crmflow.scorecards AS sc ON sc.id = s.scorecard_id
  CROSS JOIN LATERAL (
         SELECT o.pk AS key
          WHERE s.key_column IS NULL AND o.pk IS NOT NULL
+           -- the scorecard's own writes change only columns it does not read
+           AND o.actor IS DISTINCT FROM 'crmflow:scorecard:' || sc.name
            AND (o.op <> 'update' OR s.columns IS NULL OR CASE
                 WHEN o.changed IS NOT NULL THEN o.changed && s.columns
                 -- no list of changed columns kept: compare the rows (no old row: changed)

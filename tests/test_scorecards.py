@@ -517,3 +517,24 @@ async def test_bench_sc1_at_a_tiny_size(server_url: str, monkeypatch: pytest.Mon
     assert result.id == "SC1" and result.value > 0
     assert result.detail["accounts"] == 300 and result.detail["history_rows"] == 300
     assert sum(result.detail["levels"].values()) == 300
+
+
+async def test_own_writes_do_not_queue_a_rescore(
+    sc: psycopg.AsyncConnection[Any], matcher: Any
+) -> None:
+    """A real-time scorecard's writes of its columns are captured (workflows may react)
+    but queue no rescore of the same entities: they change nothing it reads."""
+    await _seed(sc)
+    await store.apply(sc, card(realtime=True))
+    await matcher.drain()
+    await sc.execute("DELETE FROM crmflow.score_queue")
+    result = await run.score(sc, "churn", as_of=AS_OF)
+    assert result.updated == 3
+    await matcher.drain()
+    assert await value(sc, "SELECT count(*) FROM crmflow.score_queue") == 0
+    # A person's write of a column it reads does.
+    await sc.execute("UPDATE sc_accounts SET arr = 1 WHERE id = 3")
+    await matcher.drain()
+    assert [r["entity_key"] for r in await fetch(sc, "SELECT * FROM crmflow.score_queue")] == [
+        {"id": 3}
+    ]
