@@ -348,3 +348,24 @@ async def test_a_composite_primary_key_is_batched_in_key_order(
     )
     assert len({json.dumps(k["entity_pk"], sort_keys=True) for k in keys}) == 12
     assert (await backfill.run(crm, wf, batch_size=7, settings=settings)).enrolled == 0
+
+
+async def test_the_rate_limit_applies_to_backfilled_executions(
+    crm: psycopg.AsyncConnection[Any], settings: Settings, worker: Any
+) -> None:
+    await leads(crm, 20)
+    wf = await apply(crm, {**MARK, "limits": {"max_per_minute": 3, "on_rate_limit": "drop"}})
+    assert (await backfill.run(crm, wf, settings=settings)).enrolled == 10
+
+    async def settled() -> bool:
+        live = await value(
+            crm,
+            "SELECT count(*) FROM crmflow.executions WHERE status IN ('pending', 'running')",
+        )
+        return bool(live == 0)
+
+    await wait_until(settled, timeout=60)
+    statuses = await fetch(
+        crm, "SELECT status, count(*) AS n FROM crmflow.executions GROUP BY 1 ORDER BY 1"
+    )
+    assert statuses == [{"status": "completed", "n": 3}, {"status": "skipped", "n": 7}]
