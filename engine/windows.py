@@ -134,9 +134,20 @@ class Window(BaseModel):
         return f"{','.join(self.days)} {self.from_}-{self.to} ({where})"
 
 
-def window_issues(window: Window, entity: Any, path: str) -> list[tuple[str, str]]:
+def window_issues(
+    window: Window, entity: Any, path: str, *, waits: bool = False
+) -> list[tuple[str, str]]:
     """Catalog checks: ``timezone_field`` is a text column of the entity (read from the
-    row when the step is due, like ``delay.until``)."""
+    row when the step is due, like ``delay.until``); ``waits``: the step has a
+    ``wait_until`` too, which is refused (the window goes on the step after the wait)."""
+    if waits:
+        return [
+            (
+                f"{path}.window",
+                "a step with wait_until cannot have a window too: put the window on the "
+                "step after it",
+            )
+        ]
     if window.timezone_field is None:
         return []
     field_path = f"{path}.window.timezone_field"

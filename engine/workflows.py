@@ -243,7 +243,10 @@ def _check_steps(
         if not step_issues:
             compiler.checks.extend(action.value_checks(action.parse(step.params), entity, path))
         if step.window is not None:  # business hours: the zone column exists (engine/windows.py)
-            issues.extend(Issue(p, m) for p, m in window_issues(step.window, entity, path))
+            waits = getattr(step, "wait_until", None) is not None
+            issues.extend(
+                Issue(p, m) for p, m in window_issues(step.window, entity, path, waits=waits)
+            )
         if isinstance(step.delay, DelayUntil):
             # A column: the runtime reads it as n.<column> (not a derived field or JSON path).
             spec = entity.columns.get(step.delay.until) if entity else None

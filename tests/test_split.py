@@ -5,8 +5,10 @@ edits, run end to end in the executor's waves and inline, reported per path."""
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
@@ -19,7 +21,8 @@ from engine.executor.batch import BatchExecutor
 from engine.executor.runner import Runner
 from engine.matcher import Matcher
 from engine.model import DefinitionError
-from tests.helpers import apply, fetch, install_test_crm, value
+from engine.windows import DAYS
+from tests.helpers import apply, fetch, install_test_crm, value, wait_executions_settled
 from tests.test_dashboard import (
     CHROMIUM,
     Dashboard,
@@ -217,6 +220,31 @@ async def test_paths_hold_across_reenrollment_edits_and_the_inline_path(
         crm, "SELECT workflow_version, count(*) AS n FROM crmflow.executions GROUP BY 1 ORDER BY 1"
     )
     assert [(v["workflow_version"], v["n"]) for v in versions] == [(1, 60), (2, 60)]
+
+
+async def test_split_and_window_on_a_worker(crm: psycopg.AsyncConnection[Any], worker: Any) -> None:
+    """A real worker (matcher, executor, procrastinate): each lead takes its path, the
+    branch of path A in an always-open window, the branch of path B in one closed today."""
+    tomorrow = datetime.now(ZoneInfo("Europe/Lisbon")).date() + timedelta(days=1)
+    definition = ab_workflow({"A": 50, "B": 50})
+    definition["actions"][1]["window"] = {"from": "00:00", "to": "24:00", "timezone": "UTC"}
+    definition["actions"][2]["window"] = {
+        "days": [DAYS[tomorrow.weekday()]], "from": "09:00", "to": "17:00",
+        "timezone": "Europe/Lisbon",
+    }  # fmt: skip
+    wf = await apply(crm, definition)
+    await crm.execute("INSERT INTO leads (name) SELECT 'l' || i FROM generate_series(1, 60) i")
+    rows = await wait_executions_settled(crm, expected=60, timeout=30, allow_waiting=True)
+    chosen = await paths_by_lead(crm)
+    a_leads = {lead for lead, [p] in chosen.items() if p == "A"}
+    assert len(chosen) == 60 and 0 < len(a_leads) < 60
+    for lead, [path] in chosen.items():
+        assert path == choose({"A": 50, "B": 50}, f"{wf}:lead:{lead}")
+    status = {int(r["entity_pk"]["id"]): r["status"] for r in rows}
+    assert {lead for lead, st in status.items() if st == "completed"} == a_leads
+    assert {lead for lead, st in status.items() if st == "waiting"} == set(chosen) - a_leads
+    titles = sorted(r["title"] for r in await fetch(crm, "SELECT title FROM tasks"))
+    assert titles == sorted(f"A l{lead}" for lead in a_leads)
 
 
 async def test_goal_conversions_per_path(

@@ -147,6 +147,18 @@ async def test_bad_windows_are_refused_naming_the_path(crm: psycopg.AsyncConnect
         found = {i.path: i.message for i in caught.value.issues}
         assert expected in found, (window, found)
         assert words in found[expected], (window, found)
+    waiting = {
+        "type": "create_task", "title": "t",
+        "wait_until": {"conditions": {"field": "status", "operator": "equals", "value": "x"},
+                       "timeout": "3d"},
+        "window": {"from": "09:00", "to": "17:00", "timezone": "UTC"},
+    }  # fmt: skip
+    with pytest.raises(DefinitionError) as caught:
+        await apply(crm, on_new_lead([waiting]))
+    assert [(i.path, i.message) for i in caught.value.issues] == [
+        ("actions[0].window",
+         "a step with wait_until cannot have a window too: put the window on the step after it")
+    ]  # fmt: skip
     assert await value(crm, "SELECT count(*) FROM crmflow.workflows") == 0  # nothing saved
 
 
@@ -360,18 +372,28 @@ async def test_the_careful_path_defers_too(
     await apply(
         crm,
         on_new_lead(
-            [{"id": "office", "type": "create_task", "title": "office", "window": window}],
+            [
+                {"id": "office", "type": "create_task", "title": "office", "window": window},
+                {"id": "never", "type": "create_task", "title": "never", "window": window,
+                 "when": {"field": "name", "operator": "equals", "value": "nobody"},
+                 "depends_on": []},
+            ],
             limits={"max_per_minute": 1000},  # start-time limits: the careful path
         ),
-    )
+    )  # fmt: skip
     await crm.execute("INSERT INTO leads (name) VALUES ('a'), ('b')")
     await run_all(pool, settings)
     rows = await fetch(
         crm,
         "SELECT s.status, s.scheduled_at, x.status AS x_status FROM crmflow.execution_steps AS s"
-        " JOIN crmflow.executions AS x ON x.id = s.execution_id",
+        " JOIN crmflow.executions AS x ON x.id = s.execution_id WHERE s.step_id = 'office'",
     )
     assert rows == [{"status": "scheduled", "scheduled_at": opening, "x_status": "waiting"}] * 2
+    # a false 'when' skips at once: the step does not wait for its window to be skipped
+    never = await fetch(
+        crm, "SELECT status, result FROM crmflow.execution_steps WHERE step_id = 'never'"
+    )
+    assert never == [{"status": "skipped", "result": {"reason": "'when' was false"}}] * 2
     assert await fetch(crm, "SELECT min(run_at) AS at FROM crmflow.execution_queue") == [
         {"at": opening}
     ]

@@ -290,8 +290,6 @@ class Runner:
                     and row["scheduled_at"] > now()
                 ):
                     continue
-                if step.window is not None and await self._defer_to_window(ex, sid, step):
-                    continue  # outside its business hours: scheduled at the next opening
                 await self._run_step(ex, plan, sid, rows)
                 ran = True
                 break
@@ -337,16 +335,15 @@ class Runner:
         tracing.step_waits(ex, sid, step.type, at)
         return at > now()
 
-    async def _defer_to_window(self, ex: dict[str, Any], sid: str, step: Step) -> bool:
-        """A windowed step due now (engine/windows.py): False when its window is open;
-        else it is scheduled at the next opening (True)."""
+    async def _defer_to_window(
+        self, ex: dict[str, Any], sid: str, step: Step, row: dict[str, Any] | None
+    ) -> bool:
+        """A windowed step due now, its ``when`` true (engine/windows.py): False when its
+        window is open; else it is scheduled at the next opening (True), where its
+        ``when`` is read again."""
         window = step.window
         assert window is not None
         async with db.autocommit(self.pool) as conn:
-            row = None
-            if window.timezone_field is not None:
-                entity = await self.entity(conn, ex["entity_type"])
-                row = await self.entity_row(conn, ex, entity)
             decision = windows.decide(window, row, now())
             if decision.zone.note:
                 log.warning(
@@ -399,6 +396,8 @@ class Runner:
                     },
                 )
                 return
+        if step.window is not None and await self._defer_to_window(ex, sid, step, row):
+            return  # outside its business hours: scheduled at the next opening
         ctx = StepContext(self, ex, sid, step, 0, entity, row, steps_view, self.settings)
         ctx.wait_outcome = wait_outcome
         if action is None:

@@ -1,10 +1,11 @@
 """Planning a wave: what each execution of a batch can do now (no SQL here).
 
 Each execution's ready steps (their inputs done) are sorted into the wave's work:
-delays to schedule, business-hours windows and ``when`` conditions to check (a window
-first: ``when`` is read when the step runs, inside its window), database steps grouped
-per (workflow version, step), external steps; an execution with nothing ready is completed, or waits
-for its earliest scheduled step; anything else goes to the careful path.
+delays to schedule, ``when`` conditions and business-hours windows to check (``when``
+first: a false one skips the step at once; a deferred step's ``when`` is read again at
+the opening, in a later batch), database steps grouped per (workflow version, step),
+external steps; an execution with nothing ready is completed, or waits for its
+earliest scheduled step; anything else goes to the careful path.
 """
 
 from __future__ import annotations
@@ -105,14 +106,14 @@ def plan_wave(items: list[Item]) -> Wave:
             action = actions.get(step.type)
             if action is None:
                 break
-            if step.window is not None and sid not in item.window_open:
-                key = (int(item.ex["workflow_version_id"]), sid)
-                wave.windows.setdefault(key, []).append(item)
-                runnable = True
-                continue
             if sid in plan.when_sql and sid not in item.when_held:
                 key = (int(item.ex["workflow_version_id"]), sid)
                 wave.conditions.setdefault(key, []).append(item)
+                runnable = True
+                continue
+            if step.window is not None and sid not in item.window_open:
+                key = (int(item.ex["workflow_version_id"]), sid)
+                wave.windows.setdefault(key, []).append(item)
                 runnable = True
                 continue
             if action.kind == "database":
