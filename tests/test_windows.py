@@ -251,6 +251,33 @@ async def test_waves_defer_to_the_next_opening_and_run_inside_it(
     assert len(await fetch(crm, "SELECT 1 FROM tasks WHERE title = 'office'")) == 40
 
 
+async def test_external_steps_wait_for_their_window_too(
+    crm: psycopg.AsyncConnection[Any],
+    pool: AsyncConnectionPool,
+    settings: Settings,
+    web: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    days, opening = closed_today()
+    window = {"days": days, "from": "09:00", "to": "17:00", "timezone": "Europe/Lisbon"}
+    await apply(
+        crm,
+        on_new_lead([{"id": "hook", "type": "http_request", "url": web.url(), "window": window}]),
+    )
+    await crm.execute("INSERT INTO leads (name) SELECT 'l' || i FROM generate_series(1, 5) i")
+    await run_all(pool, settings)
+    assert web.requests == []  # no call outside the window
+    steps = await fetch(crm, "SELECT status, scheduled_at FROM crmflow.execution_steps")
+    assert steps == [{"status": "scheduled", "scheduled_at": opening}] * 5
+    monkeypatch.setattr(waves, "now", lambda: opening + timedelta(seconds=1))
+    monkeypatch.setattr(database_steps, "now", lambda: opening + timedelta(seconds=1))
+    await crm.execute("UPDATE crmflow.execution_queue SET run_at = now()")
+    await executor(pool, settings).drain(seconds=10)
+    assert len(web.requests) == 5  # at the opening: each called once
+    statuses = await fetch(crm, "SELECT DISTINCT status FROM crmflow.execution_steps")
+    assert statuses == [{"status": "succeeded"}]
+
+
 async def test_per_entity_time_zones(
     crm: psycopg.AsyncConnection[Any], pool: AsyncConnectionPool, settings: Settings
 ) -> None:
