@@ -5,6 +5,8 @@ matcher's set-based batch (run_batch), and with executions running at the same t
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -208,3 +210,28 @@ async def test_a_bad_dedupe_key_is_refused_on_save(crm: Conn) -> None:
         await apply(crm, {**CHURN_TASK, "actions": [{**step, "dedupe_key": ""}]})
     assert [i.path for i in refused.value.issues] == ["actions[0].dedupe_key"]
     assert await value(crm, "SELECT count(*) FROM crmflow.workflows") == 0
+
+
+def docs_example(name: str) -> dict[str, Any]:
+    """The JSON example of docs/workflows.md whose "name" is ``name``."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "workflows.md").read_text()
+    begin = text.rindex("```json\n", 0, text.index(f'{{"name": "{name}"')) + 8
+    parsed: dict[str, Any] = json.loads(text[begin : text.index("```", begin)])
+    return parsed
+
+
+async def test_the_docs_examples_dedupe(crm: Conn, matcher: Matcher, runner: Runner) -> None:
+    await add_accounts(crm)
+    await apply(crm, docs_example("Churn risk task"))
+    await apply(crm, docs_example("Tell the CSMs once per account"))
+    for level in ("high", "critical", "high"):
+        await crm.execute("UPDATE accounts SET churn_risk = %s WHERE id = 1", [level])
+    await crm.execute("INSERT INTO deals (name, account_id) VALUES ('d', 1)")
+    await crm.execute("UPDATE deals SET status = 'won' WHERE name = 'd'")
+    await matcher.drain()
+    for execution in await execution_ids(crm):
+        assert (await drive(runner, crm, execution))["status"] == "completed"
+    assert [(t["title"], t["priority"]) for t in await tasks(crm)] == [
+        ("Acme: churn risk high", "urgent")
+    ]
+    assert await value(crm, "SELECT message FROM notifications") == "Deal d changed (won)"

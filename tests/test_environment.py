@@ -204,3 +204,14 @@ async def test_a_poisoned_event_queued_for_an_environment_is_set_aside(
     assert await value(crm, "SELECT count(*) FROM crmflow.environment_events") == 0
     error = await value(crm, "SELECT match_error FROM crmflow.outbox WHERE pk = '{\"id\": 2}'")
     assert error.startswith("environment staging: division by zero")
+
+
+async def test_the_docs_example(crm: Conn, pool: AsyncConnectionPool, settings: Settings) -> None:
+    from tests.test_dedupe import docs_example
+
+    wf = await apply(crm, docs_example("Try the new welcome mail"))
+    await crm.execute("INSERT INTO leads (name, email) VALUES ('a', 'a@example.com')")
+    await Matcher(pool, settings).drain()
+    assert await enrolled(crm) == {}
+    await Matcher(pool, in_environment(settings, "staging")).drain()
+    assert await enrolled(crm) == {wf: [1]}

@@ -331,3 +331,17 @@ async def test_send_email_never_writes_to_an_unsubscribed_address(
     assert "suppressed" in json.dumps(steps[1]["result"]) and "unsubscribed" in json.dumps(
         steps[1]["result"]
     )
+
+
+async def test_the_docs_example(crm: Conn, matcher: Matcher) -> None:
+    from tests.test_dedupe import docs_example
+
+    wf = await apply(crm, docs_example("Nurture new leads"))
+    await suppressions.add(crm, "do-not-contact", entity_type="lead", key=1, until="2999-12-31")
+    await suppressions.add(crm, "unsubscribed", email="bob@example.com")
+    await crm.execute(
+        "INSERT INTO leads (name, email) VALUES ('held', 'a@example.com'),"
+        " ('bob', 'Bob@Example.com'), ('new', 'n@example.com')"
+    )
+    await matcher.drain()
+    assert await entities_enrolled(crm, wf) == [3]
