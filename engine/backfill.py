@@ -321,6 +321,14 @@ async def run(
         stmt = first_statement if after is None else next_statement
 
         async def batch(stmt: sql.Composed = stmt) -> dict[str, Any] | None:
+            # Still active at the same version: a pause or an edit stops the backfill.
+            still = await (await conn.execute(_q("backfill_still_current"), params)).fetchone()
+            if still is None or not still["current"]:
+                raise BackfillRefused(
+                    f"workflow {workflow_id} was paused, archived or changed during the "
+                    f"backfill ({report.enrolled} enrolled until then); run it again to go on",
+                    "status",
+                )
             row: dict[str, Any] | None = await (await conn.execute(stmt, params)).fetchone()
             return row
 

@@ -80,6 +80,13 @@ SELECT w.id AS workflow_id, w.name, w.status, v.id AS version_id, v.version, v.e
   JOIN crmflow.workflow_versions AS v ON v.workflow_id = w.id AND v.version = w.current_version
  WHERE w.id = %(id)s;
 
+-- name: backfill_still_current
+-- Checked in each batch's transaction: the workflow is still active at the version the
+-- backfill started with (a pause, an archive or a new version stops it).
+SELECT (status = 'active' AND current_version = %(version)s) AS current
+  FROM crmflow.workflows
+ WHERE id = %(workflow_id)s;
+
 -- name: backfill_estimate
 -- The table's size for the progress bar: the planner's estimate, or a count when the
 -- table was never analysed.

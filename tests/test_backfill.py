@@ -369,3 +369,20 @@ async def test_the_rate_limit_applies_to_backfilled_executions(
         crm, "SELECT status, count(*) AS n FROM crmflow.executions GROUP BY 1 ORDER BY 1"
     )
     assert statuses == [{"status": "completed", "n": 3}, {"status": "skipped", "n": 7}]
+
+
+async def test_a_pause_during_a_backfill_stops_it(
+    crm: psycopg.AsyncConnection[Any], settings: Settings, db_url: str
+) -> None:
+    await leads(crm, 100)
+    wf = await apply(crm, MARK)
+
+    def pause_after_the_first_batch(batch: backfill.Batch) -> None:
+        with psycopg.connect(db_url, autocommit=True) as other:
+            other.execute("UPDATE crmflow.workflows SET status = 'paused' WHERE id = %s", [wf])
+
+    with pytest.raises(backfill.BackfillRefused, match=r"paused.*\(10 enrolled until then\)"):
+        await backfill.run(
+            crm, wf, batch_size=20, settings=settings, progress=pause_after_the_first_batch
+        )
+    assert await executions(crm) == 10
