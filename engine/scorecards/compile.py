@@ -494,8 +494,8 @@ def _by_segment(d: ScorecardDefinition, pick: Any) -> sql.Composable:
 
 def scored_ctes(card: LoadedScorecard, keyed: bool) -> tuple[list[sql.Composable], Compiled]:
     """``build``'s CTEs, then ``s``: per entity the segment name, ``v<i>``, ``c<i>`` (the
-    contributions), ``lp``, ``score``, ``level``, ``factors`` (top 3), ``contributions``
-    (jsonb) and ``days``."""
+    contributions), ``lp``, ``score``, ``level``, ``factors`` (top 3) and ``days``
+    (:func:`contributions_of` makes the jsonb of the contributions where needed)."""
     ctes, _names, compiled = build(card, keyed)
     d = card.definition
     n = len(d.factors)
@@ -540,16 +540,6 @@ def scored_ctes(card: LoadedScorecard, keyed: bool) -> tuple[list[sql.Composable
     top, rank_cte = _top_factors(d)
     if rank_cte is not None:
         ctes.append(rank_cte)
-    pairs = [
-        sql.SQL("{}, {}").format(
-            sql.Literal(f.id), _rounded(sql.SQL("u.{}").format(sql.Identifier(f"c{i}")))
-        )
-        for i, f in enumerate(d.factors)
-    ]
-    contributions = sql.SQL(" || ").join(
-        sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(pairs[k : k + _JSON_PAIRS]))
-        for k in range(0, len(pairs), _JSON_PAIRS)
-    )
     days: sql.Composable = sql.SQL("CAST(NULL AS double precision)")
     if d.survival is not None:
         sv = d.survival
@@ -567,12 +557,10 @@ def scored_ctes(card: LoadedScorecard, keyed: bool) -> tuple[list[sql.Composable
     ctes.append(
         sql.SQL(
             "s AS (SELECT u.*, {level} AS level, {top} AS factors, "
-            "{contributions} AS contributions, CAST({days} AS double precision) AS days "
-            "FROM {src} AS u)"
+            "CAST({days} AS double precision) AS days FROM {src} AS u)"
         ).format(
             level=level,
             top=top,
-            contributions=contributions,
             days=days,
             src=sql.Identifier("rk" if rank_cte is not None else "u"),
         )
@@ -665,6 +653,22 @@ def _top_factors(d: ScorecardDefinition) -> tuple[sql.Composable, sql.Composable
     return sql.SQL("(CASE {} END)").format(sql.SQL(" ").join(arms)), rank_cte
 
 
+def contributions_of(d: ScorecardDefinition, alias: str) -> sql.Composable:
+    """``{factor id: contribution}`` (jsonb) from the row ``alias``'s ``c<i>``: built only
+    for the history rows a run inserts (a jsonb object per entity costs)."""
+    pairs = [
+        sql.SQL("{}, {}").format(
+            sql.Literal(f.id),
+            _rounded(sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(f"c{i}"))),
+        )
+        for i, f in enumerate(d.factors)
+    ]
+    return sql.SQL(" || ").join(
+        sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(pairs[k : k + _JSON_PAIRS]))
+        for k in range(0, len(pairs), _JSON_PAIRS)
+    )
+
+
 def _with(ctes: list[sql.Composable]) -> sql.Composable:
     return sql.SQL("WITH {}").format(sql.SQL(", ").join(ctes))
 
@@ -748,23 +752,28 @@ def compile_scoring(card: LoadedScorecard, keyed: bool) -> sql.Composed:
     ctes.append(
         sql.SQL(
             "j AS MATERIALIZED (SELECT s.entity_key, s.segment, s.score, s.level, s.lp, s.factors, "
-            "s.contributions, s.days, p.score AS p_score, p.level AS p_level, "
+            "{cs}, s.days, p.score AS p_score, p.level AS p_level, "
             "p.version AS p_version, p.segment AS p_segment, p.lp AS p_lp, p.factors AS p_factors, "
             "p.days_to_event AS p_days, ({differs}) AS differs "
             "FROM s LEFT JOIN crmflow.score_latest AS p "
             "ON p.scorecard_id = %(scorecard_id)s AND p.entity_key = s.entity_key)"
-        ).format(differs=differs)
+        ).format(
+            differs=differs,
+            cs=sql.SQL(", ").join(
+                sql.SQL("s.{}").format(sql.Identifier(f"c{i}")) for i in range(len(d.factors))
+            ),
+        )
     )
     ctes.append(
         sql.SQL(
             "hist AS (INSERT INTO crmflow.score_history (entity_type, entity_key, scorecard_id, "
             "version, score, previous_score, change, level, previous_level, contributions, "
             "scored_at) SELECT {et}, j.entity_key, %(scorecard_id)s, %(version)s, j.score, "
-            "j.p_score, j.score - j.p_score, j.level, j.p_level, j.contributions, now() FROM j "
+            "j.p_score, j.score - j.p_score, j.level, j.p_level, {contributions}, now() FROM j "
             "WHERE j.p_score IS NULL OR j.level IS DISTINCT FROM j.p_level "
             "OR round(j.score * 1000000.0) <> round(j.p_score * 1000000.0) "
             "RETURNING 1)"
-        ).format(et=sql.Literal(entity.entity_type))
+        ).format(et=sql.Literal(entity.entity_type), contributions=contributions_of(d, "j"))
     )
     ctes.append(
         sql.SQL(
