@@ -266,17 +266,23 @@ def decide_many(
     """One decision per row at the same moment, computed once per distinct zone (a
     group of a wave shares its moment, so the zones are all that differ)."""
     by_zone: dict[tuple[str, str | None], Decision] = {}
+    by_value: dict[str | None, Decision] = {}  # the zone column's value -> its decision
+    field = window.timezone_field
     out: list[Decision] = []
     for row in rows:
-        tz = zone_for(window, row)
-        key = (tz.name, tz.note)
-        decision = by_zone.get(key)
+        raw = (row or {}).get(field) if field is not None else None
+        cacheable = raw is None or isinstance(raw, str)
+        decision = by_value.get(raw) if cacheable else None
         if decision is None:
-            opening = next_opening(window, at, tz.info)
-            decision = by_zone[key] = Decision(opening, tz, opening <= at)
-            if tz.note:
-                log.warning(
-                    "%swindow %s: %s", f"{what}: " if what else "", window.describe(), tz.note
-                )
+            tz = zone_for(window, row)
+            decision = by_zone.get((tz.name, tz.note))
+            if decision is None:
+                opening = next_opening(window, at, tz.info)
+                decision = by_zone[(tz.name, tz.note)] = Decision(opening, tz, opening <= at)
+                if tz.note:
+                    where = f"{what}: " if what else ""
+                    log.warning("%swindow %s: %s", where, window.describe(), tz.note)
+            if cacheable:
+                by_value[raw] = decision
         out.append(decision)
     return out
