@@ -247,6 +247,66 @@ async def test_split_and_window_on_a_worker(crm: psycopg.AsyncConnection[Any], w
     assert titles == sorted(f"A l{lead}" for lead in a_leads)
 
 
+NURTURE: dict[str, Any] = {
+    "name": "Lead nurture A/B",
+    "trigger": {"type": "entity_created", "entity_type": "lead"},
+    "goal": {"field": "status", "operator": "equals", "value": "customer"},
+    "actions": [
+        {"id": "ab", "type": "split", "paths": {"call": 50, "wait": 50}},
+        {"id": "call", "type": "create_task", "title": "Call {{ lead.name }}",
+         "depends_on": ["ab"],
+         "when": {"field": "steps.ab.result.path", "operator": "equals", "value": "call"},
+         "window": {"from": "00:00", "to": "24:00", "timezone": "Europe/Lisbon"}},
+        {"id": "engaged", "type": "wait", "timeout": "3d", "depends_on": ["ab"],
+         "when": {"field": "steps.ab.result.path", "operator": "equals", "value": "wait"},
+         "wait_until": {"conditions": [{"field": "score", "operator": "greater_or_equal",
+                                        "value": 50}]}},
+        {"id": "hot", "type": "create_task", "title": "Hot lead {{ lead.name }}",
+         "depends_on": ["engaged"],
+         "when": {"field": "steps.engaged.result.outcome", "operator": "equals", "value": "met"},
+         "window": {"from": "00:00", "to": "24:00", "timezone_field": "name"}},
+    ],
+}  # fmt: skip
+
+
+async def test_goal_wait_until_window_and_split_together_on_a_worker(
+    crm: psycopg.AsyncConnection[Any], worker: Any
+) -> None:
+    """The issue's scenario in one workflow: the split sends half the leads to a call
+    (in business hours), half to a wait for engagement; engaged ones get a task; the
+    goal ends those that become customers."""
+    wf = await apply(crm, NURTURE)
+    await crm.execute("INSERT INTO leads (name) SELECT 'l' || i FROM generate_series(1, 40) i")
+    await wait_executions_settled(crm, expected=40, timeout=30, allow_waiting=True)
+    path = {i: choose({"call": 50, "wait": 50}, f"{wf}:lead:{i}") for i in range(1, 41)}
+    waiting = sorted(i for i, p in path.items() if p == "wait")
+    engaged, customers = waiting[: len(waiting) // 2], waiting[len(waiting) // 2 :]
+    await crm.execute("UPDATE leads SET score = 80 WHERE id = ANY(%s)", [engaged])
+    await crm.execute("UPDATE leads SET status = 'customer' WHERE id = ANY(%s)", [customers])
+    rows = await wait_executions_settled(crm, expected=40, timeout=30)
+    status = {int(r["entity_pk"]["id"]): (r["status"], r["goal_met_at"] is not None) for r in rows}
+    for lead, p in path.items():
+        expected = ("completed", True) if lead in customers else ("completed", False)
+        assert status[lead] == expected, (lead, p, status[lead])
+    titles = sorted(r["title"] for r in await fetch(crm, "SELECT title FROM tasks"))
+    assert titles == sorted(
+        [f"Call l{i}" for i, p in path.items() if p == "call"] + [f"Hot lead l{i}" for i in engaged]
+    )
+    # the 'name' column holds no zone: the hot-lead task ran in the fallback zone and says so
+    notes = await fetch(
+        crm,
+        "SELECT result -> 'window' AS w FROM crmflow.execution_steps WHERE step_id = 'hot'"
+        " AND status = 'succeeded'",
+    )
+    assert len(notes) == len(engaged)
+    assert all(
+        n["w"]["timezone"] == "UTC" and "not an IANA time zone" in n["w"]["note"] for n in notes
+    )
+    report = {r["path"]: r for r in await fetch(crm, "SELECT * FROM crmflow.split_report")}
+    assert report["wait"]["goal_conversions"] == len(customers)
+    assert report["call"]["goal_conversions"] == 0
+
+
 async def test_goal_conversions_per_path(
     crm: psycopg.AsyncConnection[Any], pool: AsyncConnectionPool, settings: Settings
 ) -> None:
