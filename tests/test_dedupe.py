@@ -235,3 +235,43 @@ async def test_the_docs_examples_dedupe(crm: Conn, matcher: Matcher, runner: Run
         ("Acme: churn risk high", "urgent")
     ]
     assert await value(crm, "SELECT message FROM notifications") == "Deal d changed (won)"
+
+
+async def test_compensating_an_update_puts_the_task_back(
+    crm: Conn, matcher: Matcher, runner: Runner
+) -> None:
+    """A later step fails with on_failure: compensate: the update of the open task is
+    undone (its previous title and priority back), the task is not deleted."""
+    await add_accounts(crm)
+    await apply(crm, CHURN_TASK)
+    await crm.execute("INSERT INTO deals (name, account_id) VALUES ('first', 1)")
+    await matcher.drain()
+    assert (await drive(runner, crm, (await execution_ids(crm))[0]))["status"] == "completed"
+    failing = {
+        **CHURN_TASK,
+        "actions": [
+            {**CHURN_TASK["actions"][0], "priority": "urgent"},
+            {
+                "type": "update_field",
+                "field": "amount",
+                "value": "{{ 'not a number' }}",
+                "retry": 1,
+                "on_failure": "compensate",
+            },
+        ],
+    }
+    await apply(crm, failing)
+    await crm.execute("INSERT INTO deals (name, account_id) VALUES ('second', 1)")
+    await matcher.drain()
+    assert (await drive(runner, crm, (await execution_ids(crm))[-1]))["status"] == "failed"
+    [task] = await tasks(crm)
+    assert (task["title"], task["priority"]) == ("Churn risk on account 1: first", "high")
+    steps = await fetch(
+        crm,
+        "SELECT status, result FROM crmflow.execution_steps WHERE execution_id = %s"
+        " ORDER BY position",
+        (await execution_ids(crm))[-1],
+    )
+    assert [s["status"] for s in steps] == ["compensated", "failed"]
+    assert steps[0]["result"]["deduped"] is True  # it had updated the open task
+    assert steps[0]["result"]["previous"]["priority"] == "high"
