@@ -29,7 +29,8 @@ from engine.model import Issue
 from engine.scorecards.model import TOP_FACTORS, Aggregate, Factor, ScorecardDefinition
 from engine.sqlexpr import UnsafeExpression, render_expression, validate_expression
 
-AS_OF = sql.SQL("coalesce(CAST(%(as_of)s AS timestamptz), now())")
+# A scalar sub-select: evaluated once per statement (an InitPlan), not once per row.
+AS_OF = sql.SQL("(SELECT coalesce(CAST(%(as_of)s AS timestamptz), now()))")
 F8 = sql.SQL("double precision")
 # exp() of a linear predictor beyond ±700 overflows a double; the score is 0 or 1 there.
 EXP_CLAMP = 700.0
@@ -72,6 +73,13 @@ def lit(value: float) -> sql.Composable:
 
 def _interval(seconds: float) -> sql.Composable:
     return sql.SQL("({} * interval '1 second')").format(sql.Literal(float(seconds)))
+
+
+def _before(seconds: float) -> sql.Composable:
+    """``as_of - seconds``, computed once per statement (the rows compare with a constant)."""
+    return sql.SQL("(SELECT coalesce(CAST(%(as_of)s AS timestamptz), now()) - {})").format(
+        _interval(seconds)
+    )
 
 
 def _columns_of(source: str, entity: EntitySchema) -> set[str]:
@@ -298,7 +306,7 @@ class _Builder:
             if t is not None:
                 where_parts.append(sql.SQL("{} <= {}").format(t, AS_OF))
                 if widest:
-                    where_parts.append(sql.SQL("{} > {} - {}").format(t, AS_OF, _interval(widest)))
+                    where_parts.append(sql.SQL("{} > {}").format(t, _before(widest)))
             if keyed:
                 where_parts.append(sql.SQL("{} IN (SELECT e.k0 FROM e)").format(key))
             ctes.append(
@@ -326,9 +334,9 @@ def _agg_call(
     """``fn(value)`` over the related rows with ``as_of - lo < t <= as_of - hi``."""
     conds: list[sql.Composable] = []
     if t is not None and lo is not None:
-        conds.append(sql.SQL("{} > {} - {}").format(t, AS_OF, _interval(lo)))
+        conds.append(sql.SQL("{} > {}").format(t, _before(lo)))
     if t is not None and hi:
-        conds.append(sql.SQL("{} <= {} - {}").format(t, AS_OF, _interval(hi)))
+        conds.append(sql.SQL("{} <= {}").format(t, _before(hi)))
     if where is not None:
         conds.append(where)
     call: sql.Composable = (
@@ -790,8 +798,9 @@ def compile_scoring(card: LoadedScorecard, keyed: bool) -> sql.Composed:
             "scored_at = EXCLUDED.scored_at RETURNING 1)"
         )
     )
-    # Entities gone from the table (or out of it by key) lose their current score; their
-    # history stays.
+    # Entities gone from the table lose their current score; their history stays. (An
+    # anti-join on the table by its key, whose size the planner knows; on the CTE ``j`` it
+    # sized its hash for the misestimated millions of rows.)
     scope = (
         sql.SQL(
             "AND l.entity_key IN (SELECT k FROM jsonb_array_elements(CAST(%(keys)s AS jsonb)) AS k)"
@@ -802,9 +811,9 @@ def compile_scoring(card: LoadedScorecard, keyed: bool) -> sql.Composed:
     ctes.append(
         sql.SQL(
             "gone AS (DELETE FROM crmflow.score_latest AS l WHERE l.scorecard_id = "
-            "%(scorecard_id)s {} AND NOT EXISTS (SELECT 1 FROM j WHERE j.entity_key = "
-            "l.entity_key) RETURNING 1)"
-        ).format(scope)
+            "%(scorecard_id)s {} AND NOT EXISTS (SELECT 1 FROM {t} AS n WHERE {match}) "
+            "RETURNING 1)"
+        ).format(scope, t=entity.table, match=_key_match(entity, "n", sql.SQL("l.entity_key")))
     )
     return sql.Composed(
         [
