@@ -172,7 +172,7 @@ async def plan(
     kind = wf["trigger_type"]
     if kind not in ALLOWED_TRIGGERS:
         raise BackfillRefused(
-            f"workflow {workflow_id} has a {kind} trigger: only {', '.join(ALLOWED_TRIGGERS)} "
+            f"workflow {workflow_id} is triggered by {kind}: only {', '.join(ALLOWED_TRIGGERS)} "
             "workflows can be backfilled"
             + (
                 " (scheduled, date_relative and manual ones enroll rows with "

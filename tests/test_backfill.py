@@ -125,7 +125,7 @@ async def test_suppression_lists_keep_their_entities_out(
                 "actions": [{"type": "qualify_lead"}],
             },
             "trigger.type",
-            "has a scheduled trigger: only entity_created, entity_updated, field_updated",
+            "is triggered by scheduled: only entity_created, entity_updated, field_updated",
         ),
         (
             {
@@ -134,7 +134,7 @@ async def test_suppression_lists_keep_their_entities_out(
                 "actions": [{"type": "send_notification", "recipient": 1, "message": "x"}],
             },
             "trigger.type",
-            "has a entity_deleted trigger",
+            "is triggered by entity_deleted",
         ),
         (
             {
@@ -307,7 +307,7 @@ async def test_cli_and_api(crm: psycopg.AsyncConnection[Any], db_url: str, clien
     assert refused.json()["errors"][0]["path"] == "trigger.type"
     assert "scheduled" in refused.json()["detail"]
     cli_refused = cli("Nightly")
-    assert cli_refused.returncode == 1 and "scheduled trigger" in cli_refused.stderr
+    assert cli_refused.returncode == 1 and "triggered by scheduled" in cli_refused.stderr
     # On a terminal, a progress bar (rows read, executions enrolled) on stderr.
     shown = cli(str(wf), "--batch-size", "10", TTY_COMPATIBLE="1", TTY_INTERACTIVE="1")
     assert shown.returncode == 0, shown.stderr
