@@ -257,8 +257,6 @@ async def enrollments_page(
     )
     [goals] = await _rows(conn, "ui_goal_conversions", workflow_id=workflow_id)
     history = await audit.history(conn, workflow_id)  # who changed it, when, what
-    # its split steps' paths (crmflow.split_report)
-    splits = await _rows(conn, "ui_workflow_splits", workflow_id=workflow_id)
     return _page(
         request,
         "enrollments.html",
@@ -268,7 +266,6 @@ async def enrollments_page(
         state=state,
         goals=goals,
         history=history,
-        splits=splits,
     )
 
 
