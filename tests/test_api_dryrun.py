@@ -132,7 +132,9 @@ async def test_dry_run_of_an_update_trigger(
 async def test_dry_run_of_an_edge_triggered_workflow(
     client: httpx.AsyncClient, crm: psycopg.AsyncConnection[Any]
 ) -> None:
-    wf = await create(client, seed_file("churn_risk"))
+    # The seed's churn playbook, made edge-triggered (it is not: it fires on every level
+    # change within high and critical).
+    wf = await create(client, {**seed_file("churn_risk"), "edge_triggered": True})
     await crm.execute("INSERT INTO accounts (name, churn_risk) VALUES ('Acme', 'high')")
     url = f"/workflows/{wf['id']}/test"
     rising = await client.post(url, json={"entity_id": 1, "old_row": {"churn_risk": "low"}})
