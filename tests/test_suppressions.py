@@ -182,6 +182,18 @@ async def test_suppress_is_checked_on_save(crm: Conn) -> None:
     with pytest.raises(DefinitionError) as refused:
         await apply(crm, {**NEW_LEADS, "suppress": "vip"})
     assert [i.path for i in refused.value.issues] == ["suppress"]
+    with pytest.raises(DefinitionError) as refused:  # nothing to suppress: no entity
+        await apply(
+            crm,
+            {
+                **NEW_LEADS,
+                "trigger": {"type": "manual"},
+                "actions": [{"type": "http_request", "url": "https://example.com/x"}],
+            },
+        )
+    assert [(i.path, "entity_type" in i.message) for i in refused.value.issues] == [
+        ("suppress", True)
+    ]
     assert await value(crm, "SELECT count(*) FROM crmflow.workflows") == 0
 
 

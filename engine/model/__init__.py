@@ -290,6 +290,13 @@ def parse_definition(raw: Any) -> WorkflowDefinition:
 
     if wf is not None and trigger is not None:
         issues.extend(_check_steps(wf.actions))
+        if wf.suppress and getattr(trigger, "entity_type", None) is None:
+            issues.append(
+                Issue(
+                    "suppress",
+                    "suppression lists name entities: they need a trigger with an entity_type",
+                )
+            )
     if issues:
         raise DefinitionError(issues)
     assert wf is not None and trigger is not None and conditions is not None
