@@ -30,6 +30,14 @@ SELECT r.workflow_id, r.workflow_name, r.step_id, r.path, r.executions, r.share,
  WHERE w.status <> 'archived'
  ORDER BY r.workflow_id, r.step_id, r.path;
 
+-- name: ui_workflow_splits
+-- One workflow's split steps and their paths, for its page.
+SELECT workflow_id, workflow_name, step_id, path, executions, share, completed, failed,
+       in_progress, success_rate, goal_conversions, goal_conversion_rate
+  FROM crmflow.split_report
+ WHERE workflow_id = %(workflow_id)s
+ ORDER BY step_id, path;
+
 -- name: ui_failures
 -- The newest failed steps (and failed executions that ran none).
 SELECT execution_id, workflow_id, workflow_name, workflow_version, entity_type, entity_pk,

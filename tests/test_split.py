@@ -410,5 +410,12 @@ def test_the_dashboard_shows_split_results(
             expect(row).to_contain_text("ab")
             expect(row.locator("[data-field=executions]")).to_have_text(str(n))
             expect(row.locator("[data-field=share]")).to_have_text(f"{n / 50 * 100:.1f} %")
+        # the workflow's own page (its enrollments and history) shows them too
+        page.goto(f"{dash.url}/ui/workflows/{ids['wf']}/enrollments")
+        expect(page.locator("#split-results tbody tr")).to_have_count(2)
+        for path, n in counts.items():
+            row = page.locator(f"#split-results tr[data-path='{path}']")
+            expect(row.locator("[data-field=executions]")).to_have_text(str(n))
+            expect(row.locator("[data-field=goal]")).to_have_text("0 (0.0 %)")
     finally:
         api.stop()

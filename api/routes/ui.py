@@ -257,6 +257,8 @@ async def enrollments_page(
     )
     [goals] = await _rows(conn, "ui_goal_conversions", workflow_id=workflow_id)
     history = await audit.history(conn, workflow_id)  # who changed it, when, what
+    # its split steps' paths (crmflow.split_report)
+    splits = await _rows(conn, "ui_workflow_splits", workflow_id=workflow_id)
     return _page(
         request,
         "enrollments.html",
@@ -266,6 +268,7 @@ async def enrollments_page(
         state=state,
         goals=goals,
         history=history,
+        splits=splits,
     )
 
 
