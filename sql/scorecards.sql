@@ -146,6 +146,7 @@ SELECT EXISTS (SELECT 1 FROM crmflow.score_sources) AS present;
 -- their own; a failed rescore puts them back (requeue_scores).
 DELETE FROM crmflow.score_queue AS q
  USING (SELECT scorecard_id, entity_key FROM crmflow.score_queue
+         WHERE NOT (scorecard_id = ANY(%(skip)s::bigint[]))
          ORDER BY queued_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS t
  WHERE q.scorecard_id = t.scorecard_id AND q.entity_key = t.entity_key
 RETURNING q.scorecard_id, q.entity_key;

@@ -538,3 +538,32 @@ async def test_own_writes_do_not_queue_a_rescore(
     assert [r["entity_key"] for r in await fetch(sc, "SELECT * FROM crmflow.score_queue")] == [
         {"id": 3}
     ]
+
+
+async def test_a_failing_realtime_rescore_keeps_its_keys_and_backs_off(
+    sc: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ln(arr) fails on an ARR of 0: the keys stay queued, the scorecard is left alone
+    for a while (no retry storm), then retried; other scorecards go on."""
+    await _seed(sc)
+    failing = card(realtime=True)
+    failing["factors"][3]["expression"] = {"sql": "ln(arr)"}
+    await store.apply(sc, failing)
+    await sc.execute("UPDATE sc_accounts SET arr = 0 WHERE id = 1")
+    sid = await value(sc, "SELECT id FROM crmflow.scorecards WHERE name = 'churn'")
+    await sc.execute(
+        "INSERT INTO crmflow.score_queue (scorecard_id, entity_key) VALUES (%s, '{\"id\": 1}')",
+        [sid],
+    )
+    monkeypatch.setattr(run, "_failing", {})
+    assert await run.rescore_queued(sc) == []
+    assert await value(sc, "SELECT count(*) FROM crmflow.score_queue") == 1
+    assert sid in run._failing
+    assert await run.rescore_queued(sc) == []  # backing off: not even taken
+    assert await value(sc, "SELECT count(*) FROM crmflow.score_queue") == 1
+    # Fixed, and the back-off over: rescored.
+    await sc.execute("UPDATE sc_accounts SET arr = 10 WHERE id = 1")
+    run._failing[sid] = 0.0
+    [result] = await run.rescore_queued(sc)
+    assert result.scored == 1
+    assert await value(sc, "SELECT count(*) FROM crmflow.score_queue") == 0

@@ -144,12 +144,24 @@ async def note_events(conn: psycopg.AsyncConnection[Any], ids: list[int], genera
         await conn.execute(_q("note_score_events"), {"ids": ids})
 
 
+# Scorecards whose real-time rescore failed (an expression failing on some row, a column
+# dropped): left alone until then (monotonic time), their keys kept queued.
+FAILED_BACKOFF = 30.0
+_failing: dict[int, float] = {}
+
+
 async def rescore_queued(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
     """One real-time round: take the queued keys, rescore them, one statement per
-    scorecard; keys of a failed rescore go back to the queue."""
+    scorecard; keys of a failed rescore go back to the queue, and that scorecard's keys
+    stay there for FAILED_BACKOFF seconds."""
+    now = time.monotonic()
+    for sid in [s for s, until in _failing.items() if until <= now]:
+        del _failing[sid]
     async with conn.transaction():
         rows = await (
-            await conn.execute(_q("take_score_queue"), {"limit": REALTIME_BATCH})
+            await conn.execute(
+                _q("take_score_queue"), {"limit": REALTIME_BATCH, "skip": list(_failing)}
+            )
         ).fetchall()
     by_card: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
@@ -164,7 +176,13 @@ async def rescore_queued(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
         except Exception as exc:
             if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
                 raise
-            log.warning("real-time rescore of scorecard %s failed: %s", sid, exc)
+            log.warning(
+                "real-time rescore of scorecard %s failed (retried in %gs): %s",
+                sid,
+                FAILED_BACKOFF,
+                exc,
+            )
+            _failing[sid] = time.monotonic() + FAILED_BACKOFF
             async with conn.transaction():
                 await conn.execute(_q("requeue_scores"), {"id": sid, "keys": Jsonb(keys)})
     return results
