@@ -100,11 +100,12 @@ async def test_an_open_task_is_updated_not_duplicated(
     assert len(await tasks(crm)) == 3
 
 
-async def test_the_matchers_batch_makes_one_task_per_key(
-    crm: Conn, pool: AsyncConnectionPool, settings: Settings
+async def test_the_executors_batch_makes_one_task_per_key(
+    crm: Conn, pool: AsyncConnectionPool, settings: Settings, db_url: str
 ) -> None:
-    """create_task runs inline, set-based (run_batch): five deals of one account in one
-    batch make one task, updated by the later ones of the batch."""
+    """A deduped create_task is never run inline by the matcher (it locks a CRM row) but
+    set-based by the executor (run_batch): five deals of two accounts in one batch make
+    one task per account, updated by the later ones of the batch."""
     await add_accounts(crm)
     await apply(crm, CHURN_TASK)
     await crm.execute(
@@ -114,7 +115,10 @@ async def test_the_matchers_batch_makes_one_task_per_key(
     inline = Matcher(pool, settings.model_copy(update={"inline_steps": True}))
     await inline.drain()
     statuses = await fetch(crm, "SELECT status FROM crmflow.executions")
-    assert [s["status"] for s in statuses] == ["completed"] * 5  # all run inline
+    assert [s["status"] for s in statuses] == ["pending"] * 5  # none inline
+    async with running_worker(db_url, settings=settings, concurrency=4):
+        done = await wait_executions_settled(crm, expected=5)
+    assert [x["status"] for x in done] == ["completed"] * 5
     rows = await tasks(crm)
     assert sorted(t["title"] for t in rows) == [
         "Churn risk on account 1: deal 4",  # the last of the batch for account 1
@@ -124,6 +128,46 @@ async def test_the_matchers_batch_makes_one_task_per_key(
         crm, "SELECT count(*) FROM crmflow.execution_steps WHERE (result ->> 'deduped')::boolean"
     )
     assert deduped == 3
+
+
+async def test_a_crm_lock_on_an_open_item_does_not_hold_up_the_matcher(
+    crm: Conn, pool: AsyncConnectionPool, settings: Settings, db_url: str, runner: Runner
+) -> None:
+    """A deduped step locks its open item (a CRM row): it must not do so in the matcher's
+    transaction, where a CRM session holding that task would stall matching for every
+    workflow (found by review: the matcher rolled back on its lock timeout until the CRM
+    committed). Deduped steps run in the executor, not inline."""
+    await add_accounts(crm)
+    await apply(crm, CHURN_TASK)
+    await apply(
+        crm,
+        {
+            "name": "Welcome leads",
+            "trigger": {"type": "entity_created", "entity_type": "lead"},
+            "actions": [{"type": "update_field", "field": "status", "value": "contacted"}],
+        },
+    )
+    inline = Matcher(pool, settings.model_copy(update={"inline_steps": True}))
+    await crm.execute("INSERT INTO deals (name, account_id) VALUES ('first', 1)")
+    await inline.drain()
+    [first] = await execution_ids(crm)
+    if (await value(crm, "SELECT status FROM crmflow.executions WHERE id = %s", first)) != (
+        "completed"
+    ):
+        await drive(runner, crm, first)
+    [task] = await tasks(crm)
+    async with await psycopg.AsyncConnection.connect(db_url) as holder:
+        await holder.execute("BEGIN")
+        await holder.execute("UPDATE tasks SET title = title WHERE id = %s", [task["id"]])
+        await crm.execute("INSERT INTO deals (name, account_id) VALUES ('second', 1)")
+        await crm.execute("INSERT INTO leads (name, email) VALUES ('Ann', 'ann@example.com')")
+        # With the CRM's lock held, the matcher still enrolls both (and runs the lead's
+        # step inline) within a few lock timeouts at most.
+        await asyncio.wait_for(inline.drain(), timeout=3 * settings.lock_timeout + 5)
+        lead = await value(crm, "SELECT status FROM leads WHERE name = 'Ann'")
+        assert lead == "contacted"
+        await holder.execute("ROLLBACK")
+    assert await value(crm, "SELECT count(*) FROM crmflow.executions") == 3
 
 
 async def test_concurrent_executions_with_one_key_make_one_task(

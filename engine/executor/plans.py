@@ -69,6 +69,9 @@ def plan_for(version_id: int, definition: dict[str, Any], entity: EntitySchema |
                 or step.delay is not None
                 or step.timeout is not None
                 or step.when_condition is not None
+                # a deduped step locks its open item, a CRM row the CRM may hold: never
+                # in the matcher's transaction, where a wait would stall all matching
+                or step.params.get("dedupe_key") is not None
                 or not set(plan.deps[sid]) <= set(plan.inline_prefix)
             ):
                 break
