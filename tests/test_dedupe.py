@@ -130,6 +130,26 @@ async def test_the_executors_batch_makes_one_task_per_key(
     assert deduped == 3
 
 
+async def test_an_update_keeps_what_the_step_does_not_set(
+    crm: Conn, matcher: Matcher, runner: Runner
+) -> None:
+    """A step without a description updates the open task's title, priority and due date,
+    not the description a person wrote on it meanwhile (review finding: it was set NULL)."""
+    await add_accounts(crm)
+    await apply(crm, CHURN_TASK)
+    await crm.execute("INSERT INTO deals (name, account_id) VALUES ('first', 1)")
+    await matcher.drain()
+    [first] = await execution_ids(crm)
+    assert (await drive(runner, crm, first))["status"] == "completed"
+    await crm.execute("UPDATE tasks SET description = 'called them, follow up Friday'")
+    await crm.execute("INSERT INTO deals (name, account_id) VALUES ('second', 1)")
+    await matcher.drain()
+    assert (await drive(runner, crm, (await execution_ids(crm))[-1]))["status"] == "completed"
+    [task] = await tasks(crm)
+    assert task["title"] == "Churn risk on account 1: second"
+    assert task["description"] == "called them, follow up Friday"
+
+
 async def test_a_crm_lock_on_an_open_item_does_not_hold_up_the_matcher(
     crm: Conn, pool: AsyncConnectionPool, settings: Settings, db_url: str, runner: Runner
 ) -> None:

@@ -76,7 +76,8 @@ class CreateTask(Action):
                 sql.SQL(
                     "WITH before AS (SELECT id, title, description, priority, due_at FROM {t}"
                     " WHERE id = %(id)s)"
-                    " UPDATE {t} AS t SET title = %(title)s, description = %(description)s,"
+                    " UPDATE {t} AS t SET title = %(title)s,"
+                    " description = coalesce(%(description)s, t.description),"
                     " priority = %(priority)s, due_at = coalesce(%(due_at)s, t.due_at)"
                     " FROM before AS b WHERE t.id = b.id"
                     " RETURNING t.id, t.assignee_id, b.title, b.description, b.priority,"
