@@ -99,8 +99,9 @@ async def test_entities(client: httpx.AsyncClient, crm: psycopg.AsyncConnection[
     response = await client.get("/entities")
     assert response.status_code == 200
     entities = {e["entity_type"]: e for e in response.json()}
-    # crmflow_alert: the engine's own alerts, watched by crmflow migrate
-    assert set(entities) == {"account", "contact", "deal", "lead", "crmflow_alert"}
+    # crmflow_alert: the engine's own alerts, watched by crmflow migrate; task: the churn
+    # playbook's feedback
+    assert set(entities) == {"account", "contact", "deal", "lead", "task", "crmflow_alert"}
     lead = entities["lead"]
     assert (lead["table_schema"], lead["table_name"], lead["pk_columns"]) == (
         "public",
