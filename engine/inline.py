@@ -191,6 +191,22 @@ def _window_noted(window: Any, row: dict[str, Any] | None, value: dict[str, Any]
     return {**decision.note(), **value} if decision.zone.note else value
 
 
+Outcome = dict[int, dict[str, tuple[str, Any, datetime | None, datetime | None]]]
+"""Per execution id, per inline step: (status, result, started, finished)."""
+
+_STEP_COLUMNS = (
+    "execution_ids",
+    "step_ids",
+    "positions",
+    "types",
+    "statuses",
+    "attempts",
+    "started",
+    "finished",
+    "results",
+)
+
+
 async def _run(
     conn: psycopg.AsyncConnection[Any],
     runner: Runner,
@@ -198,7 +214,26 @@ async def _run(
     versions: dict[int, dict[str, Any]],
     entities: dict[str, EntitySchema],
 ) -> set[int]:
-    actions = registry()
+    """Run the chosen executions' inline steps level by level (the k-th inline step of
+    every execution together), then record the steps and the executions in one
+    statement; returns the ids of the executions that completed."""
+    contexts, views = _contexts(conn, runner, chosen, versions, entities)
+    outcome: Outcome = {}
+    depth = max(len(plan.inline_prefix) for _, plan in chosen)
+    for k in range(depth):
+        await _run_level(conn, _level_groups(chosen, contexts, k), views, outcome)
+    return await _record(conn, chosen, outcome)
+
+
+def _contexts(
+    conn: psycopg.AsyncConnection[Any],
+    runner: Runner,
+    chosen: list[tuple[dict[str, Any], Plan]],
+    versions: dict[int, dict[str, Any]],
+    entities: dict[str, EntitySchema],
+) -> tuple[dict[int, dict[str, StepContext]], dict[int, dict[str, dict[str, Any]]]]:
+    """A step context per execution and inline step, and per execution the view of its
+    steps so far (what later steps' templates read), filled as steps run."""
     contexts: dict[int, dict[str, StepContext]] = {}
     views: dict[int, dict[str, dict[str, Any]]] = {}
     for ex, plan in chosen:
@@ -221,67 +256,86 @@ async def _run(
             )
             for sid in plan.inline_prefix
         }
+    return contexts, views
 
-    outcome: dict[int, dict[str, tuple[str, Any, datetime | None, datetime | None]]] = {}
-    depth = max(len(plan.inline_prefix) for _, plan in chosen)
-    for k in range(depth):
-        # One batch per (workflow version, step) and depth of the executions.
-        groups: dict[tuple[int, str, int], list[StepContext]] = {}
-        for ex, plan in chosen:
-            if k < len(plan.inline_prefix):
-                sid = plan.inline_prefix[k]
-                ctx = contexts[ex["id"]][sid]
-                if k > 0:  # the row as the previous inline step left it
-                    ctx.row = contexts[ex["id"]][plan.inline_prefix[k - 1]].row
-                groups.setdefault((ex["workflow_version_id"], sid, ex["depth"]), []).append(ctx)
-        # The write context (depth + 1, actor) is set when the depth changes, not per
-        # group: a round trip per workflow was a quarter of the matcher's time with
-        # many workflows. The actor names the executions of this level at that depth.
-        members_at: dict[int, list[int]] = {}
-        for (_, _, ex_depth), group in groups.items():
-            members_at.setdefault(ex_depth, []).extend(c.execution_id for c in group)
-        context_depth: int | None = None
-        for (_, sid, ex_depth), group in groups.items():
-            step = group[0].step
-            action = actions[step.type]
-            if ex_depth != context_depth:
-                members = members_at[ex_depth]
-                actor = (
-                    f"crmflow:execution:{members[0]}"
-                    if len(members) == 1
-                    else f"crmflow:executions:{min(members)}-{max(members)}"
-                )
-                await conn.execute(
-                    db.query("set_write_context", "runtime.sql"),
-                    {"depth": str(ex_depth + 1), "actor": actor},
-                )
-                context_depth = ex_depth
-            started: datetime | None = datetime.now(UTC)
-            results = await action.run_batch(group, action.parse(step.params))
-            finished: datetime | None = datetime.now(UTC)
-            for ctx, result in zip(group, results, strict=True):
-                status = "skipped" if isinstance(result, Skip) else "succeeded"
-                metrics.STEPS_RUN.labels(step.type, status, "inline").inc()
-                value = {"reason": str(result)} if isinstance(result, Skip) else result
-                if step.window is not None and isinstance(value, dict):
-                    value = _window_noted(step.window, ctx.row, value)
-                outcome.setdefault(ctx.execution_id, {})[sid] = (status, value, started, finished)
-                views[ctx.execution_id][sid] = {"status": status, "result": value}
 
-    steps: dict[str, list[Any]] = {
-        k: []
-        for k in (
-            "execution_ids",
-            "step_ids",
-            "positions",
-            "types",
-            "statuses",
-            "attempts",
-            "started",
-            "finished",
-            "results",
-        )
-    }
+def _level_groups(
+    chosen: list[tuple[dict[str, Any], Plan]],
+    contexts: dict[int, dict[str, StepContext]],
+    k: int,
+) -> dict[tuple[int, str, int], list[StepContext]]:
+    """The k-th inline steps, one batch per (workflow version, step) and depth of the
+    executions; each context reads the row as the previous inline step left it."""
+    groups: dict[tuple[int, str, int], list[StepContext]] = {}
+    for ex, plan in chosen:
+        if k < len(plan.inline_prefix):
+            sid = plan.inline_prefix[k]
+            ctx = contexts[ex["id"]][sid]
+            if k > 0:  # the row as the previous inline step left it
+                ctx.row = contexts[ex["id"]][plan.inline_prefix[k - 1]].row
+            groups.setdefault((ex["workflow_version_id"], sid, ex["depth"]), []).append(ctx)
+    return groups
+
+
+async def _run_level(
+    conn: psycopg.AsyncConnection[Any],
+    groups: dict[tuple[int, str, int], list[StepContext]],
+    views: dict[int, dict[str, dict[str, Any]]],
+    outcome: Outcome,
+) -> None:
+    """Run one level's batches, noting each step's outcome in ``outcome`` and ``views``.
+
+    The write context (depth + 1, actor) is set when the depth changes, not per group:
+    a round trip per workflow was a quarter of the matcher's time with many workflows.
+    The actor names the executions of this level at that depth."""
+    actions = registry()
+    members_at: dict[int, list[int]] = {}
+    for (_, _, ex_depth), group in groups.items():
+        members_at.setdefault(ex_depth, []).extend(c.execution_id for c in group)
+    context_depth: int | None = None
+    for (_, sid, ex_depth), group in groups.items():
+        step = group[0].step
+        action = actions[step.type]
+        if ex_depth != context_depth:
+            await _set_write_context(conn, ex_depth, members_at[ex_depth])
+            context_depth = ex_depth
+        started: datetime | None = datetime.now(UTC)
+        results = await action.run_batch(group, action.parse(step.params))
+        finished: datetime | None = datetime.now(UTC)
+        for ctx, result in zip(group, results, strict=True):
+            status = "skipped" if isinstance(result, Skip) else "succeeded"
+            metrics.STEPS_RUN.labels(step.type, status, "inline").inc()
+            value = {"reason": str(result)} if isinstance(result, Skip) else result
+            if step.window is not None and isinstance(value, dict):
+                value = _window_noted(step.window, ctx.row, value)
+            outcome.setdefault(ctx.execution_id, {})[sid] = (status, value, started, finished)
+            views[ctx.execution_id][sid] = {"status": status, "result": value}
+
+
+async def _set_write_context(
+    conn: psycopg.AsyncConnection[Any], ex_depth: int, members: list[int]
+) -> None:
+    """Writes from here on carry depth ``ex_depth + 1`` and an actor naming ``members``."""
+    actor = (
+        f"crmflow:execution:{members[0]}"
+        if len(members) == 1
+        else f"crmflow:executions:{min(members)}-{max(members)}"
+    )
+    await conn.execute(
+        db.query("set_write_context", "runtime.sql"),
+        {"depth": str(ex_depth + 1), "actor": actor},
+    )
+
+
+async def _record(
+    conn: psycopg.AsyncConnection[Any],
+    chosen: list[tuple[dict[str, Any], Plan]],
+    outcome: Outcome,
+) -> set[int]:
+    """Record every step of the chosen executions (the ones not run inline as pending)
+    and each execution's status, first action and active time, in one statement;
+    returns the ids of the executions that completed."""
+    steps: dict[str, list[Any]] = {k: [] for k in _STEP_COLUMNS}
     ids, statuses, first_actions, actives = [], [], [], []
     for ex, plan in chosen:
         done = outcome.get(ex["id"], {})
