@@ -203,6 +203,8 @@ async def test_the_playbook_alerts_per_level_dedupes_and_takes_feedback(db_url: 
                 str(critical),
             )
             assert label["label"] == "false_positive" and label["source"].startswith("task:")
+            # with the score and level the scorecard gave it (its latest scoring)
+            assert label["level"] == "critical" and label["score"] > 0.6, label
             [entry] = await fetch(
                 conn, "SELECT * FROM crmflow.suppressions WHERE list = 'churn_playbook'"
             )
