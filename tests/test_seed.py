@@ -52,6 +52,16 @@ async def problems(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
     )
 
 
+async def pause_churn_scorecard(conn: psycopg.AsyncConnection[Any]) -> None:
+    """These tests set accounts' churn_risk by hand, as a CRM without the scorecard would:
+    the churn scorecard, paused, does not rescore them (in real time it would write its
+    own level back)."""
+    from engine.scorecards import store
+
+    definition = (await store.get(conn, "account_churn_risk"))["definition"]
+    await store.apply(conn, {**definition, "status": "paused"})
+
+
 async def settle(conn: psycopg.AsyncConnection[Any]) -> None:
     """Until no event waits for the matcher and no execution is pending or running (a
     step delayed for later, enrich_lead's 60 s, may wait)."""
@@ -88,6 +98,7 @@ async def test_after_migrate_and_seed_every_preconfigured_workflow_does_its_job(
         await db.connect(empty_db, autocommit=True) as conn,
         running_worker(empty_db, settings=worker_settings(empty_db), concurrency=4),
     ):
+        await pause_churn_scorecard(conn)
         [rep, *_] = await users_by_role(conn, "sales_rep")
         csms = await users_by_role(conn, "csm")
         managers = await users_by_role(conn, "manager")
@@ -179,6 +190,7 @@ async def seeded(db_url: str) -> AsyncIterator[tuple[psycopg.AsyncConnection[Any
     worker."""
     async with await db.connect(db_url, autocommit=True) as conn:
         await seed(conn, Settings(database_url=db_url))
+        await pause_churn_scorecard(conn)
         async with running_worker(db_url, settings=worker_settings(db_url), concurrency=4) as w:
             yield conn, w
 
