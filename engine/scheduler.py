@@ -104,21 +104,8 @@ async def enroll(
         return list(row["execution_ids"] or []) if row else []
 
     pk = entity.pk_object("n")
-    limits = wf.get("limits") or {}
-    extra: list[sql.Composable] = []
     params: dict[str, Any] = {**base, "entity_type": entity.entity_type}
-    reenrollment = limits.get("reenrollment", "always")
-    if reenrollment != "always":
-        extra.append(
-            sql.SQL(
-                "NOT EXISTS (SELECT 1 FROM crmflow.executions AS x"
-                " WHERE x.workflow_id = %(workflow_id)s AND x.entity_type = %(entity_type)s"
-                " AND x.entity_pk = {pk} AND (%(reenrollment)s = 'never'"
-                " OR x.created_at > now() - make_interval(secs => %(reenroll_after)s)))"
-            ).format(pk=pk)
-        )
-        params["reenrollment"] = reenrollment
-        params["reenroll_after"] = float(limits.get("reenroll_after") or 0)
+    extra = _reenrollment_filter(pk, wf.get("limits") or {}, params)
     if wf["definition"].get("suppress"):  # its suppression lists (engine/suppressions.py)
         extra.append(
             suppressions.not_suppressed(
@@ -131,31 +118,12 @@ async def enroll(
     key: sql.Composable = sql.SQL("{} || {}::text").format(sql.Literal(key_prefix), pk)
     trigger = parse_definition(wf["definition"]).parsed_trigger
     if isinstance(trigger, DateRelative) and entity_id is None:
-        moment = sql.SQL("(CAST({} AS timestamptz) + make_interval(secs => %(offset)s))").format(
-            sql.Identifier("n", trigger.field)
-        )
-        extra.append(
-            sql.SQL(
-                "{m} <= clock_timestamp()"
-                " AND {m} > clock_timestamp() - make_interval(secs => %(lookback)s)"
-            ).format(m=moment)
-        )
-        params["offset"] = trigger.offset
-        params["lookback"] = trigger.lookback
+        extra.append(_date_relative_filter(trigger, params))
         key = sql.SQL("'date:' || {}::text || ':' || {}::text").format(
             sql.Identifier("n", trigger.field), pk
         )
     if entity_id is not None:
-        if len(entity.pk_columns) == 1:
-            extra.append(
-                sql.SQL("CAST({} AS text) = %(entity_id)s").format(
-                    sql.Identifier("n", entity.pk_columns[0])
-                )
-            )
-            params["entity_id"] = str(entity_id)
-        else:
-            extra.append(sql.SQL("{} = %(entity_pk)s::jsonb").format(pk))
-            params["entity_pk"] = Jsonb(entity_id)
+        extra.append(_entity_filter(entity, pk, entity_id, params))
     query = sql.SQL(_q("enroll_rows")).format(
         key=key,
         pk=pk,
@@ -166,6 +134,51 @@ async def enroll(
     )
     row = await (await conn.execute(query, params)).fetchone()
     return list(row["execution_ids"] or []) if row else []
+
+
+def _reenrollment_filter(
+    pk: sql.Composable, limits: dict[str, Any], params: dict[str, Any]
+) -> list[sql.Composable]:
+    """The filter that keeps out rows the workflow's re-enrollment limit refuses (none
+    for ``always``); its parameters go into ``params``."""
+    reenrollment = limits.get("reenrollment", "always")
+    if reenrollment == "always":
+        return []
+    params["reenrollment"] = reenrollment
+    params["reenroll_after"] = float(limits.get("reenroll_after") or 0)
+    return [
+        sql.SQL(
+            "NOT EXISTS (SELECT 1 FROM crmflow.executions AS x"
+            " WHERE x.workflow_id = %(workflow_id)s AND x.entity_type = %(entity_type)s"
+            " AND x.entity_pk = {pk} AND (%(reenrollment)s = 'never'"
+            " OR x.created_at > now() - make_interval(secs => %(reenroll_after)s)))"
+        ).format(pk=pk)
+    ]
+
+
+def _date_relative_filter(trigger: DateRelative, params: dict[str, Any]) -> sql.Composable:
+    """Rows whose moment (the date field plus the offset) has come within the look-back."""
+    moment = sql.SQL("(CAST({} AS timestamptz) + make_interval(secs => %(offset)s))").format(
+        sql.Identifier("n", trigger.field)
+    )
+    params["offset"] = trigger.offset
+    params["lookback"] = trigger.lookback
+    return sql.SQL(
+        "{m} <= clock_timestamp() AND {m} > clock_timestamp() - make_interval(secs => %(lookback)s)"
+    ).format(m=moment)
+
+
+def _entity_filter(
+    entity: catalog.EntitySchema, pk: sql.Composable, entity_id: Any, params: dict[str, Any]
+) -> sql.Composable:
+    """The one row ``entity_id`` names: its key column's text, or the whole key object."""
+    if len(entity.pk_columns) == 1:
+        params["entity_id"] = str(entity_id)
+        return sql.SQL("CAST({} AS text) = %(entity_id)s").format(
+            sql.Identifier("n", entity.pk_columns[0])
+        )
+    params["entity_pk"] = Jsonb(entity_id)
+    return sql.SQL("{} = %(entity_pk)s::jsonb").format(pk)
 
 
 async def run_now(
