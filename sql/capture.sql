@@ -398,6 +398,19 @@ DECLARE
     stored text;   -- a captured row as stored: r.j, less the pruned columns
     kept text;     -- n.j / o.j, or their pruned copy p
     prune_cte text;
+    -- The kept columns read straight from the typed rows (see below).
+    rel regclass;
+    columns_now text[];
+    kept_columns text[];
+    typed_rows text;
+    typed_same text;
+    source text;
+    insert_whole text;
+    insert_pruned text;
+    insert_typed text;
+    update_typed_probe text;
+    update_typed text;
+    update_typed_all text;
 BEGIN
     IF entity !~ '^[a-z_][a-z0-9_]{0,62}$' THEN
         RAISE EXCEPTION 'entity name % cannot be captured', entity;
@@ -417,6 +430,59 @@ BEGIN
     f_key_delete := crmflow.capture_filter(entity, 'delete', 'o.j', NULL);
     f_key_insert := crmflow.capture_filter(entity, 'insert', 'n.j', NULL);
     pruned := coalesce(crmflow.capture_pruned_columns(entity), '{}');
+    -- A key a filter reads is never left out (the filters are rendered over the kept
+    -- columns below; the definitions name them all, this only makes it certain).
+    pruned := ARRAY(
+        SELECT c FROM unnest(pruned) WITH ORDINALITY AS u(c, i)
+         WHERE NOT EXISTS (
+               SELECT 1
+                 FROM crmflow.workflows AS w
+                 JOIN crmflow.workflow_versions AS v
+                   ON v.workflow_id = w.id AND v.version = w.current_version
+                CROSS JOIN LATERAL jsonb_path_query(v.capture_filter, 'strict $.**') AS x(node)
+                WHERE w.status = 'active' AND v.entity_type = entity
+                  AND jsonb_typeof(x.node) = 'string' AND x.node #>> '{}' = u.c)
+         ORDER BY u.i);
+    -- Pruning by subtracting the pruned names from each row's JSON (`r.j - text[]`)
+    -- compares every key with every pruned name: on a 500-column table with 498 left out
+    -- that made an update three to four times as slow as whole rows. So when the table's
+    -- columns are the ones the body was made with (a catalog look-up per statement, in
+    -- the generated `typed_same`), the body builds the kept columns straight from the
+    -- typed rows (jsonb_build_object of t.<column>, never to_jsonb of the whole row).
+    -- Otherwise (a column added, renamed or dropped since, until the next regeneration)
+    -- it subtracts as before, never naming a column that may be gone: a statement that
+    -- names a column is only planned when it runs, and it only runs when the check holds.
+    SELECT to_regclass(format('%I.%I', w.table_schema, w.table_name)) INTO rel
+      FROM crmflow.watched_tables AS w WHERE w.entity_type = entity;
+    IF rel IS NOT NULL THEN
+        columns_now := ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
+                              WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+                              ORDER BY a.attname);
+        kept_columns := ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
+                               WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+                                 AND NOT a.attname::text = ANY(pruned)
+                               ORDER BY a.attnum);
+    END IF;
+    -- On a narrow table the subtraction is cheaper than that look-up (columns x pruned
+    -- under 2,000 comparisons: a 16-column table with 12 left out costs a microsecond).
+    IF cardinality(pruned) > 0 AND key_columns <@ columns_now AND cardinality(kept_columns) > 0
+       AND cardinality(columns_now) * cardinality(pruned) >= 2000
+    THEN
+        -- jsonb_build_object takes at most 100 arguments: chunks of 50 columns.
+        typed_rows := format(
+            '(SELECT %s AS j, jsonb_build_object(%s) AS k FROM %%s AS t OFFSET 0) AS r',
+            (SELECT string_agg(format('jsonb_build_object(%s)', c.pairs), ' || ' ORDER BY c.chunk)
+               FROM (SELECT (u.i - 1) / 50 AS chunk,
+                            string_agg(format('%L, t.%I', u.c, u.c), ', ' ORDER BY u.i) AS pairs
+                       FROM unnest(kept_columns) WITH ORDINALITY AS u(c, i)
+                      GROUP BY 1) AS c),
+            (SELECT string_agg(format('%L, t.%I', c, c), ', ' ORDER BY u.i)
+               FROM unnest(key_columns) WITH ORDINALITY AS u(c, i)));
+        typed_same := format(
+            'ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a '
+            'WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped '
+            'ORDER BY a.attname) = %L::text[]', columns_now);
+    END IF;
     IF cardinality(pruned) > 0 THEN
         stored := format('(r.j - %L::text[])', pruned);
         kept := 'p';
@@ -467,24 +533,46 @@ BEGIN
         LOOP
             insert_sql := format(
                 'INSERT INTO crmflow.outbox (entity_type, op, pk, %s, depth, actor) '
-                'SELECT %L, %L, %s, <<stored>>, %s, %s FROM %s',
-                row_column, entity, op, key_expr, depth_expr, actor_expr,
-                format(rows_json, rows_table));
+                'SELECT %L, %L, <<key>>, <<stored>>, %s, %s FROM <<rows>>',
+                row_column, entity, op, depth_expr, actor_expr);
+            insert_whole := replace(replace(replace(insert_sql, '<<key>>', key_expr),
+                                            '<<stored>>', 'r.j'),
+                                    '<<rows>>', format(rows_json, rows_table));
+            insert_pruned := replace(replace(replace(insert_sql, '<<key>>', key_expr),
+                                             '<<stored>>', stored),
+                                     '<<rows>>', format(rows_json, rows_table));
+            insert_typed := replace(replace(replace(insert_sql, '<<key>>', 'r.k'),
+                                            '<<stored>>', 'r.j'),
+                                    '<<rows>>', format(typed_rows, rows_table));
             f := CASE op WHEN 'insert' THEN f_insert ELSE f_delete END;
             bodies := bodies || CASE
                 WHEN f = 'true' AND stored = 'r.j' THEN
-                    format('BEGIN %s; %s END', replace(insert_sql, '<<stored>>', 'r.j'), wake)
+                    format('BEGIN %s; %s END', insert_whole, wake)
+                WHEN f = 'true' AND typed_same IS NOT NULL THEN
+                    format('BEGIN IF (%s) IS NOT TRUE THEN %s; ELSIF %s THEN %s; ELSE %s; END IF; '
+                           '%s END',
+                           guard, insert_whole, typed_same, insert_typed, insert_pruned, wake)
                 WHEN f = 'true' THEN
                     format('BEGIN IF (%s) IS NOT TRUE THEN %s; ELSE %s; END IF; %s END',
-                           guard, replace(insert_sql, '<<stored>>', 'r.j'), replace(insert_sql, '<<stored>>', stored), wake)
+                           guard, insert_whole, insert_pruned, wake)
                 WHEN f = 'false' THEN
                     format('BEGIN IF %s THEN NULL; ELSE %s; END IF; %s END',
-                           guard, replace(insert_sql, '<<stored>>', 'r.j'), wake)
+                           guard, insert_whole, wake)
+                WHEN typed_same IS NOT NULL THEN
+                    format('BEGIN IF (%1$s) IS NOT TRUE THEN %2$s; '
+                           'ELSIF %7$s THEN '
+                           'IF EXISTS (SELECT FROM %8$s WHERE %4$s) THEN %9$s WHERE %4$s; '
+                           'ELSE RETURN NULL; END IF; '
+                           'ELSIF EXISTS (SELECT FROM %3$s WHERE %4$s) THEN %5$s WHERE %4$s; '
+                           'ELSE RETURN NULL; END IF; %6$s END',
+                           guard, insert_whole, format(rows_json, rows_table), f,
+                           insert_pruned, wake, typed_same, format(typed_rows, rows_table),
+                           insert_typed)
                 ELSE format('BEGIN IF (%1$s) IS NOT TRUE THEN %2$s; '
                             'ELSIF EXISTS (SELECT FROM %3$s WHERE %4$s) THEN %5$s WHERE %4$s; '
                             'ELSE RETURN NULL; END IF; %6$s END',
-                            guard, replace(insert_sql, '<<stored>>', 'r.j'), format(rows_json, rows_table), f,
-                            replace(insert_sql, '<<stored>>', stored), wake)
+                            guard, insert_whole, format(rows_json, rows_table), f,
+                            insert_pruned, wake)
                 END;
         END LOOP;
 
@@ -494,8 +582,11 @@ BEGIN
         -- (no column kept, when pruned) are not captured. Which columns changed is left
         -- to readers (crmflow.changed_columns): that diff was half the writer's cost on
         -- wide tables. The variants: 1 the probe of the filtered one (is any pair kept?),
-        -- 2 the filtered one (pruned), 3 every row whole, 4 every row pruned.
-        FOR variant IN 1..4 LOOP
+        -- 2 the filtered one (pruned), 3 every row whole, 4 every row pruned; 5, 6 and 7:
+        -- 1, 2 and 4 over the kept columns read from the typed rows (typed_rows above:
+        -- n.j and o.j are then the kept columns, which hold every key a filter reads).
+        FOR variant IN 1..7 LOOP
+            CONTINUE WHEN variant > 4 AND typed_rows IS NULL;
             insert_sql := format(
                 'WITH n AS MATERIALIZED (SELECT r.j%9$s, %1$s AS k FROM %2$s), '
                 '     o AS MATERIALIZED (SELECT r.j%9$s, %1$s AS k FROM %3$s) '
@@ -510,34 +601,50 @@ BEGIN
                 '  SELECT ''insert'', n.k, n.%10$s, NULL, NULL, 2 FROM n '
                 '   WHERE NOT EXISTS (SELECT 1 FROM o WHERE o.k = n.k)%7$s '
                 ') AS c%8$s',
-                key_expr, format(rows_json, 'new_rows'), format(rows_json, 'old_rows'),
-                CASE WHEN variant = 1 THEN 'SELECT'
+                CASE WHEN variant > 4 THEN 'r.k' ELSE key_expr END,
+                format(CASE WHEN variant > 4 THEN typed_rows ELSE rows_json END, 'new_rows'),
+                format(CASE WHEN variant > 4 THEN typed_rows ELSE rows_json END, 'old_rows'),
+                CASE WHEN variant IN (1, 5) THEN 'SELECT'
                      ELSE format('INSERT INTO crmflow.outbox (entity_type, op, pk, new_row, '
                                  'old_row, changed, depth, actor) '
                                  'SELECT %L, c.op, c.pk, c.new_row, c.old_row, c.changed, %s, %s',
                                  entity, depth_expr, actor_expr) END,
-                CASE WHEN variant < 3 AND f_update <> 'true' THEN ' AND ' || f_update ELSE '' END,
-                CASE WHEN variant < 3 AND f_key_delete <> 'true' THEN ' AND ' || f_key_delete ELSE '' END,
-                CASE WHEN variant < 3 AND f_key_insert <> 'true' THEN ' AND ' || f_key_insert ELSE '' END,
-                CASE WHEN variant = 1 THEN '' ELSE ' ORDER BY c.part' END,
-                CASE WHEN variant = 3 THEN '' ELSE prune_cte END,
-                CASE WHEN variant = 3 THEN 'j' ELSE kept END);
+                CASE WHEN variant IN (1, 2, 5, 6) AND f_update <> 'true' THEN ' AND ' || f_update ELSE '' END,
+                CASE WHEN variant IN (1, 2, 5, 6) AND f_key_delete <> 'true' THEN ' AND ' || f_key_delete ELSE '' END,
+                CASE WHEN variant IN (1, 2, 5, 6) AND f_key_insert <> 'true' THEN ' AND ' || f_key_insert ELSE '' END,
+                CASE WHEN variant IN (1, 5) THEN '' ELSE ' ORDER BY c.part' END,
+                CASE WHEN variant IN (3, 5, 6, 7) THEN '' ELSE prune_cte END,
+                CASE WHEN variant IN (3, 5, 6, 7) THEN 'j' ELSE kept END);
             CASE variant
                 WHEN 1 THEN update_probe := insert_sql;
                 WHEN 2 THEN update_sql := insert_sql;
                 WHEN 3 THEN update_whole := insert_sql;
-                ELSE update_pruned := insert_sql;
+                WHEN 4 THEN update_pruned := insert_sql;
+                WHEN 5 THEN update_typed_probe := insert_sql;
+                WHEN 6 THEN update_typed := insert_sql;
+                ELSE update_typed_all := insert_sql;
             END CASE;
         END LOOP;
         bodies := bodies || CASE
             WHEN (f_update, f_key_delete, f_key_insert) = ('true', 'true', 'true')
                  AND stored = 'r.j' THEN
                 format('BEGIN %s; %s END', update_whole, wake)
+            WHEN (f_update, f_key_delete, f_key_insert) = ('true', 'true', 'true')
+                 AND typed_same IS NOT NULL THEN
+                format('BEGIN IF (%s) IS NOT TRUE THEN %s; ELSIF %s THEN %s; ELSE %s; END IF; '
+                       '%s END',
+                       guard, update_whole, typed_same, update_typed_all, update_pruned, wake)
             WHEN (f_update, f_key_delete, f_key_insert) = ('true', 'true', 'true') THEN
                 format('BEGIN IF (%s) IS NOT TRUE THEN %s; ELSE %s; END IF; %s END',
                        guard, update_whole, update_pruned, wake)
             WHEN (f_update, f_key_delete, f_key_insert) = ('false', 'false', 'false') THEN
                 format('BEGIN IF %s THEN NULL; ELSE %s; END IF; %s END', guard, update_whole, wake)
+            WHEN typed_same IS NOT NULL THEN
+                format('BEGIN IF (%s) IS NOT TRUE THEN %s; '
+                       'ELSIF %s THEN IF EXISTS (%s) THEN %s; ELSE RETURN NULL; END IF; '
+                       'ELSIF EXISTS (%s) THEN %s; ELSE RETURN NULL; END IF; %s END',
+                       guard, update_whole, typed_same, update_typed_probe, update_typed,
+                       update_probe, update_sql, wake)
             ELSE format('BEGIN IF (%s) IS NOT TRUE THEN %s; ELSIF EXISTS (%s) THEN %s; '
                         'ELSE RETURN NULL; END IF; %s END',
                         guard, update_whole, update_probe, update_sql, wake)
