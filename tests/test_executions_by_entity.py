@@ -76,7 +76,9 @@ async def plan(crm: Conn, **filters: Any) -> list[dict[str, Any]]:
         **filters,
     }
     row = await (
-        await crm.execute("EXPLAIN (FORMAT JSON) " + db.query("list_executions", "executions.sql"), params)
+        await crm.execute(
+            "EXPLAIN (FORMAT JSON) " + db.query("list_executions", "executions.sql"), params
+        )
     ).fetchone()
     assert row is not None
     return nodes(next(iter(row.values()))[0]["Plan"])
