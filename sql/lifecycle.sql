@@ -141,6 +141,45 @@ SELECT (SELECT count(*) FROM ended WHERE kind = 'goal') AS goals,
 WITH batch AS (SELECT id, entity_type, pk, op, event_name FROM crmflow.outbox WHERE false)
 SELECT h.* FROM ({branches}) AS h LIMIT 0;
 
+-- name: round_try
+-- The round's hits of some branches on the events %(ids)s, evaluated and counted but
+-- not acted on: which version's conditions fail on them (engine/lifecycle.py _narrow)?
+WITH batch AS (
+    SELECT id, entity_type, pk, op, event_name
+      FROM crmflow.outbox
+     WHERE id = ANY(%(ids)s) AND pk IS NOT NULL
+)
+SELECT count(*) AS hits FROM ({branches}) AS h;
+
+-- name: mark_broken
+-- Workflows whose goal, exit_when or wait_until conditions the matcher's round set
+-- apart (they fail at run time, or no longer compile): marked broken with the reason
+-- and an alert; they still enroll, so nothing is to be replayed (broken_since_event_id
+-- untouched). A workflow already broken keeps its reason. (The workflows trigger bumps
+-- the generation at the end of the statement: read it with "generation".)
+WITH changes AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(reasons)s::text[]) AS u(id, reason)
+), updated AS (
+    UPDATE crmflow.workflows AS w
+       SET broken_reason = c.reason, broken_at = coalesce(w.broken_at, now())
+      FROM changes AS c
+     WHERE w.id = c.id AND w.status = 'active' AND w.broken_reason IS NULL
+    RETURNING w.id, w.name, w.broken_reason
+), raised AS (
+    INSERT INTO crmflow.alerts (kind, subject, workflow_id, value, threshold, message)
+    SELECT 'workflow_broken', u.name, u.id, 1, 0,
+           format('Workflow ''%%s'' (%%s) still enrolls, but the matcher no longer '
+                  'evaluates its goal, exit_when and wait_until (checked before each step '
+                  'only; waits end at their timeout): %%s', u.name, u.id, u.broken_reason)
+      FROM updated AS u
+    ON CONFLICT (kind, subject) WHERE resolved_at IS NULL DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM updated) AS marked, (SELECT count(*) FROM raised) AS raised;
+
+-- name: generation
+SELECT generation FROM crmflow.matcher_state;
+
 -- name: add_watches
 -- An execution starts waiting: what the matcher watches for it (already there: kept).
 INSERT INTO crmflow.watches

@@ -145,7 +145,11 @@ class Matcher:
         self.plan = await build_plan(conn, generation, environment=self.settings.environment)
         self._built_at = time.monotonic()
         self.round = await lifecycle.build_round(conn, self.plan.entities)
+        # a workflow whose lifecycle conditions the round sets apart stays broken
+        kept = lifecycle.broken_workflows(self.round)
+        self.plan.changes = [(w, r) for w, r in self.plan.changes if r or w not in kept]
         await record_broken(conn, self.plan)
+        await self._record_lifecycle_broken(conn)
         log.info(
             "matching %d active workflows on %s%s",
             self.plan.workflows,
@@ -165,14 +169,25 @@ class Matcher:
             await lifecycle.run_round(conn, self.round, ids, self.settings.queue_name)
             return
         try:
-            async with conn.transaction():
-                await lifecycle.run_round(conn, self.round, ids, self.settings.queue_name)
+            # a version whose conditions fail on these events is set apart, the round
+            # runs again without it
+            await lifecycle.run_round_carefully(conn, self.round, ids, self.settings.queue_name)
         except psycopg.OperationalError as exc:
             if not isinstance(exc, psycopg.errors.QueryCanceled):
                 raise
             log.warning("goals, exits and waits of a batch left to the executor: %s", exc)
         except psycopg.DatabaseError as exc:
             log.warning("goals, exits and waits of a batch left to the executor: %s", exc)
+        await self._record_lifecycle_broken(conn)
+
+    async def _record_lifecycle_broken(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Mark the workflows the round set apart broken; the plan takes the generation
+        this bumps (the match statement is unchanged: no rebuild for it)."""
+        if self.round is None or self.plan is None:
+            return
+        generation = await lifecycle.record_broken(conn, self.round)
+        if generation == self.plan.generation + 1:
+            self.plan.generation = generation
 
     async def _rescore(
         self, conn: psycopg.AsyncConnection[Any], ids: list[int], careful: bool
