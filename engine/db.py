@@ -261,3 +261,19 @@ async def retry_lock_timeouts(
             log.info("%s: lock wait timed out (attempt %d); retrying", what, attempt)
             await asyncio.sleep(random.uniform(0.05, 0.25) * attempt)
     raise AssertionError("unreachable")
+
+
+async def statement_error(
+    conn: psycopg.AsyncConnection[Any], statement: sql.Composed, params: dict[str, Any]
+) -> str | None:
+    """None if ``statement`` runs without an error (in a savepoint inside the caller's
+    transaction), else PostgreSQL's reason; a lock or statement timeout or a lost
+    connection is raised, being no workflow's fault."""
+    try:
+        async with conn.transaction():
+            await conn.execute(statement, params)
+    except psycopg.OperationalError:
+        raise
+    except psycopg.DatabaseError as exc:
+        return exc.diag.message_primary or str(exc)
+    return None

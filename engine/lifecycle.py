@@ -296,14 +296,7 @@ async def _fails(
     if not branches:
         return None
     probe = sql.SQL(_q(query)).format(branches=sql.SQL("\nUNION ALL\n").join(branches))
-    try:
-        async with conn.transaction():
-            await conn.execute(probe, {"ids": ids})
-    except psycopg.OperationalError:
-        raise  # a lock or statement timeout, a lost connection: not the workflow's fault
-    except psycopg.DatabaseError as exc:
-        return exc.diag.message_primary or str(exc)
-    return None
+    return await db.statement_error(conn, probe, {"ids": ids})
 
 
 async def _narrow(

@@ -179,14 +179,7 @@ async def _compiles(
         branches=sql.SQL("\nUNION ALL\n").join(branches),
         current_row=current_row or sql.SQL("NULL::jsonb"),
     )
-    try:
-        async with conn.transaction():  # a savepoint inside the batch's transaction
-            await conn.execute(probe, {})
-    except psycopg.OperationalError:
-        raise  # a lock or statement timeout, a lost connection: not the workflow's fault
-    except psycopg.DatabaseError as exc:
-        return exc.diag.message_primary or str(exc)
-    return None
+    return await db.statement_error(conn, probe, {})
 
 
 async def find_broken(
