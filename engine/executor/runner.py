@@ -11,6 +11,11 @@ inside the transaction that records its step, so its effect commits exactly once
 external action runs between two transactions and is retried on a crash:
 at-least-once, with an idempotency key the receiver sees.
 
+This module holds the execution's side: admission, picking the next ready step,
+delays, and settling the execution (completed, waiting, failed, compensated); running
+the one step it picked (``when``, window, the attempt and its record) is
+engine/executor/careful_step.py.
+
 Nothing here waits in-process: a step that is not due yet, a retry back-off or a
 rate-limited start is recorded (``scheduled_at``, ``not_before``) and the execution
 queue wakes the execution when it is due (:func:`next_wake`).
@@ -29,22 +34,19 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from engine import catalog, db, lifecycle, metrics, rows, templates, tracing, windows
-from engine.actions import registry
-from engine.actions.base import Action
-from engine.breakers import Breakers, verdict
+from engine import catalog, db, lifecycle, rows, templates, tracing
+from engine.breakers import Breakers
 from engine.catalog import EntitySchema
 from engine.config import Settings, get_settings
 from engine.executor import flow
+from engine.executor.careful_step import run_step, set_execution_status
 from engine.executor.compensation import cancel, compensate, replay
 from engine.executor.context import StepContext, now, template_context
 from engine.executor.errors import (
     PermanentError,
     RetryAfter,
-    Skip,
     StepRetryLater,
     describe,
-    jsonable,
 )
 from engine.executor.plans import Plan, plan_for
 from engine.model import DelayUntil, RetryPolicy, Step
@@ -138,7 +140,7 @@ class Runner:
         except Exception as exc:
             log.exception("execution %s failed unexpectedly", execution_id)
             async with self.pool.connection() as conn:
-                await self._set_status(
+                await set_execution_status(
                     conn, execution_id, "failed", f"internal error: {describe(exc)}"
                 )
             return "failed"
@@ -207,24 +209,6 @@ class Runner:
             },
         )
 
-    async def _set_status(
-        self,
-        conn: db.DictConnection,
-        execution_id: int,
-        status: str,
-        error: str | None,
-        not_before: datetime | None = None,
-    ) -> None:
-        await conn.execute(
-            _q("set_execution_status"),
-            {
-                "id": execution_id,
-                "status": status,
-                "error": error,
-                "not_before": not_before,
-            },
-        )
-
     async def _run_steps(self, execution_id: int) -> str:
         while True:
             async with db.autocommit(self.pool) as conn:
@@ -253,11 +237,13 @@ class Runner:
                 if all(rows[s]["status"] in (*DONE_STEP, StepStatus.FAILED) for s in plan.ids):
                     error = f"continued past failed steps: {', '.join(failed)}" if failed else None
                     async with db.autocommit(self.pool) as conn:
-                        await self._set_status(conn, execution_id, ExecutionStatus.COMPLETED, error)
+                        await set_execution_status(
+                            conn, execution_id, ExecutionStatus.COMPLETED, error
+                        )
                     return "completed"
                 blocked = [s for s in plan.ids if rows[s]["status"] == "pending"]
                 async with db.autocommit(self.pool) as conn:
-                    await self._set_status(
+                    await set_execution_status(
                         conn, execution_id, "failed", f"steps can never run: {', '.join(blocked)}"
                     )
                 return "failed"
@@ -276,7 +262,7 @@ class Runner:
                     if outcome is None:
                         continue  # still waiting: the matcher or the timeout wakes it
                     if outcome != lifecycle.SKIPPED:  # (a false "when" skips the wait too)
-                        await self._run_step(ex, plan, sid, rows, wait_outcome=outcome)
+                        await run_step(self, ex, plan, sid, rows, wait_outcome=outcome)
                     ran = True
                     break
                 if row["status"] == "pending" and step.delay is not None:
@@ -290,13 +276,13 @@ class Runner:
                     and row["scheduled_at"] > now()
                 ):
                     continue
-                await self._run_step(ex, plan, sid, rows)
+                await run_step(self, ex, plan, sid, rows)
                 ran = True
                 break
             if not ran:
                 await lifecycle.watch_waiting(self, ex)  # watched before it shows waiting
                 async with db.autocommit(self.pool) as conn:
-                    await self._set_status(conn, execution_id, "waiting", None)
+                    await set_execution_status(conn, execution_id, "waiting", None)
                 return "waiting"
 
     async def _schedule_delay(
@@ -335,86 +321,7 @@ class Runner:
         tracing.step_waits(ex, sid, step.type, at)
         return at > now()
 
-    async def _defer_to_window(
-        self, ex: dict[str, Any], sid: str, step: Step, row: dict[str, Any] | None
-    ) -> bool:
-        """A windowed step due now, its ``when`` true (engine/windows.py): False when its
-        window is open; else it is scheduled at the next opening (True), where its
-        ``when`` is read again."""
-        window = step.window
-        assert window is not None
-        async with db.autocommit(self.pool) as conn:
-            decision = windows.decide(window, row, now())
-            if decision.zone.note:
-                log.warning(
-                    "execution %s step %s: window %s: %s",
-                    ex["id"],
-                    sid,
-                    window.describe(),
-                    decision.zone.note,
-                )
-            if decision.worth_noting:  # deferred, or open in a fallback zone
-                await conn.execute(
-                    db.query("steps_deferred", "executor.sql"),
-                    {
-                        "execution_ids": [ex["id"]],
-                        "step_ids": [sid],
-                        "ats": [None if decision.open else decision.at],
-                        "notes": [Jsonb(decision.note())],
-                    },
-                )
-        if decision.open:
-            return False
-        tracing.step_waits(ex, sid, step.type, decision.at)
-        return True
-
-    # ───────── one step ─────────
-
-    async def _run_step(
-        self,
-        ex: dict[str, Any],
-        plan: Plan,
-        sid: str,
-        rows: dict[str, dict[str, Any]],
-        wait_outcome: str | None = None,
-    ) -> None:
-        step = plan.steps[sid]
-        action = registry().get(step.type)
-        steps_view = {s: {"status": r["status"], "result": r["result"]} for s, r in rows.items()}
-        async with db.autocommit(self.pool) as conn:  # reads, then at most one write
-            entity = await self.entity(conn, ex["entity_type"])
-            row = await self.entity_row(conn, ex, entity)
-            if sid in plan.when_sql and not await self.evaluate(
-                conn, entity, row, steps_view, plan.when_sql[sid]
-            ):
-                await conn.execute(
-                    _q("step_skipped"),
-                    {
-                        "id": ex["id"],
-                        "step_id": sid,
-                        "result": Jsonb({"reason": "'when' was false"}),
-                    },
-                )
-                return
-        if step.window is not None and await self._defer_to_window(ex, sid, step, row):
-            return  # outside its business hours: scheduled at the next opening
-        ctx = StepContext(self, ex, sid, step, 0, entity, row, steps_view, self.settings)
-        ctx.wait_outcome = wait_outcome
-        if action is None:
-            await self._record_failure(
-                ex, step, sid, PermanentError(f"unknown action {step.type!r}")
-            )
-            return
-        try:
-            params = action.parse(step.params)
-        except Exception as exc:
-            await self._record_failure(ex, step, sid, PermanentError(f"bad parameters: {exc}"))
-            return
-        with tracing.step_span(ctx):
-            if action.kind == "database":
-                await self._run_database_step(ctx, action, params)
-            else:
-                await self._run_external_step(ctx, action, params)
+    # ───────── what a step's attempt uses (here and in the batch) ─────────
 
     async def evaluate(
         self,
@@ -433,9 +340,6 @@ class Runner:
         result = await (await conn.execute(query, params)).fetchone()
         return bool(result and result["ok"])
 
-    def _timeout(self, step: Step) -> float:
-        return float(step.timeout or self.settings.default_step_timeout)
-
     async def write_context(
         self, conn: db.DictConnection, ctx: StepContext, *, undo: bool = False
     ) -> None:
@@ -448,142 +352,6 @@ class Runner:
             {
                 "depth": str(int(ctx.execution["depth"]) + 1),
                 "actor": f"crmflow:{kind}:{ctx.execution_id}",
-            },
-        )
-
-    async def _begin_attempt(self, conn: db.DictConnection, ctx: StepContext) -> bool:
-        """Lock the step and its execution and count a new attempt (``ctx.attempt``);
-        False when the step is done already, failed for good, or its execution ended."""
-        lk = await (
-            await conn.execute(_q("lock_step"), {"id": ctx.execution_id, "step_id": ctx.step_id})
-        ).fetchone()
-        if (
-            lk is None
-            or lk["status"] in (*DONE_STEP, StepStatus.FAILED)
-            or lk["execution_status"] not in LIVE
-        ):
-            return False
-        attempt = await (
-            await conn.execute(_q("step_running"), {"id": ctx.execution_id, "step_id": ctx.step_id})
-        ).fetchone()
-        assert attempt is not None
-        ctx.attempt = attempt["attempts"]
-        return True
-
-    async def _run_database_step(self, ctx: StepContext, action: Action, params: Any) -> None:
-        retry: StepRetryLater | None = None
-        timeout = self._timeout(ctx.step)
-        async with self.pool.connection() as conn, conn.transaction():
-            if not await self._begin_attempt(conn, ctx):
-                return  # done by an earlier run of this job, or cancelled
-            ctx.conn = conn
-            await self.write_context(conn, ctx)
-            try:
-                async with conn.transaction():  # savepoint: a failure keeps the step record
-                    # The step's own timeout bounds its statements, and its wait for a
-                    # CRM row that one of the CRM's transactions holds: the session's 2 s
-                    # lock_timeout would fail the attempt while the CRM is merely busy.
-                    await conn.execute(
-                        sql.SQL(
-                            "SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
-                        ).format(ms=sql.Literal(int(timeout * 1000)))
-                    )
-                    result = await asyncio.wait_for(action.run(ctx, params), timeout)
-            except Skip as skip:
-                tracing.step_outcome(ctx.execution_id, ctx.step_id, "skipped")
-                await conn.execute(
-                    _q("step_skipped"),
-                    {
-                        "id": ctx.execution_id,
-                        "step_id": ctx.step_id,
-                        "result": Jsonb({"reason": str(skip)}),
-                    },
-                )
-                return
-            except Exception as exc:  # the action's effects were rolled back with the savepoint
-                retry = await self._attempt_failed(conn, ctx, exc)
-            else:
-                await self._succeeded(conn, ctx, result)
-        if retry is not None:
-            raise retry
-
-    async def _run_external_step(self, ctx: StepContext, action: Action, params: Any) -> None:
-        host = action.target_host(params, ctx)
-        held = await self.breakers.admit(host)
-        if held is not None:  # the host's breaker is open: wait for it, no attempt used
-            tracing.step_outcome(ctx.execution_id, ctx.step_id, "held", until=held)
-            async with self.pool.connection() as conn, conn.transaction():
-                await conn.execute(
-                    _q("step_held"),
-                    {"id": ctx.execution_id, "step_id": ctx.step_id, "scheduled_at": held},
-                )
-                await self._set_status(conn, ctx.execution_id, "waiting", None)
-            raise StepRetryLater(ctx.execution_id, held)
-        async with self.pool.connection() as conn, conn.transaction():
-            if not await self._begin_attempt(conn, ctx):
-                await self.breakers.record(host, None)  # no call: a probe is released
-                return
-        # Outside any transaction: a crash from here to the commit below repeats the call.
-        retry: StepRetryLater | None = None
-        try:
-            try:
-                async with self.host_slot(host):
-                    result = await asyncio.wait_for(
-                        action.run(ctx, params), self._timeout(ctx.step)
-                    )
-            except BaseException as exc:  # a cancelled probe is released too
-                await self.breakers.record(host, verdict(exc), error=describe(exc))
-                raise
-            await self.breakers.record(host, True)
-        except Skip as skip:
-            tracing.step_outcome(ctx.execution_id, ctx.step_id, "skipped")
-            async with self.pool.connection() as conn:
-                await conn.execute(
-                    _q("step_skipped"),
-                    {
-                        "id": ctx.execution_id,
-                        "step_id": ctx.step_id,
-                        "result": Jsonb({"reason": str(skip)}),
-                    },
-                )
-            return
-        except Exception as exc:
-            async with self.pool.connection() as conn, conn.transaction():
-                retry = await self._attempt_failed(conn, ctx, exc)
-            if retry is not None:
-                raise retry from None
-            return
-        async with self.pool.connection() as conn, conn.transaction():
-            lk = await (
-                await conn.execute(
-                    _q("lock_step"), {"id": ctx.execution_id, "step_id": ctx.step_id}
-                )
-            ).fetchone()
-            if lk is None or lk["status"] != "running":
-                return
-            ctx.conn = conn
-            await self.write_context(conn, ctx)
-            try:
-                async with conn.transaction():
-                    result = await action.commit(ctx, params, result)
-            except Exception as exc:
-                retry = await self._attempt_failed(conn, ctx, exc)
-            else:
-                await self._succeeded(conn, ctx, result)
-        if retry is not None:
-            raise retry
-
-    async def _succeeded(self, conn: db.DictConnection, ctx: StepContext, result: Any) -> None:
-        """Record the attempt's success with its result (in the step's transaction)."""
-        metrics.STEPS_RUN.labels(ctx.step.type, "succeeded", "queue").inc()
-        if ctx.wait_outcome is not None:  # a wait_until step: its result says how it ended
-            result = {**(result or {}), "outcome": ctx.wait_outcome}
-        await conn.execute(
-            _q("step_succeeded"),
-            {
-                "id": ctx.execution_id,
-                "step_id": ctx.step_id,
-                "result": Jsonb(jsonable(result or {})),
             },
         )
 
@@ -601,51 +369,6 @@ class Runner:
             wait = max(wait, min(exc.seconds, policy.max_backoff))
         return now() + timedelta(seconds=wait)
 
-    async def _attempt_failed(
-        self, conn: db.DictConnection, ctx: StepContext, exc: BaseException
-    ) -> StepRetryLater | None:
-        error = describe(exc)
-        metrics.STEPS_RUN.labels(ctx.step.type, "failed attempt", "queue").inc()
-        retry_at = self.retry_at(ctx.step, ctx.attempt, exc)
-        tracing.step_failed(ctx.execution_id, ctx.step_id, error, retry_at)
-        await conn.execute(
-            _q("step_attempt_failed"),
-            {
-                "id": ctx.execution_id,
-                "step_id": ctx.step_id,
-                "error": error,
-                "status": StepStatus.SCHEDULED if retry_at else StepStatus.FAILED,
-                "retry_at": retry_at,
-            },
-        )
-        log.info(
-            "execution %s step %s attempt %s failed: %s",
-            ctx.execution_id,
-            ctx.step_id,
-            ctx.attempt,
-            error,
-        )
-        if retry_at is None:
-            return None
-        await self._set_status(conn, ctx.execution_id, "waiting", None)
-        return StepRetryLater(ctx.execution_id, retry_at)
-
-    async def _record_failure(
-        self, ex: dict[str, Any], step: Step, sid: str, exc: Exception
-    ) -> None:
-        async with self.pool.connection() as conn:
-            await conn.execute(_q("step_running"), {"id": ex["id"], "step_id": sid})
-            await conn.execute(
-                _q("step_attempt_failed"),
-                {
-                    "id": ex["id"],
-                    "step_id": sid,
-                    "error": describe(exc),
-                    "status": "failed",
-                    "retry_at": None,
-                },
-            )
-
     # ───────── failure and compensation ─────────
 
     async def _fail(
@@ -656,7 +379,7 @@ class Runner:
             await compensate(self, ex, plan, rows)
         error = f"step {failed_sid} failed: {rows[failed_sid]['error']}"
         async with self.pool.connection() as conn:
-            await self._set_status(conn, ex["id"], "failed", error)
+            await set_execution_status(conn, ex["id"], "failed", error)
 
     # ───────── operator commands ─────────
 
