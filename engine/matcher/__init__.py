@@ -12,8 +12,9 @@ whichever comes first. NOTIFY is only a hint: the poll alone would do, slower.
 """
 
 from engine.matcher.broken import broken_workflows, record_broken, refresh_broken, replay_events
-from engine.matcher.loop import BatchResult, Matcher
+from engine.matcher.loop import Matcher
 from engine.matcher.plan import MatchPlan, build_plan, catalog_error, compose, find_broken
+from engine.matcher.rounds import BatchResult
 from engine.matcher.signals import OUTBOX_CHANNEL, WORKFLOWS_CHANNEL, conflict_kind
 
 __all__ = [
