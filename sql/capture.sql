@@ -275,7 +275,8 @@ $filter$;
 -- deleted one is seen as its captured row), names `event` (templates may read the
 -- captured rows whole), is broken, or was saved without a capture filter. Columns whose
 -- names are not plain words are always kept. A column added later is kept until the
--- next regeneration (the list names the columns left out, not those kept). Read like
+-- next regeneration (the list names the columns left out, not those kept), which the
+-- DDL's event trigger or the worker's heal makes (crmflow.capture_columns_stale). Read like
 -- crmflow.capture_filter, under the entity's capture lock in READ COMMITTED.
 CREATE OR REPLACE FUNCTION crmflow.capture_pruned_columns(entity text) RETURNS text[]
     LANGUAGE plpgsql STABLE AS $pruned$
@@ -411,6 +412,8 @@ DECLARE
     update_typed_probe text;
     update_typed text;
     update_typed_all text;
+    marker text;
+    every_column boolean;
 BEGIN
     IF entity !~ '^[a-z_][a-z0-9_]{0,62}$' THEN
         RAISE EXCEPTION 'entity name % cannot be captured', entity;
@@ -452,7 +455,9 @@ BEGIN
     -- Otherwise (a column added, renamed or dropped since, until the next regeneration)
     -- it subtracts as before, never naming a column that may be gone: a statement that
     -- names a column is only planned when it runs, and it only runs when the check holds.
-    SELECT to_regclass(format('%I.%I', w.table_schema, w.table_name)) INTO rel
+    SELECT to_regclass(format('%I.%I', w.table_schema, w.table_name)),
+           w.capture_all OR w.capture_all_columns
+      INTO rel, every_column
       FROM crmflow.watched_tables AS w WHERE w.entity_type = entity;
     IF rel IS NOT NULL THEN
         columns_now := ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
@@ -463,6 +468,10 @@ BEGIN
                                  AND NOT a.attname::text = ANY(pruned)
                                ORDER BY a.attnum);
     END IF;
+    -- (A table keeping every column by choice does not depend on its columns.)
+    marker := CASE WHEN every_column THEN '/* crmflow capture of every column */ '
+                   ELSE format('/* crmflow capture of columns %s */ ',
+                               md5(coalesce(columns_now, '{}')::text)) END;
     -- On a narrow table the subtraction is cheaper than that look-up (columns x pruned
     -- under 2,000 comparisons: a 16-column table with 12 left out costs a microsecond).
     IF cardinality(pruned) > 0 AND key_columns <@ columns_now AND cardinality(kept_columns) > 0
@@ -649,7 +658,9 @@ BEGIN
                         'ELSE RETURN NULL; END IF; %s END',
                         guard, update_whole, update_probe, update_sql, wake)
             END;
-        bodies := ARRAY[bodies[1], bodies[3], bodies[2]];  -- insert, update, delete
+        -- insert, update, delete; each headed by the columns the body was made with, so
+        -- a heal can tell when the table's columns changed (crmflow.capture_columns_stale).
+        bodies := ARRAY[marker || bodies[1], marker || bodies[3], marker || bodies[2]];
 
         IF attempt = 1 AND NOT EXISTS (
             SELECT 1 FROM unnest(names, bodies) AS b(name, body)
@@ -770,6 +781,27 @@ BEGIN
          WHERE m.found IS NOT NULL AND m.found[1]::bigint IS DISTINCT FROM now_at);
 END
 $stale$;
+
+-- Whether the entity's table no longer has the columns its capture was made with (the
+-- marker at the head of each body, crmflow.generate_capture): a column added, renamed or
+-- dropped since. Capture stays correct meanwhile (a wide table's typed path checks the
+-- columns per statement and falls back to subtracting the pruned names, a new column is
+-- kept), only slower and wider, so crmflow.heal_capture regenerates it. NULL when the
+-- entity has no table or no capture.
+CREATE OR REPLACE FUNCTION crmflow.capture_columns_stale(entity text) RETURNS boolean
+    LANGUAGE sql STABLE AS $$
+    SELECT NOT p.prosrc LIKE '/* crmflow capture of every column */%'
+           AND (regexp_match(p.prosrc, '^/\* crmflow capture of columns ([0-9a-f]{32}) \*/'))[1]
+           IS DISTINCT FROM md5(ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
+                                       WHERE a.attrelid = t.rel AND a.attnum > 0
+                                         AND NOT a.attisdropped
+                                       ORDER BY a.attname)::text)
+      FROM crmflow.watched_tables AS w
+     CROSS JOIN LATERAL (SELECT to_regclass(format('%I.%I', w.table_schema, w.table_name))) AS t(rel)
+      JOIN pg_proc AS p
+        ON p.oid = to_regprocedure(format('crmflow.%I()', 'tg_' || entity || '__update'))
+     WHERE w.entity_type = entity AND t.rel IS NOT NULL
+$$;
 
 -- The table and every partition below it (partitioned ones too: a statement may name
 -- any level of the tree).
@@ -902,10 +934,18 @@ BEGIN
         -- A regeneration that rolled back after using an epoch leaves bodies whose epoch
         -- is not the sequence's: they keep every row (safe, and slow). Made anew here,
         -- when the capture lock is free now (the next round otherwise).
-        IF crmflow.capture_epoch_stale(w.entity_type) THEN
+        -- And a table whose columns changed since its capture was made (the DDL's event
+        -- trigger comes here in the DDL's transaction; without one, the next round).
+        IF crmflow.capture_columns_stale(w.entity_type) IS TRUE THEN
+            change := 'capture regenerated (the table''s columns changed)';
+        ELSIF crmflow.capture_epoch_stale(w.entity_type) THEN
+            change := 'capture filter regenerated (its last change was rolled back)';
+        ELSE
+            change := NULL;
+        END IF;
+        IF change IS NOT NULL THEN
             BEGIN
                 PERFORM crmflow.generate_capture(w.entity_type, key_now);
-                change := 'capture filter regenerated (its last change was rolled back)';
                 RETURN NEXT;
             EXCEPTION WHEN lock_not_available OR query_canceled OR insufficient_privilege THEN
                 NULL;  -- next time

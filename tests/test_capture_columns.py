@@ -288,7 +288,10 @@ async def test_a_wide_table_changed_since_its_capture_was_made(
 ) -> None:
     """The kept columns are read from the typed rows only while the table's columns are
     those the capture was made with: a column added or renamed since is kept (as by the
-    list of pruned names), and a dropped or retyped one never fails the write."""
+    list of pruned names), and a dropped or retyped one never fails the write. (Without
+    the DDL event trigger, as when crmflow was installed by a non-superuser: with it the
+    DDL regenerates capture at once, the next test.)"""
+    await crm.execute("DROP EVENT TRIGGER IF EXISTS crmflow_heal_capture")
     await wide_table(crm)
     await crm.execute("UPDATE wides SET c2 = 0 WHERE id = 2")  # the typed probe, planned
     await crm.execute("ALTER TABLE wides ADD COLUMN fresh text DEFAULT 'f'")
@@ -304,3 +307,31 @@ async def test_a_wide_table_changed_since_its_capture_was_made(
     await crm.execute("ALTER TABLE wides RENAME COLUMN c1 TO c1_old")  # a kept one
     await crm.execute("UPDATE wides SET c1_old = 5, c2 = 5 WHERE id = 2")
     await crm.execute("DELETE FROM wides WHERE id = 2")
+
+
+async def test_capture_is_regenerated_when_the_columns_change(
+    crm: psycopg.AsyncConnection[Any],
+) -> None:
+    """Issue 15: a column added, renamed or dropped left a wide table on the slow
+    subtracting path, and the new column captured, until some workflow changed. The
+    DDL's event trigger regenerates capture in the DDL's transaction; without one (a
+    non-superuser install) the worker's heal does, and says so."""
+    await wide_table(crm)
+
+    async def kept_on_update(assignment: str) -> set[str]:
+        await crm.execute("DELETE FROM crmflow.outbox")
+        await crm.execute(f"UPDATE wides SET c1 = c1 + 1, {assignment} WHERE id = 1")
+        [row] = await fetch(crm, "SELECT new_row FROM crmflow.outbox")
+        return set(row["new_row"])
+
+    await crm.execute("ALTER TABLE wides ADD COLUMN fresh text DEFAULT 'f'")
+    assert await kept_on_update("fresh = 'g'") == {"id", "c1"}
+    await crm.execute("DROP EVENT TRIGGER crmflow_heal_capture")
+    await crm.execute("ALTER TABLE wides RENAME COLUMN c2 TO c2_renamed")
+    assert await kept_on_update("c2_renamed = 7") == {"id", "c1", "c2_renamed"}  # safe
+    healed = await fetch(crm, "SELECT entity_type, change FROM crmflow.heal_capture()")
+    assert [(h["entity_type"], h["change"]) for h in healed] == [
+        ("wide", "capture regenerated (the table's columns changed)")
+    ]
+    assert await kept_on_update("c2_renamed = 8") == {"id", "c1"}
+    assert await fetch(crm, "SELECT * FROM crmflow.heal_capture()") == []  # once
