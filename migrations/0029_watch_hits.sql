@@ -1,0 +1,1 @@
+-- placeholder: claimed by the lifecycle helper (pending lifecycle hits); content follows.
