@@ -123,6 +123,71 @@ def _not_capturable(schema: str, table: str) -> str | None:
     return None
 
 
+async def _capturable_table(
+    conn: psycopg.AsyncConnection[Any], table: str
+) -> tuple[dict[str, Any], list[str]]:
+    """The table ``table`` names (its catalog row) and its primary key columns; a
+    CaptureError says why it cannot be watched."""
+    found = await catalog.resolve_table(conn, table)
+    if found is None:
+        raise CaptureError(f"no table named {table!r}")
+    if found["relkind"] not in ("r", "p"):
+        raise CaptureError(f"{table!r} is not a table (views cannot be captured)")
+    refusal = _not_capturable(found["table_schema"], found["table_name"])
+    if refusal:
+        raise CaptureError(f"{found['table_schema']}.{found['table_name']} {refusal}")
+    pk = [
+        r["name"]
+        for r in await (
+            await conn.execute(
+                db.query("primary_key_columns", "catalog.sql"), {"relid": found["relid"]}
+            )
+        ).fetchall()
+    ]
+    if not pk:
+        raise CaptureError(
+            f"{found['table_schema']}.{found['table_name']} has no primary key; "
+            "crmflow identifies entities by it"
+        )
+    return found, pk
+
+
+async def _register(
+    conn: psycopg.AsyncConnection[Any], found: dict[str, Any], pk: list[str], entity: str | None
+) -> Watched:
+    """Record the table as watched under ``entity`` (default: the table's singular); a
+    CaptureError when the name is bad, taken by another table, or the table is watched
+    under another name."""
+    entity = entity or default_entity_name(found["table_name"])
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,39}", entity):
+        raise CaptureError(f"entity name {entity!r}: lowercase letters, digits and '_', at most 40")
+    row = await (
+        await conn.execute(
+            db.query("watch_table", "catalog.sql"),
+            {
+                "entity_type": entity,
+                "table_schema": found["table_schema"],
+                "table_name": found["table_name"],
+                "pk_columns": pk,
+            },
+        )
+    ).fetchone()
+    if row is None:  # the name belongs to another table
+        other = await (
+            await conn.execute(
+                db.query("watched_by_entity", "catalog.sql"), {"entity_type": entity}
+            )
+        ).fetchone()
+        where = f"{other['table_schema']}.{other['table_name']}" if other else "another table"
+        raise CaptureError(f"entity name {entity!r} is already used by {where}")
+    if row["entity_type"] != entity:
+        raise CaptureError(
+            f"{found['table_schema']}.{found['table_name']} is already watched as "
+            f"{row['entity_type']!r}; unwatch it first to rename the entity"
+        )
+    return Watched(entity, found["table_schema"], found["table_name"], pk)
+
+
 async def watch(
     conn: psycopg.AsyncConnection[Any],
     table: str,
@@ -140,57 +205,9 @@ async def watch(
     and capture demands read; ``all_columns=True`` stores whole rows, ``False`` goes back
     to pruning, ``None`` leaves the table's choice as is."""
     async with conn.transaction():
-        found = await catalog.resolve_table(conn, table)
-        if found is None:
-            raise CaptureError(f"no table named {table!r}")
-        if found["relkind"] not in ("r", "p"):
-            raise CaptureError(f"{table!r} is not a table (views cannot be captured)")
-        refusal = _not_capturable(found["table_schema"], found["table_name"])
-        if refusal:
-            raise CaptureError(f"{found['table_schema']}.{found['table_name']} {refusal}")
-        pk = [
-            r["name"]
-            for r in await (
-                await conn.execute(
-                    db.query("primary_key_columns", "catalog.sql"), {"relid": found["relid"]}
-                )
-            ).fetchall()
-        ]
-        if not pk:
-            raise CaptureError(
-                f"{found['table_schema']}.{found['table_name']} has no primary key; "
-                "crmflow identifies entities by it"
-            )
-        entity = entity or default_entity_name(found["table_name"])
-        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,39}", entity):
-            raise CaptureError(
-                f"entity name {entity!r}: lowercase letters, digits and '_', at most 40"
-            )
-        row = await (
-            await conn.execute(
-                db.query("watch_table", "catalog.sql"),
-                {
-                    "entity_type": entity,
-                    "table_schema": found["table_schema"],
-                    "table_name": found["table_name"],
-                    "pk_columns": pk,
-                },
-            )
-        ).fetchone()
-        if row is None:  # the name belongs to another table
-            other = await (
-                await conn.execute(
-                    db.query("watched_by_entity", "catalog.sql"), {"entity_type": entity}
-                )
-            ).fetchone()
-            where = f"{other['table_schema']}.{other['table_name']}" if other else "another table"
-            raise CaptureError(f"entity name {entity!r} is already used by {where}")
-        if row["entity_type"] != entity:
-            raise CaptureError(
-                f"{found['table_schema']}.{found['table_name']} is already watched as "
-                f"{row['entity_type']!r}; unwatch it first to rename the entity"
-            )
-        w = Watched(entity, found["table_schema"], found["table_name"], pk)
+        found, pk = await _capturable_table(conn, table)
+        w = await _register(conn, found, pk, entity)
+        entity = w.entity_type
         if all_rows is not None:
             await conn.execute(
                 db.query("set_capture_all", "catalog.sql"),
