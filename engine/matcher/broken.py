@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 
 from engine import catalog, db
+from engine.catalog import EntitySchema
 from engine.config import Settings, get_settings
 from engine.executor import queue as execution_queue
 from engine.matcher.plan import MatchPlan, build_plan, compose, find_broken
@@ -60,21 +61,14 @@ async def broken_workflows(conn: psycopg.AsyncConnection[Any]) -> list[dict[str,
 REPLAY_CHUNK = 500  # events per replay transaction
 
 
-async def replay_events(
-    conn: psycopg.AsyncConnection[Any], workflow_id: int, settings: Settings | None = None
-) -> dict[str, Any]:
-    """Re-match workflow ``workflow_id`` alone over the events it may have missed while
-    broken (its entity's events since ``broken_since_event_id``), once it compiles again.
-
-    Clears its broken state first, in a transaction of its own, so that matchers take it
-    into their plans from then on; then waits for batches still matching its entity's
-    events with an older plan, and enrolls it on the processed events since the break, in
-    chunks of a transaction each. Idempotent: the enrollment key (version, event) lets no
-    event enroll twice, so a replay cut short is run again.
-    Raises :class:`workflows.StillBroken` while it does not compile."""
+async def _recheck(
+    conn: psycopg.AsyncConnection[Any], workflow_id: int
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, EntitySchema], str | None]:
+    """The workflow to replay, its plan rows and the entities, after probing it again (in
+    a transaction of its own, its broken state recorded anew when it changed): the
+    reason it is still broken, or None. Raises when it cannot be replayed at all."""
     from engine import workflows
 
-    settings = settings or get_settings()
     async with conn.transaction():
         wf = await (await conn.execute(_q("replay_workflow"), {"id": workflow_id})).fetchone()
         if wf is None or wf["status"] == "archived":
@@ -97,6 +91,25 @@ async def replay_events(
         plan = MatchPlan(0, None, changes=[(workflow_id, reason)])
         if reason != wf["broken_reason"]:
             await record_broken(conn, plan)
+    return wf, rows, entities, reason
+
+
+async def replay_events(
+    conn: psycopg.AsyncConnection[Any], workflow_id: int, settings: Settings | None = None
+) -> dict[str, Any]:
+    """Re-match workflow ``workflow_id`` alone over the events it may have missed while
+    broken (its entity's events since ``broken_since_event_id``), once it compiles again.
+
+    Clears its broken state first, in a transaction of its own, so that matchers take it
+    into their plans from then on; then waits for batches still matching its entity's
+    events with an older plan, and enrolls it on the processed events since the break, in
+    chunks of a transaction each. Idempotent: the enrollment key (version, event) lets no
+    event enroll twice, so a replay cut short is run again.
+    Raises :class:`workflows.StillBroken` while it does not compile."""
+    from engine import workflows
+
+    settings = settings or get_settings()
+    wf, rows, entities, reason = await _recheck(conn, workflow_id)
     if reason is not None:
         raise workflows.StillBroken(f"workflow {workflow_id} is still broken: {reason}")
     since = wf["broken_since_event_id"]
