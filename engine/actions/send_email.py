@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from engine import db, smtp
 from engine.actions.base import Action, Params, PermanentError, Skip
 from engine.actions.crm import check_owner_field, check_templates, fetch_all, resolve_users
+from engine.config import Settings
 from engine.executor.context import StepContext
 from engine.model import Issue
 
@@ -77,92 +78,128 @@ class SendEmail(Action):
         return f"{ctx.settings.smtp_host.lower()}:{ctx.settings.smtp_port}"
 
     async def run(self, ctx: StepContext, params: Any) -> dict[str, Any]:
-        subject, body, html = params.subject, params.body, params.html
-        if params.template:
-            rows = await fetch_all(
-                ctx,
-                "SELECT subject, body_text, body_html FROM crmflow.email_templates"
-                " WHERE name = %(n)s",
-                {"n": params.template},
-            )
-            if not rows:
-                raise PermanentError(f"no email template named {params.template!r}")
-            subject = subject or rows[0]["subject"]
-            body = body or rows[0]["body_text"]
-            html = html or rows[0]["body_html"]
+        subject, body, html = await _subject_and_bodies(ctx, params)
         to = await self._recipients(ctx, params.to, params.owner_field)
         if not to:
             raise PermanentError(f"no recipient for {params.to!r}")
         cc = await self._recipients(ctx, params.cc, params.owner_field)
-        # Never to an address on the list "unsubscribed" (engine/suppressions.py).
-        rows = await fetch_all(
-            ctx,
-            db.query("unsubscribed", "suppressions.sql"),
-            {"addresses": [_address(a) for a in to + cc]},
-        )
-        unsubscribed = {r["address"] for r in rows}
-        suppressed = [a for a in to + cc if _address(a) in unsubscribed]
-        if suppressed:
-            to = [a for a in to if _address(a) not in unsubscribed]
-            cc = [a for a in cc if _address(a) not in unsubscribed]
-            if not to:  # the copies alone are not worth a message meant for the others
-                raise Skip(
-                    "suppressed: every recipient is on the list 'unsubscribed' "
-                    f"({', '.join(suppressed)[:500]}); nothing was sent"
-                )
-        settings = ctx.settings
-        domain = settings.email_from.rpartition("@")[2] or "crmflow"
+        to, cc, suppressed = await _not_unsubscribed(ctx, to, cc)
+        domain = ctx.settings.email_from.rpartition("@")[2] or "crmflow"
         message_id = f"<{ctx.idempotency_key}@{domain}>"
-        try:
-            message = EmailMessage()
-            message["From"] = settings.email_from
-            message["To"] = ", ".join(to)
-            if cc:
-                message["Cc"] = ", ".join(cc)
-            if params.reply_to:
-                message["Reply-To"] = _one_line(ctx.render(params.reply_to) or "")
-            message["Subject"] = _one_line(ctx.render(subject) or "")
-            message["Date"] = formatdate(localtime=False)
-            message["Message-ID"] = message_id
-            message["X-Crmflow-Idempotency-Key"] = ctx.idempotency_key
-            message.set_content(ctx.render(body) or "")
-            if html:
-                # Values are escaped in HTML: a lead named "<a href=...>" stays text.
-                html_text = ctx.render("{% autoescape true %}" + html + "{% endautoescape %}")
-                message.add_alternative(html_text or "", subtype="html")
-        except (ValueError, TypeError) as exc:  # a header the email package refuses
-            raise PermanentError(f"cannot build the message: {exc}") from None
-        password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
-        try:
-            # A kept-open session to the server (engine/smtp.py), as aiosmtplib.send would.
-            refused, _ = await smtp.send(
-                message,
-                hostname=settings.smtp_host,
-                port=settings.smtp_port,
-                username=settings.smtp_username,
-                password=password,
-                use_tls=settings.smtp_use_tls,
-                start_tls=settings.smtp_start_tls or None,
-                timeout=settings.smtp_timeout,
-            )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            codes = [r.code for r in exc.recipients]
-            text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
-            if all(500 <= code < 600 for code in codes):
-                raise PermanentError(f"SMTP refused the recipients: {text}") from None
-            raise RuntimeError(f"SMTP refused the recipients for now: {text}") from None
-        except aiosmtplib.SMTPResponseException as exc:
-            if 500 <= exc.code < 600:
-                raise PermanentError(
-                    f"SMTP refused the message: {exc.code} {exc.message}"
-                ) from None
-            raise
+        message = _message(ctx, params, to, cc, subject, body, html, message_id)
+        refused = await _send(ctx.settings, message)
         result: dict[str, Any] = {"message_id": message_id, "to": to, "cc": cc}
         if suppressed:
             result["suppressed"] = suppressed  # on the list "unsubscribed": not sent to
         if refused:  # some recipients refused, the others accepted: it was sent
             result["refused"] = {rcpt: f"{r.code} {r.message}" for rcpt, r in refused.items()}
         return result
+
+
+async def _subject_and_bodies(
+    ctx: StepContext, params: Any
+) -> tuple[str | None, str | None, str | None]:
+    """Subject, text and HTML body: the step's own, else its template's."""
+    subject, body, html = params.subject, params.body, params.html
+    if params.template:
+        rows = await fetch_all(
+            ctx,
+            "SELECT subject, body_text, body_html FROM crmflow.email_templates WHERE name = %(n)s",
+            {"n": params.template},
+        )
+        if not rows:
+            raise PermanentError(f"no email template named {params.template!r}")
+        subject = subject or rows[0]["subject"]
+        body = body or rows[0]["body_text"]
+        html = html or rows[0]["body_html"]
+    return subject, body, html
+
+
+async def _not_unsubscribed(
+    ctx: StepContext, to: list[str], cc: list[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """The recipients not on the list "unsubscribed" (engine/suppressions.py), and those
+    left out; Skip when no "to" is left."""
+    rows = await fetch_all(
+        ctx,
+        db.query("unsubscribed", "suppressions.sql"),
+        {"addresses": [_address(a) for a in to + cc]},
+    )
+    unsubscribed = {r["address"] for r in rows}
+    suppressed = [a for a in to + cc if _address(a) in unsubscribed]
+    if suppressed:
+        to = [a for a in to if _address(a) not in unsubscribed]
+        cc = [a for a in cc if _address(a) not in unsubscribed]
+        if not to:  # the copies alone are not worth a message meant for the others
+            raise Skip(
+                "suppressed: every recipient is on the list 'unsubscribed' "
+                f"({', '.join(suppressed)[:500]}); nothing was sent"
+            )
+    return to, cc, suppressed
+
+
+def _message(
+    ctx: StepContext,
+    params: Any,
+    to: list[str],
+    cc: list[str],
+    subject: str | None,
+    body: str | None,
+    html: str | None,
+    message_id: str,
+) -> EmailMessage:
+    """The message, its templates rendered; PermanentError for a header the email
+    package refuses."""
+    settings = ctx.settings
+    try:
+        message = EmailMessage()
+        message["From"] = settings.email_from
+        message["To"] = ", ".join(to)
+        if cc:
+            message["Cc"] = ", ".join(cc)
+        if params.reply_to:
+            message["Reply-To"] = _one_line(ctx.render(params.reply_to) or "")
+        message["Subject"] = _one_line(ctx.render(subject) or "")
+        message["Date"] = formatdate(localtime=False)
+        message["Message-ID"] = message_id
+        message["X-Crmflow-Idempotency-Key"] = ctx.idempotency_key
+        message.set_content(ctx.render(body) or "")
+        if html:
+            # Values are escaped in HTML: a lead named "<a href=...>" stays text.
+            html_text = ctx.render("{% autoescape true %}" + html + "{% endautoescape %}")
+            message.add_alternative(html_text or "", subtype="html")
+    except (ValueError, TypeError) as exc:  # a header the email package refuses
+        raise PermanentError(f"cannot build the message: {exc}") from None
+    return message
+
+
+async def _send(settings: Settings, message: EmailMessage) -> dict[str, Any]:
+    """Send through the SMTP server; the recipients it refused while accepting others.
+    A refusal of all (5xx) is permanent, a 4xx one is retried."""
+    password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
+    try:
+        # A kept-open session to the server (engine/smtp.py), as aiosmtplib.send would.
+        refused, _ = await smtp.send(
+            message,
+            hostname=settings.smtp_host,
+            port=settings.smtp_port,
+            username=settings.smtp_username,
+            password=password,
+            use_tls=settings.smtp_use_tls,
+            start_tls=settings.smtp_start_tls or None,
+            timeout=settings.smtp_timeout,
+        )
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        codes = [r.code for r in exc.recipients]
+        text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+        if all(500 <= code < 600 for code in codes):
+            raise PermanentError(f"SMTP refused the recipients: {text}") from None
+        raise RuntimeError(f"SMTP refused the recipients for now: {text}") from None
+    except aiosmtplib.SMTPResponseException as exc:
+        if 500 <= exc.code < 600:
+            raise PermanentError(f"SMTP refused the message: {exc.code} {exc.message}") from None
+        raise
+    return refused
 
 
 def _address(text: str) -> str:
