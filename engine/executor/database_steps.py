@@ -183,6 +183,48 @@ async def lock_steps(conn: db.DictConnection, keys: list[tuple[int, str]]) -> li
     return rows
 
 
+async def claim_group(
+    x: BatchExecutor,
+    conn: db.DictConnection,
+    sid: str,
+    group: list[Item],
+    entity: EntitySchema | None,
+    needs_entity: bool,
+) -> tuple[list[Item], dict[int, int]]:
+    """In the group's transaction: lock its step rows, load (and, when the action needs
+    them, lock) its entity rows onto the items, and count an attempt for each; the
+    members and each one's attempt number. GroupFallsBack when any step is no longer
+    runnable or a needed entity row is locked elsewhere or gone."""
+    locked = await lock_steps(conn, [(i.id, sid) for i in group])
+    runnable = {
+        r["execution_id"]
+        for r in locked
+        if r["status"] in RUNNABLE_STEP and r["execution_status"] in LIVE
+    }
+    members = [i for i in group if i.id in runnable]
+    if len(members) < len(group):
+        raise GroupFallsBack("some steps were done or cancelled meanwhile")
+    if entity is not None:
+        found = await entity_rows(x, conn, entity, members, lock=needs_entity)
+        for item in members:
+            key = json.dumps(item.ex["entity_pk"], sort_keys=True)
+            row = found.get(key)
+            if row is None and needs_entity:
+                raise GroupFallsBack("an entity row is locked elsewhere or gone")
+            item.row = row or item.ex.get("event_new_row") or item.ex.get("event_old_row")
+    attempts = await (
+        await conn.execute(
+            _q("steps_running"),
+            {
+                "execution_ids": [i.id for i in members],
+                "step_ids": [sid] * len(members),
+            },
+        )
+    ).fetchall()
+    attempt_of = {r["execution_id"]: r["attempts"] for r in attempts}
+    return members, attempt_of
+
+
 async def run_database(x: BatchExecutor, sid: str, group: list[Item]) -> None:
     """One step of one workflow version for a group of executions: the effects and
     the step records in one transaction (exactly once); any error undoes it all and
@@ -198,33 +240,9 @@ async def run_database(x: BatchExecutor, sid: str, group: list[Item]) -> None:
         raise GroupFallsBack(f"bad parameters: {exc}") from exc
     try:
         async with x.pool.connection() as conn, conn.transaction():
-            locked = await lock_steps(conn, [(i.id, sid) for i in group])
-            runnable = {
-                r["execution_id"]
-                for r in locked
-                if r["status"] in RUNNABLE_STEP and r["execution_status"] in LIVE
-            }
-            members = [i for i in group if i.id in runnable]
-            if len(members) < len(group):
-                raise GroupFallsBack("some steps were done or cancelled meanwhile")
-            if entity is not None:
-                found = await entity_rows(x, conn, entity, members, lock=action.needs_entity)
-                for item in members:
-                    key = json.dumps(item.ex["entity_pk"], sort_keys=True)
-                    row = found.get(key)
-                    if row is None and action.needs_entity:
-                        raise GroupFallsBack("an entity row is locked elsewhere or gone")
-                    item.row = row or item.ex.get("event_new_row") or item.ex.get("event_old_row")
-            attempts = await (
-                await conn.execute(
-                    _q("steps_running"),
-                    {
-                        "execution_ids": [i.id for i in members],
-                        "step_ids": [sid] * len(members),
-                    },
-                )
-            ).fetchall()
-            attempt_of = {r["execution_id"]: r["attempts"] for r in attempts}
+            members, attempt_of = await claim_group(
+                x, conn, sid, group, entity, action.needs_entity
+            )
             await write_context(x, conn, members)
             await conn.execute(
                 sql.SQL(
