@@ -18,7 +18,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.types.json import Jsonb
 
-from engine import catalog, db, rows, workflows
+from engine import catalog, db, rows, workflow_checks, workflows
 from engine.catalog import EntitySchema
 from engine.conditions import NEW, Compiler, Condition, Group, parse_conditions
 from engine.model import EVENT_TRIGGERS, DefinitionError, Issue, parse_definition
@@ -205,7 +205,7 @@ def _compile(
     issues: list[Issue] = []
     trigger: sql.Composable = sql.SQL("true")
     if wf["trigger_type"] in EVENT_TRIGGERS:
-        trigger = workflows._trigger_predicate(definition, compiler, issues)
+        trigger = workflow_checks.trigger_predicate(definition, compiler, issues)
     issues += [Issue(p, m) for p, m in compiler.issues]
     if issues:  # the catalog changed since the workflow was saved
         raise DefinitionError(issues)

@@ -35,8 +35,6 @@ from engine.statuses import WorkflowChange
 from engine.workflow_checks import check_in_database, check_steps, check_trigger
 from engine.workflow_checks import trigger_predicate as trigger_predicate
 
-_trigger_predicate = trigger_predicate  # engine/dryrun.py reads it by this name
-
 T = TypeVar("T")
 
 
