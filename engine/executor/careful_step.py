@@ -37,7 +37,8 @@ from engine.statuses import DONE_STEP, LIVE, StepStatus
 if TYPE_CHECKING:
     from engine.executor.runner import Runner
 
-log = logging.getLogger(__name__)
+# The careful path logs under one name, as before this module was split out of runner.py.
+log = logging.getLogger("engine.executor.runner")
 
 _q = db.Queries("runtime.sql")
 
