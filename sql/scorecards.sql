@@ -100,7 +100,13 @@ SELECT version, definition_hash, columns_read, created_at
 
 -- name: lock_scorecard_run
 -- One scoring statement per scorecard at a time (history rows would double otherwise).
+-- The full runs (daily, by hand) wait for it.
 SELECT pg_advisory_xact_lock(1935896436, %(id)s::integer);
+
+-- name: try_lock_scorecard_run
+-- The same lock for a real-time rescore, which never waits: a full run may hold it for
+-- minutes (the rescore puts its keys back for a later round).
+SELECT pg_try_advisory_xact_lock(1935896436, %(id)s::integer) AS locked;
 
 -- name: scorecard_ran
 UPDATE crmflow.scorecards SET last_run_at = now() WHERE id = %(id)s;

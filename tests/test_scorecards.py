@@ -4,9 +4,11 @@ real-time rescoring after a signal-table insert, lead scoring as a scorecard, th
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine import capture
+from engine import capture, db
 from engine.actions.qualify_lead import Weights, score_lead
 from engine.scorecards import relations, run, store
 from engine.scorecards.compile import compile_features
@@ -567,3 +569,189 @@ async def test_a_failing_realtime_rescore_keeps_its_keys_and_backs_off(
     [result] = await run.rescore_queued(sc)
     assert result.scored == 1
     assert await value(sc, "SELECT count(*) FROM crmflow.score_queue") == 0
+
+
+# ───────────────────────────── real time beside the full run ─────────────────────────────
+
+
+async def _queue(conn: psycopg.AsyncConnection[Any], name: str, *ids: int) -> int:
+    sid = int(await value(conn, "SELECT id FROM crmflow.scorecards WHERE name = %s", name))
+    for i in ids:
+        await conn.execute(
+            "INSERT INTO crmflow.score_queue (scorecard_id, entity_key) "
+            "VALUES (%s, jsonb_build_object('id', %s::bigint))",
+            [sid, i],
+        )
+    return sid
+
+
+async def _queued(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
+    return [
+        r["entity_key"]
+        for r in await fetch(conn, "SELECT entity_key FROM crmflow.score_queue ORDER BY 1")
+    ]
+
+
+async def _hold_run_lock(db_url: str, sid: int) -> psycopg.AsyncConnection[Any]:
+    """A session holding the scorecard's run lock, as a long full run does (its
+    transaction open until it is rolled back)."""
+    holder = await psycopg.AsyncConnection.connect(db_url)
+    await holder.execute(db.query("lock_scorecard_run", "scorecards.sql"), {"id": sid})
+    return holder
+
+
+async def test_a_realtime_rescore_does_not_wait_for_a_full_run(
+    sc: psycopg.AsyncConnection[Any], db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The full run holds the scorecard's lock: the real-time round does not wait for it
+    (here with no lock_timeout at all, as a full run of minutes would look), it puts the
+    keys back and leaves the scorecard alone briefly; once the lock is free they are
+    rescored."""
+    await _seed(sc)
+    await store.apply(sc, card(realtime=True))
+    sid = await _queue(sc, "churn", 1, 2)
+    monkeypatch.setattr(run, "_failing", {})
+    await sc.execute("SET lock_timeout = 0")
+    holder = await _hold_run_lock(db_url, sid)
+    try:
+        started = time.monotonic()
+        assert await asyncio.wait_for(run.rescore_queued(sc), timeout=5) == []
+        assert time.monotonic() - started < 2
+        assert await _queued(sc) == [{"id": 1}, {"id": 2}]
+        assert 0 < run._failing[sid] - time.monotonic() <= run.BUSY_BACKOFF
+        assert await run.rescore_queued(sc) == []  # backing off: not taken
+    finally:
+        await holder.close()
+    run._failing[sid] = 0.0
+    [result] = await run.rescore_queued(sc)
+    assert result.scored == 2 and await _queued(sc) == []
+
+
+async def _worker_scene(sc: psycopg.AsyncConnection[Any]) -> tuple[int, int]:
+    """Accounts scored by two real-time scorecards: churn (writing the account's columns)
+    and shadow (writing nothing); a workflow on new accounts. Returns their ids."""
+    await _seed(sc)
+    await sc.execute("INSERT INTO users (id, name, role) VALUES (1, 'Carl', 'csm')")
+    wf = await apply(
+        sc,
+        {
+            "name": "new account",
+            "trigger": {"type": "entity_created", "entity_type": "sc_account"},
+            "actions": [{"type": "create_task", "params": {"title": "hi", "assignee": 1}}],
+        },
+    )
+    await store.apply(sc, card(realtime=True, schedule="0 3 * * *"))
+    await store.apply(sc, card(name="shadow", realtime=True, write={}))
+    await run.score(sc, "churn")
+    await run.score(sc, "shadow")
+    sid = int(await value(sc, "SELECT id FROM crmflow.scorecards WHERE name = 'churn'"))
+    return sid, wf
+
+
+async def _signal_and_new_account(sc: psycopg.AsyncConnection[Any]) -> None:
+    await sc.execute(
+        "INSERT INTO sc_tickets (account_id, severity, opened_at) "
+        "SELECT 2, 1, now() FROM generate_series(1, 5)"
+    )
+    await sc.execute("INSERT INTO sc_accounts (id, name) VALUES (4, 'new')")
+
+
+async def _history_of(sc: psycopg.AsyncConnection[Any], name: str, account: int) -> int:
+    return int(
+        await value(
+            sc,
+            "SELECT count(*) FROM crmflow.score_history AS h "
+            "JOIN crmflow.scorecards AS s ON s.id = h.scorecard_id "
+            "WHERE s.name = %s AND h.entity_key = jsonb_build_object('id', %s::bigint)",
+            name,
+            account,
+        )
+    )
+
+
+async def _rescored_after_release(sc: psycopg.AsyncConnection[Any], before: Any) -> None:
+    async def rescored() -> bool:
+        now = await value(sc, "SELECT churn_score FROM sc_accounts WHERE id = 2")
+        return bool(now is not None and now > before) and await _history_of(sc, "churn", 4) == 1
+
+    await wait_until(rescored, timeout=20)
+
+
+async def test_matcher_and_realtime_rescores_go_on_while_another_session_runs_the_scorecard(
+    sc: psycopg.AsyncConnection[Any], db_url: str, worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full run of churn elsewhere (a hand run, another worker's daily run) holds its
+    lock: the matcher goes on (a new account enrolls at once), the other real-time
+    scorecard rescores at once, and churn's keys, kept queued, are rescored once the
+    lock is free."""
+    monkeypatch.setattr(run, "_failing", {})
+    sid, wf = await _worker_scene(sc)
+    before = await value(sc, "SELECT churn_score FROM sc_accounts WHERE id = 2")
+    shadow_before = await _history_of(sc, "shadow", 2)
+    holder = await _hold_run_lock(db_url, sid)
+    try:
+        await _signal_and_new_account(sc)
+
+        async def enrolled() -> bool:
+            n = await value(
+                sc, "SELECT count(*) FROM crmflow.executions WHERE workflow_id = %s", wf
+            )
+            return bool(n == 1)
+
+        await wait_until(enrolled, timeout=10)
+
+        async def shadow_rescored() -> bool:
+            return await _history_of(sc, "shadow", 2) > shadow_before
+
+        await wait_until(shadow_rescored, timeout=10)
+        # Longer than the engine's lock_timeout (2 s): a waiting rescore would have failed.
+        await asyncio.sleep(2.5)
+        assert await value(sc, "SELECT churn_score FROM sc_accounts WHERE id = 2") == before
+    finally:
+        await holder.close()
+    await _rescored_after_release(sc, before)
+
+
+async def test_realtime_rescores_go_on_while_the_same_worker_runs_the_daily_batch(
+    sc: psycopg.AsyncConnection[Any],
+    db_url: str,
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One worker: its daily run of churn waits (a run of minutes: no lock_timeout here,
+    the test holds the lock); meanwhile its real-time rounds go on."""
+    from engine.worker import running_worker
+
+    monkeypatch.setattr(run, "_failing", {})
+    sid, _ = await _worker_scene(sc)
+    before = await value(sc, "SELECT churn_score FROM sc_accounts WHERE id = 2")
+    shadow_before = await _history_of(sc, "shadow", 2)
+    await sc.execute(
+        "UPDATE crmflow.scorecards SET next_run_at = now() - interval '1 minute' WHERE id = %s",
+        [sid],
+    )
+    holder = await _hold_run_lock(db_url, sid)
+    try:
+        slow = settings.model_copy(update={"lock_timeout": 0.0})
+        async with running_worker(db_url, settings=slow, concurrency=2):
+
+            async def daily_run_waits() -> bool:
+                n = await value(
+                    sc,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                )
+                return bool(n == 1)
+
+            await wait_until(daily_run_waits, timeout=10)
+            await _signal_and_new_account(sc)
+
+            async def shadow_rescored() -> bool:
+                return await _history_of(sc, "shadow", 2) > shadow_before
+
+            await wait_until(shadow_rescored, timeout=10)
+            assert await value(sc, "SELECT churn_score FROM sc_accounts WHERE id = 2") == before
+            await holder.close()
+            await _rescored_after_release(sc, before)
+    finally:
+        await holder.close()

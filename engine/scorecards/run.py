@@ -49,14 +49,21 @@ class RunResult:
         return dict(self.__dict__)
 
 
+class ScorecardBusy(Exception):
+    """A run that may not wait found the scorecard's run lock taken (a full run)."""
+
+
 async def score(
     conn: psycopg.AsyncConnection[Any],
     scorecard: str | LoadedScorecard,
     keys: list[dict[str, Any]] | None = None,
     as_of: datetime | None = None,
+    wait: bool = True,
 ) -> RunResult:
     """Score ``scorecard``'s entities (all, or those whose key objects are in ``keys``),
-    record the history, then write the entities' columns."""
+    record the history, then write the entities' columns. One run of a scorecard at a
+    time: ``wait=False`` (the real-time rounds) raises :class:`ScorecardBusy` at once
+    when another holds its run lock, instead of waiting for it."""
     started = time.perf_counter()
     card = (
         scorecard if isinstance(scorecard, LoadedScorecard) else await store.load(conn, scorecard)
@@ -75,7 +82,14 @@ async def score(
     async with conn.transaction():
         # The whole table may take longer than an engine statement's usual bound.
         await conn.execute("SET LOCAL statement_timeout = '10min'")
-        await conn.execute(_q("lock_scorecard_run"), {"id": card.id})
+        if wait:
+            await conn.execute(_q("lock_scorecard_run"), {"id": card.id})
+        else:
+            got = await (
+                await conn.execute(_q("try_lock_scorecard_run"), {"id": card.id})
+            ).fetchone()
+            if not (got and got["locked"]):
+                raise ScorecardBusy(card.definition.name)
         row = await (await conn.execute(statement, params)).fetchone()
         await conn.execute(_q("scorecard_ran"), {"id": card.id})
     assert row is not None
@@ -144,16 +158,20 @@ async def note_events(conn: psycopg.AsyncConnection[Any], ids: list[int], genera
         await conn.execute(_q("note_score_events"), {"ids": ids})
 
 
-# Scorecards whose real-time rescore failed (an expression failing on some row, a column
-# dropped): left alone until then (monotonic time), their keys kept queued.
+# Scorecards the real-time rounds leave alone until then (monotonic time), their keys
+# kept queued: one whose rescore failed (an expression failing on some row, a column
+# dropped) for FAILED_BACKOFF; one whose run lock a full run holds (for minutes on a big
+# CRM) for BUSY_BACKOFF, so that the rounds do not take and put back its keys at once.
 FAILED_BACKOFF = 30.0
+BUSY_BACKOFF = 1.0
 _failing: dict[int, float] = {}
 
 
 async def rescore_queued(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
     """One real-time round: take the queued keys, rescore them, one statement per
-    scorecard; keys of a failed rescore go back to the queue, and that scorecard's keys
-    stay there for FAILED_BACKOFF seconds."""
+    scorecard. It never waits for a full run of a scorecard: that scorecard's keys go
+    back to the queue and stay there BUSY_BACKOFF seconds. Keys of a failed rescore go
+    back to the queue, and that scorecard's keys stay there for FAILED_BACKOFF seconds."""
     now = time.monotonic()
     for sid in [s for s, until in _failing.items() if until <= now]:
         del _failing[sid]
@@ -170,9 +188,13 @@ async def rescore_queued(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
     for sid, keys in by_card.items():
         try:
             card = await store.load_by_id(conn, sid)
-            results.append(await score(conn, card, keys))
+            results.append(await score(conn, card, keys, wait=False))
         except store.ScorecardNotFound:
             continue
+        except ScorecardBusy:
+            _failing[sid] = time.monotonic() + BUSY_BACKOFF
+            async with conn.transaction():
+                await conn.execute(_q("requeue_scores"), {"id": sid, "keys": Jsonb(keys)})
         except Exception as exc:
             if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
                 raise
@@ -253,33 +275,43 @@ class _Wakeups:
 
 
 async def run_loop(pool: db.Pool, stop: asyncio.Event) -> None:
-    """The worker's scorecard loop: a real-time round whenever the matcher queues keys
-    (its NOTIFY, or every REALTIME_POLL seconds), due schedules and left-over pending
-    writes every SCHEDULE_POLL seconds."""
+    """The worker's scorecard loops, side by side on connections of their own: a
+    real-time round whenever the matcher queues keys (its NOTIFY, or every REALTIME_POLL
+    seconds); due schedules and left-over pending writes every SCHEDULE_POLL seconds. A
+    daily run takes minutes on a big CRM; the real-time rounds go on meanwhile."""
     wakeups = _Wakeups(db.pool_conninfo(pool))
     try:
-        await _loop(pool, stop, wakeups)
+        await asyncio.gather(_realtime_loop(pool, stop, wakeups), _schedule_loop(pool, stop))
     finally:
         await wakeups.close()
 
 
-async def _loop(pool: db.Pool, stop: asyncio.Event, wakeups: _Wakeups) -> None:
-    last_schedule = 0.0
+async def _realtime_loop(pool: db.Pool, stop: asyncio.Event, wakeups: _Wakeups) -> None:
     while not stop.is_set():
         try:
             async with db.autocommit(pool) as conn:
                 busy = True
                 while busy and not stop.is_set():
                     busy = bool(await rescore_queued(conn))
-                if time.monotonic() - last_schedule >= SCHEDULE_POLL:
-                    last_schedule = time.monotonic()
-                    await run_due(conn)
-                    for r in await (await conn.execute(_q("pending_scorecards"), {})).fetchall():
-                        card = await store.load_by_id(conn, int(r["scorecard_id"]))
-                        await write_pending(conn, card)
         except (psycopg.Error, store.ScorecardNotFound) as exc:
             log.warning("scorecard loop: %s", exc)
         except Exception as exc:
             log.error("scorecard loop failed: %s", exc)
         if not stop.is_set():
             await wakeups.wait(REALTIME_POLL, stop)
+
+
+async def _schedule_loop(pool: db.Pool, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            async with db.autocommit(pool) as conn:
+                await run_due(conn)
+                for r in await (await conn.execute(_q("pending_scorecards"), {})).fetchall():
+                    card = await store.load_by_id(conn, int(r["scorecard_id"]))
+                    await write_pending(conn, card)
+        except (psycopg.Error, store.ScorecardNotFound) as exc:
+            log.warning("scorecard schedules: %s", exc)
+        except Exception as exc:
+            log.error("scorecard schedules failed: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SCHEDULE_POLL)
