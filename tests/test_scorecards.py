@@ -755,3 +755,61 @@ async def test_realtime_rescores_go_on_while_the_same_worker_runs_the_daily_batc
             await _rescored_after_release(sc, before)
     finally:
         await holder.close()
+
+
+async def _backend_waits_on_a_lock(conn: psycopg.AsyncConnection[Any], pid: int) -> None:
+    async def waiting() -> bool:
+        got = await value(conn, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", pid)
+        return bool(got == "Lock")
+
+    await wait_until(waiting, timeout=10)
+
+
+@pytest.mark.parametrize("failure", ["lock_timeout", "canceled", "connection_lost"])
+async def test_a_realtime_rescore_failing_on_the_database_keeps_its_keys(
+    sc: psycopg.AsyncConnection[Any],
+    db_url: str,
+    pool: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    """The keys a round took from the queue go back when the rescore fails with an
+    OperationalError (a lock timeout, a statement cancelled as a statement timeout
+    cancels it, the session ended) and are rescored later."""
+    await _seed(sc)
+    await store.apply(sc, card(realtime=True))
+    await run.score(sc, "churn", as_of=AS_OF)
+    await sc.execute("UPDATE sc_accounts SET csm_id = 9 WHERE id = 1")
+    sid = await _queue(sc, "churn", 1)
+    monkeypatch.setattr(run, "_failing", {})
+    rescorer = await db.connect(db_url, autocommit=True)
+    pid = rescorer.info.backend_pid
+    # The scoring statement upserts score_latest: it waits for this lock.
+    async with await psycopg.AsyncConnection.connect(db_url) as blocker:
+        await blocker.execute("LOCK TABLE crmflow.score_latest IN EXCLUSIVE MODE")
+        if failure == "lock_timeout":
+            await rescorer.execute("SET lock_timeout = '100ms'")
+            assert await run.rescore_queued(rescorer) == []
+            assert sid in run._failing
+        else:
+            await rescorer.execute("SET lock_timeout = 0")
+            # The session lost, the keys go back through another of the pool's connections.
+            args = (rescorer, pool) if failure == "connection_lost" else (rescorer,)
+            rescoring = asyncio.create_task(run.rescore_queued(*args))
+            await _backend_waits_on_a_lock(sc, pid)
+            ender = "pg_cancel_backend" if failure == "canceled" else "pg_terminate_backend"
+            await sc.execute(f"SELECT {ender}(%s)", [pid])
+            if failure == "canceled":
+                assert await rescoring == []
+                assert sid in run._failing
+            else:
+                with pytest.raises(psycopg.OperationalError):
+                    await rescoring
+        await blocker.rollback()
+    await rescorer.close()
+    assert await _queued(sc) == [{"id": 1}]
+    run._failing[sid] = 0.0
+    [result] = await run.rescore_queued(sc)
+    assert result.scored == 1 and await _queued(sc) == []
+    assert await value(sc, "SELECT csm_id FROM sc_accounts WHERE id = 1") == 9
+    assert await _history_of(sc, "churn", 1) == 2

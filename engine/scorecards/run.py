@@ -167,11 +167,15 @@ BUSY_BACKOFF = 1.0
 _failing: dict[int, float] = {}
 
 
-async def rescore_queued(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
+async def rescore_queued(
+    conn: psycopg.AsyncConnection[Any], pool: db.Pool | None = None
+) -> list[RunResult]:
     """One real-time round: take the queued keys, rescore them, one statement per
     scorecard. It never waits for a full run of a scorecard: that scorecard's keys go
     back to the queue and stay there BUSY_BACKOFF seconds. Keys of a failed rescore go
-    back to the queue, and that scorecard's keys stay there for FAILED_BACKOFF seconds."""
+    back too, whatever the error, and stay there FAILED_BACKOFF seconds; when the
+    connection itself is lost, the keys of the round not rescored yet go back through
+    another of ``pool``'s connections, and the error is raised (the loop reconnects)."""
     now = time.monotonic()
     for sid in [s for s, until in _failing.items() if until <= now]:
         del _failing[sid]
@@ -185,18 +189,21 @@ async def rescore_queued(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
     for r in rows:
         by_card.setdefault(int(r["scorecard_id"]), []).append(r["entity_key"])
     results: list[RunResult] = []
-    for sid, keys in by_card.items():
+    groups = list(by_card.items())
+    for n, (sid, keys) in enumerate(groups):
         try:
             card = await store.load_by_id(conn, sid)
             results.append(await score(conn, card, keys, wait=False))
         except store.ScorecardNotFound:
-            continue
+            continue  # removed: its queue rows went with it
         except ScorecardBusy:
             _failing[sid] = time.monotonic() + BUSY_BACKOFF
-            async with conn.transaction():
-                await conn.execute(_q("requeue_scores"), {"id": sid, "keys": Jsonb(keys)})
+            await _requeue(conn, pool, groups[n : n + 1])
         except Exception as exc:
-            if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+            # A timeout or a lock timeout (OperationalErrors) leaves the connection usable:
+            # a failure like any other. A lost one fails every statement after it.
+            if isinstance(exc, psycopg.InterfaceError) or conn.broken or conn.closed:
+                await _requeue(conn, pool, groups[n:])
                 raise
             log.warning(
                 "real-time rescore of scorecard %s failed (retried in %gs): %s",
@@ -205,9 +212,44 @@ async def rescore_queued(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
                 exc,
             )
             _failing[sid] = time.monotonic() + FAILED_BACKOFF
-            async with conn.transaction():
-                await conn.execute(_q("requeue_scores"), {"id": sid, "keys": Jsonb(keys)})
+            await _requeue(conn, pool, groups[n : n + 1])
     return results
+
+
+# Seconds the put-back of a lost connection's keys waits for another connection.
+REQUEUE_CONNECT_TIMEOUT = 5.0
+
+
+async def _requeue(
+    conn: psycopg.AsyncConnection[Any],
+    pool: db.Pool | None,
+    groups: list[tuple[int, list[dict[str, Any]]]],
+) -> None:
+    """Put keys a round took back in the queue, best-effort, in a transaction of their
+    own: on ``conn``, or, that connection lost, on one of ``pool``'s. Keys that cannot go
+    back are logged: only the scorecard's next full run rescores them."""
+
+    async def put_back(c: psycopg.AsyncConnection[Any]) -> None:
+        async with c.transaction():
+            for sid, keys in groups:
+                await c.execute(_q("requeue_scores"), {"id": sid, "keys": Jsonb(keys)})
+
+    try:
+        if not (conn.broken or conn.closed):
+            await put_back(conn)
+        elif pool is not None:
+            async with pool.connection(timeout=REQUEUE_CONNECT_TIMEOUT) as other:
+                await put_back(other)
+        else:
+            raise psycopg.InterfaceError("the connection is lost")
+    except psycopg.Error as exc:  # PoolTimeout included
+        log.error(
+            "real-time rescore: %d queued key(s) of scorecard(s) %s could not go back to "
+            "the queue (%s)",
+            sum(len(keys) for _, keys in groups),
+            ", ".join(str(sid) for sid, _ in groups),
+            exc,
+        )
 
 
 async def run_due(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
@@ -292,7 +334,7 @@ async def _realtime_loop(pool: db.Pool, stop: asyncio.Event, wakeups: _Wakeups) 
             async with db.autocommit(pool) as conn:
                 busy = True
                 while busy and not stop.is_set():
-                    busy = bool(await rescore_queued(conn))
+                    busy = bool(await rescore_queued(conn, pool))
         except (psycopg.Error, store.ScorecardNotFound) as exc:
             log.warning("scorecard loop: %s", exc)
         except Exception as exc:
