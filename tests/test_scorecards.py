@@ -813,3 +813,27 @@ async def test_a_realtime_rescore_failing_on_the_database_keeps_its_keys(
     assert result.scored == 1 and await _queued(sc) == []
     assert await value(sc, "SELECT csm_id FROM sc_accounts WHERE id = 1") == 9
     assert await _history_of(sc, "churn", 1) == 2
+
+
+async def test_level_changes_count_first_levels(sc: psycopg.AsyncConnection[Any]) -> None:
+    """An entity's first level (it had no score) counts as a level change, as its first
+    write of the level column is a change a field_updated workflow sees."""
+    await _seed(sc)
+    await store.apply(sc, card())
+    first = await run.score(sc, "churn", as_of=AS_OF)
+    assert (first.scored, first.level_changes) == (3, 3)
+    again = await run.score(sc, "churn", as_of=AS_OF)
+    assert again.level_changes == 0
+    # Account 1 (critical) gets a CSM and a large ARR: its level changes; account 4 is new.
+    await sc.execute("UPDATE sc_accounts SET csm_id = 9, arr = 1e12 WHERE id = 1")
+    await sc.execute("INSERT INTO sc_accounts (id, name) VALUES (4, 'new')")
+    third = await run.score(sc, "churn", as_of=AS_OF)
+    assert (third.history_rows, third.level_changes) == (2, 2)
+    # A score change within the level is no level change.
+    await sc.execute("UPDATE sc_accounts SET arr = 2e12 WHERE id = 1")
+    fourth = await run.score(sc, "churn", as_of=AS_OF)
+    assert (fourth.history_rows, fourth.level_changes) == (1, 0)
+    # By key, too.
+    await sc.execute("INSERT INTO sc_accounts (id, name) VALUES (5, 'newer')")
+    keyed = await run.score(sc, "churn", keys=[{"id": 5}, {"id": 2}], as_of=AS_OF)
+    assert (keyed.scored, keyed.level_changes) == (2, 1)
