@@ -61,49 +61,8 @@ async def add_relation(
         related_type = await _watched_entity(conn, table)
         related = await catalog.load_entity(conn, related_type)
         assert related is not None
-        issues: list[Issue] = []
-        key = related.columns.get(key_column)
-        if key is None:
-            issues.append(Issue("key", f"{related.qualified_name} has no column {key_column!r}"))
-        if time_column is not None:
-            t = related.columns.get(time_column)
-            if t is None:
-                issues.append(
-                    Issue("time_column", f"{related.qualified_name} has no column {time_column!r}")
-                )
-            elif t.kind not in ("date", "timestamp"):
-                issues.append(
-                    Issue(
-                        "time_column",
-                        f"{time_column!r} is {t.display_type}, not a date or timestamp",
-                    )
-                )
-        rel_name = name or related.table_name.lower()
-        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", rel_name):
-            issues.append(
-                Issue("name", f"{rel_name!r}: lowercase letters, digits and '_' (use --name)")
-            )
-        if issues:
-            raise ScorecardError(issues)
-        probe = sql.SQL("SELECT 1 FROM {t} AS n JOIN {r} AS r ON r.{k} = n.{pk} LIMIT 0").format(
-            t=entity.table,
-            r=related.table,
-            k=sql.Identifier(key_column),
-            pk=sql.Identifier(entity.pk_columns[0]),
-        )
-        try:
-            async with conn.transaction():
-                await conn.execute(probe)
-        except psycopg.Error as exc:
-            raise ScorecardError(
-                [
-                    Issue(
-                        "key",
-                        f"{key_column!r} does not compare with {entity_type}'s key "
-                        f"{entity.pk_columns[0]!r}: {exc.diag.message_primary or exc}",
-                    )
-                ]
-            ) from None
+        rel_name = _checked(related, key_column, time_column, name)
+        await _probe_key(conn, entity, related, key_column, entity_type)
         row = await (
             await conn.execute(
                 _q("upsert_relation"),
@@ -118,6 +77,68 @@ async def add_relation(
         ).fetchone()
         assert row is not None
         return dict(row)
+
+
+def _checked(
+    related: catalog.EntitySchema, key_column: str, time_column: str | None, name: str | None
+) -> str:
+    """The relation's name, once its key and time columns exist in ``related`` (a time
+    column a date or timestamp); every problem found at once otherwise."""
+    issues: list[Issue] = []
+    key = related.columns.get(key_column)
+    if key is None:
+        issues.append(Issue("key", f"{related.qualified_name} has no column {key_column!r}"))
+    if time_column is not None:
+        t = related.columns.get(time_column)
+        if t is None:
+            issues.append(
+                Issue("time_column", f"{related.qualified_name} has no column {time_column!r}")
+            )
+        elif t.kind not in ("date", "timestamp"):
+            issues.append(
+                Issue(
+                    "time_column",
+                    f"{time_column!r} is {t.display_type}, not a date or timestamp",
+                )
+            )
+    rel_name = name or related.table_name.lower()
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", rel_name):
+        issues.append(
+            Issue("name", f"{rel_name!r}: lowercase letters, digits and '_' (use --name)")
+        )
+    if issues:
+        raise ScorecardError(issues)
+    return rel_name
+
+
+async def _probe_key(
+    conn: psycopg.AsyncConnection[Any],
+    entity: catalog.EntitySchema,
+    related: catalog.EntitySchema,
+    key_column: str,
+    entity_type: str,
+) -> None:
+    """Refuses a key column that does not compare with the entity's key (a join that
+    PostgreSQL cannot plan, run with LIMIT 0 in a savepoint)."""
+    probe = sql.SQL("SELECT 1 FROM {t} AS n JOIN {r} AS r ON r.{k} = n.{pk} LIMIT 0").format(
+        t=entity.table,
+        r=related.table,
+        k=sql.Identifier(key_column),
+        pk=sql.Identifier(entity.pk_columns[0]),
+    )
+    try:
+        async with conn.transaction():
+            await conn.execute(probe)
+    except psycopg.Error as exc:
+        raise ScorecardError(
+            [
+                Issue(
+                    "key",
+                    f"{key_column!r} does not compare with {entity_type}'s key "
+                    f"{entity.pk_columns[0]!r}: {exc.diag.message_primary or exc}",
+                )
+            ]
+        ) from None
 
 
 async def list_relations(
