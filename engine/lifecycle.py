@@ -17,9 +17,13 @@ Where they are evaluated:
   ``round``) that joins the round's events to the watches of their entities and
   evaluates each version's compiled conditions (engine/conditions.py) on the entity's
   row as it is now, read by its key; the hits end, or wake, in the round's transaction.
-  Nothing polls the waiting executions;
-- by the executor before each step (:func:`before_step`): an execution that met its goal
-  while it was running, or before a watch was written, ends there;
+  Nothing polls the waiting executions. A hit on an execution another transaction holds
+  (the round never waits for a lock) is kept in ``crmflow.watch_hits`` and the
+  execution made due at once: the executor settles it (:func:`settle_kept`) once the
+  holder lets go, or the next round does;
+- by the executor before each step (:func:`before_step`): its kept hits, then an
+  execution that met its goal while it was running, or before a watch was written,
+  ends there;
 - a wait that times out is checked once more on the row as it is then (a change that
   raced with the writing of its watch is not lost: it is "met", not "timed_out").
 """
@@ -280,12 +284,17 @@ def _compose(conn: psycopg.AsyncConnection[Any], plan: RoundPlan) -> None:
     rows = [r for r in plan.rows if int(r["version_id"]) not in plan.broken]
     branches = list(_branches(rows, plan.entities).values())
     plan.statement = (
-        sql.SQL(_q("round"))
-        .format(branches=sql.SQL("\nUNION ALL\n").join(branches))
-        .as_string(conn)
+        _round(sql.SQL("\nUNION ALL\n").join(branches), SKIP_LOCKED).as_string(conn)
         if branches
         else None
     )
+
+
+SKIP_LOCKED = sql.SQL("SKIP LOCKED")
+
+
+def _round(branches: sql.Composable, skip_locked: sql.Composable) -> sql.Composed:
+    return sql.SQL(_q("round")).format(branches=branches, skip_locked=skip_locked)
 
 
 async def _fails(
@@ -385,7 +394,8 @@ async def run_round(
     """Evaluate the watches the events ``ids`` hit, in the caller's transaction."""
     if plan.statement is None or not ids:
         return {"goals": 0, "exits": 0, "waits": 0}
-    row = await (await conn.execute(plan.statement, {"ids": ids, "queue": queue})).fetchone()
+    params = {"ids": ids, "queue": queue, "execution_id": None}
+    row = await (await conn.execute(plan.statement, params)).fetchone()
     assert row is not None
     return {"goals": int(row["goals"]), "exits": int(row["exits"]), "waits": int(row["waits"])}
 
@@ -496,12 +506,38 @@ async def _holds(
         return False
 
 
+_settle_kept: str | None = None  # the round without events, on one execution's kept hits
+
+
+async def settle_kept(conn: db.DictConnection, execution_id: int, queue: str) -> str | None:
+    """Settle the hits the matcher's round kept for this execution (it was held when the
+    round found them: crmflow.watch_hits), waiting for the rows' locks as the executor
+    does: the round's statement on no events. Returns what ended it, if anything."""
+    global _settle_kept
+    kept = await (await conn.execute(_q("has_kept_hits"), {"id": execution_id})).fetchone()
+    if not (kept and kept["kept"]):
+        return None
+    if _settle_kept is None:
+        _settle_kept = _round(sql.SQL(_q("no_hits")), sql.SQL("")).as_string(conn)
+    params = {"ids": [], "queue": queue, "execution_id": execution_id}
+    row = await (await conn.execute(_settle_kept, params)).fetchone()
+    assert row is not None
+    if row["goals"]:
+        return GOAL_MET
+    return EXIT_CRITERIA if row["exits"] else None
+
+
 async def before_step(runner: Runner, ex: dict[str, Any]) -> str | None:
-    """The executor's check before a step: the goal (first), then the exit criteria, on
-    the entity as it is now; met, the execution ends here. Returns what ended it."""
+    """The executor's check before a step: the hits the matcher's round kept for it (met
+    earlier), then the goal (first) and the exit criteria on the entity as it is now;
+    met, the execution ends here. Returns what ended it."""
     if not has_lifecycle(ex["definition"]):
         return None  # (no connection taken: this runs before every step of every workflow)
     async with db.autocommit(runner.pool) as conn:
+        if ex.get("entity_pk") is not None:
+            ended = await settle_kept(conn, ex["id"], runner.settings.queue_name)
+            if ended is not None:
+                return ended
         entity = await runner.entity(conn, ex["entity_type"])
         found = _found(runner, ex, entity)
         if found is None or not found.ends:
@@ -585,6 +621,14 @@ async def wait_step(
             row["status"], row["scheduled_at"] = "scheduled", at
             if at > now():
                 return None
+        else:
+            # the rows were read before the check that settles kept hits (before_step),
+            # and a round may have ended the wait since: its outcome as it is now
+            current = await (
+                await conn.execute(_q("wait_state"), {"id": ex["id"], "step_id": sid})
+            ).fetchone()
+            if current is not None:
+                row["result"], row["scheduled_at"] = current["result"], current["scheduled_at"]
         outcome = (row.get("result") or {}).get("outcome")
         if outcome in (MET, EVENT):
             return str(outcome)

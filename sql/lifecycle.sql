@@ -41,21 +41,39 @@ SELECT w.execution_id, w.kind, w.step_id,
 
 -- name: round
 -- One statement per matcher round, in the round's transaction: the watches its events
--- hit, then
+-- hit, and the hits earlier rounds kept (crmflow.watch_hits), then
 --   goal met:       the execution ends completed (goal_met_at), its open steps skipped;
 --   exit criteria:  it ends cancelled ("exit criteria"), its open steps skipped;
 --   (goal first when both hold), and either way its queue entry (its wake-up) is gone;
 --   wait_until met or its event arrived: the waiting step is due now with its outcome.
--- Executions and their step rows are locked in key order with SKIP LOCKED, as the
--- executor locks them (lock_steps): one an executor is working on right now is left to
--- the check the executor makes before each step, the matcher never waits for it.
+-- Executions and their step rows are locked in key order, {skip_locked} ("SKIP LOCKED"
+-- in the matcher: it never waits for the executor; nothing when the executor settles
+-- one execution's kept hits, engine/lifecycle.py settle_kept: it waits for the holder).
+-- A hit on an execution another transaction holds is not lost with the round's events:
+-- it is kept in crmflow.watch_hits, and the execution is due at once, so the executor
+-- settles it as soon as the holder lets go (or its own next step does, or the next
+-- round). %(execution_id)s: only that execution's kept hits (NULL: all of them).
 WITH batch AS (
     SELECT id, entity_type, pk, op, event_name
       FROM crmflow.outbox
      WHERE id = ANY(%(ids)s) AND pk IS NOT NULL
+), found AS (
+    SELECT DISTINCT ON (h.execution_id, h.kind, h.step_id)
+           h.execution_id, h.kind, h.step_id, h.outcome
+      FROM ({branches}) AS h
+     ORDER BY h.execution_id, h.kind, h.step_id, h.outcome DESC
+), kept_before AS MATERIALIZED (
+    -- (always SKIP LOCKED in the matcher: a row another round holds is that round's)
+    SELECT p.id, p.execution_id, p.kind, p.step_id, p.outcome
+      FROM crmflow.watch_hits AS p
+     WHERE %(execution_id)s::bigint IS NULL OR p.execution_id = %(execution_id)s::bigint
+     ORDER BY p.id
+       FOR UPDATE {skip_locked}
 ), hit AS (
     SELECT DISTINCT ON (h.execution_id, h.kind, h.step_id) h.*
-      FROM ({branches}) AS h
+      FROM (SELECT execution_id, kind, step_id, outcome FROM found
+            UNION ALL
+            SELECT execution_id, kind, step_id, outcome FROM kept_before) AS h
      ORDER BY h.execution_id, h.kind, h.step_id, h.outcome DESC
 ), locked AS MATERIALIZED (
     SELECT x.id
@@ -63,18 +81,25 @@ WITH batch AS (
      WHERE x.id IN (SELECT execution_id FROM hit)
        AND x.status IN ('pending', 'running', 'waiting')
      ORDER BY x.id
-       FOR NO KEY UPDATE SKIP LOCKED
+       FOR NO KEY UPDATE {skip_locked}
 ), steps_locked AS MATERIALIZED (
     SELECT s.execution_id, s.step_id
       FROM crmflow.execution_steps AS s
      WHERE s.execution_id IN (SELECT id FROM locked)
      ORDER BY s.execution_id, s.step_id
-       FOR UPDATE SKIP LOCKED
-), free AS (
+       FOR UPDATE {skip_locked}
+), free AS MATERIALIZED (
     SELECT l.id
       FROM locked AS l
      WHERE (SELECT count(*) FROM crmflow.execution_steps AS s WHERE s.execution_id = l.id)
          = (SELECT count(*) FROM steps_locked AS k WHERE k.execution_id = l.id)
+), held AS MATERIALIZED (
+    -- the live executions hit that another transaction holds: their hits wait
+    SELECT x.id
+      FROM crmflow.executions AS x
+     WHERE x.id IN (SELECT execution_id FROM hit)
+       AND x.id NOT IN (SELECT id FROM free)
+       AND x.status IN ('pending', 'running', 'waiting')
 ), ending AS (
     SELECT DISTINCT ON (h.execution_id) h.execution_id, h.kind
       FROM hit AS h
@@ -129,12 +154,54 @@ WITH batch AS (
             OR NOT EXISTS (SELECT 1 FROM crmflow.executions AS x
                             WHERE x.id = w.execution_id
                               AND x.status IN ('pending', 'running', 'waiting')))
+), kept AS (
+    -- the hits of this round's events on held executions, for later (once each)
+    INSERT INTO crmflow.watch_hits (execution_id, kind, step_id, outcome)
+    SELECT h.execution_id, h.kind, h.step_id, h.outcome
+      FROM found AS h
+     WHERE h.execution_id IN (SELECT id FROM held)
+       AND NOT EXISTS (SELECT 1 FROM kept_before AS p
+                        WHERE p.execution_id = h.execution_id AND p.kind = h.kind
+                          AND p.step_id = h.step_id)
+     ORDER BY h.execution_id, h.kind, h.step_id
+), settled AS (
+    -- the kept hits taken again: settled above, or their execution is over
+    DELETE FROM crmflow.watch_hits AS p
+     USING kept_before AS b
+     WHERE p.id = b.id AND b.execution_id NOT IN (SELECT id FROM held)
+), due AS (
+    -- held executions are due at once: the executor waits for the holder, then settles
+    -- their kept hits before anything else (SKIP LOCKED: a queue row locked now is the
+    -- executor's, which settles them before its next step)
+    SELECT q.execution_id
+      FROM crmflow.execution_queue AS q
+     WHERE q.execution_id IN (SELECT id FROM held) AND q.run_at > clock_timestamp()
+     ORDER BY q.execution_id
+       FOR UPDATE SKIP LOCKED
+), made_due AS (
+    UPDATE crmflow.execution_queue AS q SET run_at = clock_timestamp()
+      FROM due AS d
+     WHERE q.execution_id = d.execution_id
+    RETURNING q.run_at
 )
 SELECT (SELECT count(*) FROM ended WHERE kind = 'goal') AS goals,
        (SELECT count(*) FROM ended WHERE kind = 'exit') AS exits,
        (SELECT count(*) FROM woken) AS waits,
-       crmflow.wake_executor(%(queue)s, (SELECT array_agg(DISTINCT run_at) FROM requeued))
+       (SELECT count(*) FROM held) AS held,
+       crmflow.wake_executor(%(queue)s, (SELECT array_agg(DISTINCT run_at)
+                                           FROM (SELECT run_at FROM requeued
+                                                 UNION ALL
+                                                 SELECT run_at FROM made_due) AS r))
            AS woken;
+
+-- name: no_hits
+-- The round's branches when only kept hits are settled (the executor's settle_kept).
+SELECT NULL::bigint AS execution_id, NULL::text AS kind, NULL::text AS step_id,
+       NULL::text AS outcome
+ WHERE false
+
+-- name: has_kept_hits
+SELECT EXISTS (SELECT 1 FROM crmflow.watch_hits WHERE execution_id = %(id)s) AS kept;
 
 -- name: round_probe
 -- Does the round statement's every branch compile against the catalog as it is now?
@@ -181,7 +248,8 @@ SELECT (SELECT count(*) FROM updated) AS marked, (SELECT count(*) FROM raised) A
 SELECT generation FROM crmflow.matcher_state;
 
 -- name: add_watches
--- An execution starts waiting: what the matcher watches for it (already there: kept).
+-- An execution starts waiting: what the matcher watches for it (already there: kept);
+-- returns the rows written (a new watch: the change before it may have gone unseen).
 INSERT INTO crmflow.watches
        (execution_id, kind, step_id, workflow_version_id, entity_type, entity_pk, event_name)
 SELECT x.id, k.kind, k.step_id, x.workflow_version_id, x.entity_type, x.entity_pk, k.event_name
@@ -189,7 +257,8 @@ SELECT x.id, k.kind, k.step_id, x.workflow_version_id, x.entity_type, x.entity_p
  CROSS JOIN unnest(%(kinds)s::text[], %(step_ids)s::text[], %(event_names)s::text[])
        AS k(kind, step_id, event_name)
  WHERE x.id = %(id)s AND x.entity_pk IS NOT NULL
-ON CONFLICT (execution_id, kind, step_id) DO NOTHING;
+ON CONFLICT (execution_id, kind, step_id) DO NOTHING
+RETURNING kind;
 
 -- name: end_execution
 -- The executor's check before a step found the goal met (kind 'goal') or the exit
@@ -213,10 +282,16 @@ WITH ended AS (
      WHERE s.execution_id = ended.id AND s.status IN ('pending', 'scheduled')
 ), unwatched AS (
     DELETE FROM crmflow.watches AS w USING ended WHERE w.execution_id = ended.id
+), unkept AS (
+    DELETE FROM crmflow.watch_hits AS p USING ended WHERE p.execution_id = ended.id
 )
 DELETE FROM crmflow.execution_queue AS q USING ended
  WHERE q.execution_id = ended.id
    AND (q.leased_by IS NULL OR q.leased_until < clock_timestamp());
+
+-- name: wait_state
+SELECT result, scheduled_at FROM crmflow.execution_steps
+ WHERE execution_id = %(id)s AND step_id = %(step_id)s;
 
 -- name: drop_wait_watch
 DELETE FROM crmflow.watches

@@ -1,14 +1,23 @@
 """Enrollment lifecycle robustness on a real worker: a goal, exit_when or wait_until that
 fails (at run time on one row, or no longer compiling) is set apart for its workflow
 alone, marked broken with an alert, and every other workflow's goals, exits and waits go
-on; wait_until wake-ups are not lost when the round cannot take the execution."""
+on; a goal, exit or wait the round finds met while another transaction holds the
+execution (the executor running a step, another round, a session) is kept and settled
+once the holder lets go, not lost with the round's events."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
 
+from engine import events
+from engine.config import Settings
+from engine.executor.batch import BatchExecutor
+from engine.executor.runner import Runner
+from engine.matcher import Matcher
 from engine.worker import Worker
 from tests.helpers import apply, fetch, value, wait_until
 from tests.test_lifecycle import nurture, outcome_of, settled, waiting, waiting_for
@@ -102,3 +111,179 @@ async def test_a_lifecycle_condition_that_no_longer_compiles_leaves_out_its_work
         )
         == 1
     )
+
+
+# ─────────── a hit the round cannot take, a change racing with the watch ───────────
+
+
+@contextlib.asynccontextmanager
+async def holding(db_url: str, query: str, *args: Any) -> AsyncIterator[None]:
+    """Another transaction holds the rows ``query`` locks (as the executor running a step,
+    another matcher's round or a person's session would) until the block ends."""
+    async with await psycopg.AsyncConnection.connect(db_url) as other:
+        await other.execute(query, args or None)
+        yield
+        await other.commit()
+
+
+async def drained(crm: psycopg.AsyncConnection[Any]) -> None:
+    """Every captured change has been through a matcher round (committed with it)."""
+    await wait_until(
+        lambda: value(crm, "SELECT count(*) = 0 FROM crmflow.outbox WHERE processed_at IS NULL")
+    )
+
+
+async def test_a_wait_met_while_the_executor_runs_a_parallel_step_is_not_lost(
+    crm: psycopg.AsyncConnection[Any], worker: Worker
+) -> None:
+    # the wait and a slow step side by side: while the slow step runs, the executor holds
+    # the execution's row (lock_step), so the round cannot take the wait's hit
+    definition = waiting_for(
+        {"conditions": [{"field": "score", "operator": "greater_or_equal", "value": 50}]}, "1h"
+    )
+    definition["actions"].insert(
+        1, {"id": "slow", "type": "test_sleep", "seconds": 2, "depends_on": []}
+    )
+    for step in definition["actions"][2:]:
+        step["depends_on"] = ["wait"]
+    await apply(crm, definition)
+    await crm.execute("INSERT INTO leads (name, score) VALUES ('Ada', 10)")
+    await wait_until(
+        lambda: value(
+            crm,
+            "SELECT count(*) = 1 FROM pg_stat_activity"
+            " WHERE datname = current_database() AND query LIKE 'SELECT pg_sleep%%'",
+        ),
+        timeout=20,
+    )
+    assert await value(crm, "SELECT count(*) FROM crmflow.watches WHERE kind = 'wait'") == 1
+    [ex] = await fetch(crm, "SELECT id FROM crmflow.executions")
+    await crm.execute("UPDATE leads SET score = 80")
+    # met, promptly: not at its timeout an hour from now
+    assert await outcome_of(crm, ex["id"]) == ("met", "on_met")
+
+
+async def test_a_wait_met_while_its_execution_is_locked_resumes_when_released(
+    crm: psycopg.AsyncConnection[Any], worker: Worker, db_url: str
+) -> None:
+    await apply(
+        crm,
+        waiting_for(
+            {"conditions": [{"field": "score", "operator": "greater_or_equal", "value": 50}]}, "1h"
+        ),
+    )
+    await crm.execute("INSERT INTO leads (name, score) VALUES ('Ada', 10), ('Bob', 10)")
+    ada, bob = await waiting(crm, 2)
+    lock = "SELECT 1 FROM crmflow.executions WHERE id = %s FOR UPDATE"
+    async with holding(db_url, lock, ada["id"]):
+        await crm.execute("UPDATE leads SET score = 80")
+        await drained(crm)
+        # Bob's round took him; Ada's could not, and she waits for the lock
+        assert await outcome_of(crm, bob["id"]) == ("met", "on_met")
+        assert await value(
+            crm, "SELECT status FROM crmflow.executions WHERE id = %s", ada["id"]
+        ) == ("waiting")
+    assert await outcome_of(crm, ada["id"]) == ("met", "on_met")
+    assert await value(crm, "SELECT count(*) FROM crmflow.watches") == 0
+
+
+async def test_an_event_while_the_waiting_step_is_locked_is_kept(
+    crm: psycopg.AsyncConnection[Any], worker: Worker, db_url: str
+) -> None:
+    await apply(crm, waiting_for({"event": "demo_booked"}))
+    await crm.execute("INSERT INTO leads (name) VALUES ('Ada')")
+    [ex] = await waiting(crm, 1)
+    lead_id = await value(crm, "SELECT id FROM leads")
+    lock = (
+        "SELECT 1 FROM crmflow.execution_steps WHERE execution_id = %s AND step_id = 'wait'"
+        " FOR UPDATE"
+    )
+    async with holding(db_url, lock, ex["id"]):
+        await events.ingest(crm, "demo_booked", entity_type="lead", entity_id=lead_id)
+        await drained(crm)
+    # the event is not there any more to be read again: the hit itself was kept
+    assert await outcome_of(crm, ex["id"]) == ("event", "on_event")
+
+
+async def test_a_goal_met_while_the_execution_is_locked_ends_it_when_released(
+    crm: psycopg.AsyncConnection[Any], worker: Worker, db_url: str
+) -> None:
+    await apply(
+        crm,
+        nurture(
+            goal={"field": "status", "operator": "equals", "value": "customer"},
+            exit_when={"field": "status", "operator": "equals", "value": "spam"},
+        ),
+    )
+    await crm.execute("INSERT INTO leads (name) VALUES ('Ada'), ('Bob')")
+    ada, bob = await waiting(crm, 2)
+    # a step row (as the executor locks them) for Ada, the execution's row for Bob (as
+    # another matcher's round does)
+    step_lock = (
+        "SELECT 1 FROM crmflow.execution_steps WHERE execution_id = %s AND step_id = 'intro'"
+        " FOR UPDATE"
+    )
+    async with (
+        holding(db_url, step_lock, ada["id"]),
+        holding(
+            db_url, "SELECT 1 FROM crmflow.executions WHERE id = %s FOR NO KEY UPDATE", bob["id"]
+        ),
+    ):
+        await crm.execute(
+            "UPDATE leads SET status = CASE name WHEN 'Ada' THEN 'customer' ELSE 'spam' END"
+        )
+        await drained(crm)
+    done = await settled(crm, ada["id"])
+    assert done["status"] == "completed" and done["goal_met_at"] is not None
+    done = await settled(crm, bob["id"])
+    assert done["status"] == "cancelled" and done["error"] == "exit criteria"
+    assert await value(crm, "SELECT count(*) FROM crmflow.execution_queue") == 0
+    assert await value(crm, "SELECT count(*) FROM tasks WHERE title = 'follow up'") == 0
+
+
+async def test_a_kept_hit_is_due_at_once_and_settled_by_the_next_round(
+    crm: psycopg.AsyncConnection[Any], pool: Any, settings: Settings, db_url: str
+) -> None:
+    # no worker: the matcher and the executor by hand, to see each part
+    matcher = Matcher(pool, settings)
+    steps = BatchExecutor(pool, Runner(pool, settings), settings, "by hand")
+    await apply(
+        crm,
+        waiting_for(
+            {"conditions": [{"field": "score", "operator": "greater_or_equal", "value": 50}]}, "1h"
+        ),
+    )
+    await crm.execute("INSERT INTO leads (name, score) VALUES ('Ada', 10)")
+    await matcher.drain()
+    await steps.drain(seconds=1)
+    [ex] = await waiting(crm, 1)
+    due = "SELECT run_at <= now() FROM crmflow.execution_queue WHERE execution_id = %s"
+    assert await value(crm, due, ex["id"]) is False  # at its timeout
+    lock = "SELECT 1 FROM crmflow.executions WHERE id = %s FOR UPDATE"
+    async with holding(db_url, lock, ex["id"]):
+        await crm.execute("UPDATE leads SET score = 80")
+        await matcher.drain()
+        [kept] = await fetch(crm, "SELECT * FROM crmflow.watch_hits")
+        assert (kept["execution_id"], kept["kind"], kept["step_id"], kept["outcome"]) == (
+            ex["id"],
+            "wait",
+            "wait",
+            "met",
+        )
+        assert await value(crm, due, ex["id"]) is True  # the executor would take it now
+        # another round while it is still held keeps it once
+        await crm.execute("UPDATE leads SET score = 90")
+        await matcher.drain()
+        assert await value(crm, "SELECT count(*) FROM crmflow.watch_hits") == 1
+    # released; before the executor gets to it, any other event's round settles it
+    await crm.execute("INSERT INTO leads (name, score) VALUES ('Bob', 10)")
+    await matcher.drain()
+    assert await value(crm, "SELECT count(*) FROM crmflow.watch_hits") == 0
+    [step] = await fetch(
+        crm,
+        "SELECT result FROM crmflow.execution_steps WHERE execution_id = %s AND step_id = 'wait'",
+        ex["id"],
+    )
+    assert step["result"] == {"outcome": "met"}
+    await steps.drain(seconds=1)
+    assert await outcome_of(crm, ex["id"]) == ("met", "on_met")
