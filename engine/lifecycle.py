@@ -22,8 +22,9 @@ Where they are evaluated:
   execution made due at once: the executor settles it (:func:`settle_kept`) once the
   holder lets go, or the next round does;
 - by the executor before each step (:func:`before_step`): its kept hits, then an
-  execution that met its goal while it was running, or before a watch was written,
-  ends there;
+  execution that met its goal while it was running ends there; and once more when it
+  writes a watch, after the watch commits (a change committed between its look and the
+  watch was seen by no round);
 - a wait that times out is checked once more on the row as it is then (a change that
   raced with the writing of its watch is not lost: it is "met", not "timed_out").
 """
@@ -454,25 +455,29 @@ def broken_workflows(plan: RoundPlan | None) -> set[int]:
 
 async def add_watches(
     conn: db.DictConnection, ex: dict[str, Any], found: Predicates, waits: dict[str, str | None]
-) -> None:
+) -> int:
     """What the matcher watches for an execution that starts waiting: its goal and exit
-    criteria, and the wait_until steps in ``waits`` (step id → event name or None)."""
+    criteria, and the wait_until steps in ``waits`` (step id → event name or None).
+    Returns how many watches are new: until one commits, no round sees the entity's
+    changes for it, so the caller looks at the entity once more after that."""
     kinds: list[tuple[str, str, str | None]] = []
     if found.goal is not None:
         kinds.append((GOAL, "", None))
     if found.exit is not None:
         kinds.append((EXIT, "", None))
     kinds.extend((WAIT, sid, event) for sid, event in waits.items())
-    if kinds and ex.get("entity_pk") is not None:
-        await conn.execute(
-            _q("add_watches"),
-            {
-                "id": ex["id"],
-                "kinds": [k for k, _, _ in kinds],
-                "step_ids": [s for _, s, _ in kinds],
-                "event_names": [e for _, _, e in kinds],
-            },
-        )
+    if not kinds or ex.get("entity_pk") is None:
+        return 0
+    written = await conn.execute(
+        _q("add_watches"),
+        {
+            "id": ex["id"],
+            "kinds": [k for k, _, _ in kinds],
+            "step_ids": [s for _, s, _ in kinds],
+            "event_names": [e for _, _, e in kinds],
+        },
+    )
+    return len(await written.fetchall())
 
 
 def _found(runner: Runner, ex: dict[str, Any], entity: EntitySchema | None) -> Predicates | None:
@@ -542,24 +547,39 @@ async def before_step(runner: Runner, ex: dict[str, Any]) -> str | None:
         found = _found(runner, ex, entity)
         if found is None or not found.ends:
             return None
-        row = await runner.entity_row(conn, ex, entity)
-        for kind, predicate in ((GOAL, found.goal), (EXIT, found.exit)):
-            if predicate is not None and await _holds(runner, conn, ex, entity, row, predicate):
-                await conn.execute(_q("end_execution"), {"id": ex["id"], "kind": kind})
-                return GOAL_MET if kind == GOAL else EXIT_CRITERIA
+        return await _ends(runner, conn, ex, entity, found)
+
+
+async def _ends(
+    runner: Runner,
+    conn: db.DictConnection,
+    ex: dict[str, Any],
+    entity: EntitySchema | None,
+    found: Predicates,
+) -> str | None:
+    """The goal (first), then the exit criteria, on the entity as it is now; met, the
+    execution ends here. Returns what ended it."""
+    row = await runner.entity_row(conn, ex, entity)
+    for kind, predicate in ((GOAL, found.goal), (EXIT, found.exit)):
+        if predicate is not None and await _holds(runner, conn, ex, entity, row, predicate):
+            await conn.execute(_q("end_execution"), {"id": ex["id"], "kind": kind})
+            return GOAL_MET if kind == GOAL else EXIT_CRITERIA
     return None
 
 
 async def watch_waiting(runner: Runner, ex: dict[str, Any]) -> None:
     """An execution with a goal or exit criteria starts waiting (a delay, a retry): the
-    matcher watches its entity from now on."""
+    matcher watches its entity from now on. A change committed after the check before
+    its last step and before the new watches did was seen by no round: the goal and
+    exit criteria are checked once more, the watches visible (an execution that meets
+    one ends here, and the caller's "waiting" leaves an ended execution as it is)."""
     if not has_lifecycle(ex["definition"]):
         return
     async with db.autocommit(runner.pool) as conn:
         entity = await runner.entity(conn, ex["entity_type"])
         found = _found(runner, ex, entity)
-        if found is not None and found.ends:
-            await add_watches(conn, ex, found, {})
+        if found is not None and found.ends and await add_watches(conn, ex, found, {}):
+            await _ends(runner, conn, ex, entity, found)
 
 
 async def wait_step(
@@ -610,8 +630,9 @@ async def wait_step(
                     )
                     return SKIPPED
             if await met_now():
-                return MET
+                return MET  # (the common case of a condition met already: no watch written)
             at = ready_at + timedelta(seconds=float(wait.timeout))
+            # scheduled and watched together: a round that sees the watch can wake the step
             async with conn.transaction():
                 await conn.execute(
                     db.query("step_scheduled", "runtime.sql"),
@@ -619,6 +640,12 @@ async def wait_step(
                 )
                 await add_watches(conn, ex, found, {sid: wait.event})
             row["status"], row["scheduled_at"] = "scheduled", at
+            # A change committed after the look above and before the watch did was seen by
+            # no round: look once more, the watch visible. (An event posted before the
+            # watch does not count: the wait starts with it, docs/workflows.md.)
+            if await met_now():
+                await conn.execute(_q("drop_wait_watch"), {"id": ex["id"], "step_id": sid})
+                return MET
             if at > now():
                 return None
         else:

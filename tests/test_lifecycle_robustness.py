@@ -3,12 +3,13 @@ fails (at run time on one row, or no longer compiling) is set apart for its work
 alone, marked broken with an alert, and every other workflow's goals, exits and waits go
 on; a goal, exit or wait the round finds met while another transaction holds the
 execution (the executor running a step, another round, a session) is kept and settled
-once the holder lets go, not lost with the round's events."""
+once the holder lets go, not lost with the round's events; a change between the
+executor's look at the entity and the commit of its new watch is not missed."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -287,3 +288,70 @@ async def test_a_kept_hit_is_due_at_once_and_settled_by_the_next_round(
     assert step["result"] == {"outcome": "met"}
     await steps.drain(seconds=1)
     assert await outcome_of(crm, ex["id"]) == ("met", "on_met")
+
+
+@contextlib.asynccontextmanager
+async def watches_held_back(
+    crm: psycopg.AsyncConnection[Any], db_url: str
+) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Until the block ends, a transaction writing a watch waits before it commits (a
+    test-only trigger on crmflow.watches takes an advisory lock held here); the block's
+    value waits until one does (the executor looked at the entity and writes its watch)."""
+    await crm.execute(
+        "CREATE FUNCTION public.hold_watches() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END$$"
+    )
+    await crm.execute(
+        "CREATE TRIGGER hold_watches BEFORE INSERT ON crmflow.watches"
+        " FOR EACH ROW EXECUTE FUNCTION public.hold_watches()"
+    )
+
+    async def blocked() -> None:
+        await wait_until(
+            lambda: value(
+                crm,
+                "SELECT count(*) > 0 FROM pg_locks"
+                " WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted",
+            ),
+            timeout=20,
+        )
+
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as other:
+        await other.execute("SELECT pg_advisory_lock(4242)")
+        try:
+            yield blocked
+        finally:
+            await other.execute("SELECT pg_advisory_unlock(4242)")
+
+
+async def test_a_change_between_the_wait_check_and_its_watch_is_not_missed(
+    crm: psycopg.AsyncConnection[Any], worker: Worker, db_url: str
+) -> None:
+    await apply(
+        crm,
+        waiting_for(
+            {"conditions": [{"field": "score", "operator": "greater_or_equal", "value": 50}]}, "1h"
+        ),
+    )
+    async with watches_held_back(crm, db_url) as blocked:
+        await crm.execute("INSERT INTO leads (name, score) VALUES ('Ada', 10)")
+        await blocked()  # the executor found the wait not met; its watch is not visible yet
+        await crm.execute("UPDATE leads SET score = 80")
+        await drained(crm)  # the round ran on the change without the watch
+    [ex] = await fetch(crm, "SELECT id FROM crmflow.executions")
+    assert await outcome_of(crm, ex["id"]) == ("met", "on_met")
+
+
+async def test_a_change_between_the_goal_check_and_its_watch_is_not_missed(
+    crm: psycopg.AsyncConnection[Any], worker: Worker, db_url: str
+) -> None:
+    await apply(crm, nurture(goal={"field": "status", "operator": "equals", "value": "customer"}))
+    async with watches_held_back(crm, db_url) as blocked:
+        await crm.execute("INSERT INTO leads (name) VALUES ('Ada')")
+        await blocked()  # checked before the follow-up's delay; its watch not visible yet
+        await crm.execute("UPDATE leads SET status = 'customer'")
+        await drained(crm)
+    [ex] = await fetch(crm, "SELECT id FROM crmflow.executions")
+    done = await settled(crm, ex["id"])  # at once, not when the hour's delay is over
+    assert done["status"] == "completed" and done["goal_met_at"] is not None
+    assert await value(crm, "SELECT count(*) FROM tasks WHERE title = 'follow up'") == 0
