@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -19,7 +19,9 @@ from psycopg import sql
 
 from engine import catalog, db
 from engine.catalog import EntitySchema
-from engine.scorecards.model import ScorecardDefinition
+
+if TYPE_CHECKING:  # the definition model is imported when a fit runs, not with fit.py
+    from engine.scorecards.model import ScorecardDefinition
 
 F = npt.NDArray[np.float64]
 
