@@ -1,9 +1,6 @@
 """OpenTelemetry tracing: a trace per execution, spans for its enrollment, steps and calls.
 
-The only module that imports OpenTelemetry (the optional extra ``crmflow[tracing]``),
-which is why it is one module of about 550 lines rather than several: keeping every
-OpenTelemetry import and the off-switch behind one file keeps the rest of the engine
-free of it (a test would otherwise have to police each importer).
+The only module that imports OpenTelemetry (the optional extra ``crmflow[tracing]``).
 Tracing is off unless the standard environment asks for it (``OTEL_TRACES_EXPORTER``,
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``; see
 docs/operations.md) or a test installs a provider (:func:`use_provider`). Off, every
@@ -19,6 +16,16 @@ outcome; failed attempts, retries, breaker holds and delays as span events), and
 external call a child of its step, whose W3C ``traceparent`` the call sends.
 When the CRM's write set ``crmflow.traceparent`` (kept in the outbox, migration 0021),
 the root span links to the writer's span too.
+
+Why this is long (about 550 lines): it is one adapter around one piece of state. Every
+helper reads the same module globals at its first line (``_state``, ``_tracer``, the
+step spans kept open in ``_open``, the ids ``_forced`` on the next root span), which
+:func:`configure`, :func:`use_provider` and :func:`reset` rebind; and the sections
+below (on or off, the execution's ids, enrollment, steps, external calls) are a few
+short functions each that share the private helpers ``_execution``, ``_root_context``
+and ``_attributes``. Split into modules, each would read the others' private state,
+and the boundary the engine relies on (no other module imports OpenTelemetry, off
+imports none of it: ``tests/test_tracing.py``) would run through several files.
 """
 
 from __future__ import annotations
