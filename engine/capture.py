@@ -1,7 +1,7 @@
 """Attach and detach capture: ``crmflow watch TABLE`` / ``crmflow unwatch TABLE``.
 
 For each watched table there are three statement-level triggers (insert, update,
-delete), each calling a function generated from the templates in ``sql/capture.sql``
+delete), each calling a function generated from the templates in ``sql/install/capture.sql``
 with the table's primary key filled in. Any table with a primary key works, in any
 schema, with a single or composite key.
 """
@@ -93,7 +93,7 @@ def drop_ddl(w: Watched, relations: list[str]) -> list[sql.Composed]:
 
 async def install(conn: psycopg.AsyncConnection[Any], w: Watched, relid: int) -> None:
     """Generate the entity's capture functions and put its triggers on the table and its
-    partitions (crmflow.install_capture in sql/capture.sql)."""
+    partitions (crmflow.install_capture in sql/install/capture.sql)."""
     await conn.execute(
         db.query("install_capture", "capture.sql"),
         {"entity_type": w.entity_type, "relid": relid, "pk_columns": w.pk_columns},
@@ -340,7 +340,7 @@ async def list_watched(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any
 
 async def reinstall_all(conn: psycopg.AsyncConnection[Any]) -> int:
     """Regenerate every watched table's capture functions (after an upgrade of
-    sql/capture.sql), then heal: follow renames and key changes, capture new partitions."""
+    sql/install/capture.sql), then heal: follow renames and key changes, capture new partitions."""
     rows = await (
         await conn.execute(db.query("watched_tables_with_oid", "catalog.sql"), {})
     ).fetchall()
@@ -381,5 +381,5 @@ async def install_event_trigger(conn: psycopg.AsyncConnection[Any]) -> bool:
     row = await (await conn.execute(db.query("may_create_event_trigger", "capture.sql"))).fetchone()
     if not (row and row["allowed"]):
         return False
-    await conn.execute(db.query("install_event_trigger", "capture.sql").encode())
+    await conn.execute(db.install_script("event_trigger.sql").encode())
     return True

@@ -61,6 +61,14 @@ def sql_file(filename: str) -> dict[str, str]:
     return parse_named_queries((resource_dir("sql") / filename).read_text(encoding="utf-8"))
 
 
+@functools.cache
+def install_script(filename: str) -> LiteralString:
+    """A whole script of ``sql/install/`` (``CREATE OR REPLACE`` functions and views, the
+    example CRM): SQL that is not a migration, applied without parameters."""
+    text = (resource_dir("sql") / "install" / filename).read_text(encoding="utf-8")
+    return cast(LiteralString, text)  # type: ignore[redundant-cast]
+
+
 def query(name: str, filename: str) -> LiteralString:
     """A static named query; these files are ours, so they are as safe as literals in code."""
     # mypy takes LiteralString for str (a redundant cast to it); type checkers that tell

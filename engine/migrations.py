@@ -31,8 +31,8 @@ from engine.config import get_settings
 MIGRATION_LOCK = 0x63726D666C6F77
 _q = db.Queries("migrations.sql")
 _FILE_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-# SQL files (not migrations) applied on every migrate, in this order.
 ALERT_ENTITY = "crmflow_alert"
+# The scripts of sql/install/ (not migrations) applied on every migrate, in this order.
 INSTALL_FILES = ("functions.sql", "capture.sql", "views.sql")
 
 
@@ -114,9 +114,7 @@ async def migrate(
             return report
         # SQL that is not a migration: CREATE OR REPLACE on every run.
         for filename in INSTALL_FILES:
-            path = db.resource_dir("sql") / filename
-            if path.exists():
-                await conn.execute(db.query("install", filename).encode())
+            await conn.execute(db.install_script(filename).encode())
         await capture.install_event_trigger(conn)
         report.recaptured_tables = await capture.reinstall_all(conn)
         if (
@@ -167,7 +165,7 @@ async def _migrate_procrastinate(
             done.append(p.name)
     await conn.execute(_q("reset_search_path"))
     await conn.execute(
-        db.template("procrastinate_wakeups", "functions.sql").format(
+        db.template("procrastinate_wakeups", "migrations.sql").format(
             schema=sql.Identifier(schema_name)
         )
     )

@@ -1,7 +1,7 @@
 """The capture filter of a workflow version: which captured rows it could ever match.
 
 Capture keeps a row only when some active workflow's filter holds for it
-(``crmflow.capture_filter`` in sql/capture.sql, docs/design.md "Capture keeps what can
+(``crmflow.capture_filter`` in sql/install/capture.sql, docs/design.md "Capture keeps what can
 match"). A filter is a sound over-approximation of the workflow's event predicate: it
 reads nothing but the captured rows' JSON, it is true for every row pair the matcher
 could enroll the workflow on (a false positive only costs an outbox row; a false

@@ -102,7 +102,7 @@ async def install_example_crm(conn: psycopg.AsyncConnection[Any], settings: Sett
         await conn.execute(
             sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(settings.crm_schema))
         )
-        await conn.execute(db.query("install", "example_crm.sql").encode())
+        await conn.execute(db.install_script("example_crm.sql").encode())
 
 
 async def seed_example_users(
@@ -126,9 +126,7 @@ async def seed_example_users(
             return []
         # Two seeds at once add the users once (a lock of crmflow's, not the CRM's table).
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('crmflow seed users'))")
-        cursor = await conn.execute(
-            db.query("seed_users", "example_crm.sql"), {"users": Jsonb(users)}
-        )
+        cursor = await conn.execute(db.query("seed_users", "seed.sql"), {"users": Jsonb(users)})
         return list(await cursor.fetchall())
 
 

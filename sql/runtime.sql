@@ -147,7 +147,7 @@ SELECT CAST(n.{field} AS timestamptz) + make_interval(secs => %(offset)s) AS at
 
 -- name: set_write_context
 -- Writes made by an action carry the execution's depth and say who made them, signed
--- for this transaction (sql/capture.sql: capture trusts only a signed context).
+-- for this transaction (sql/install/capture.sql: capture trusts only a signed context).
 SELECT crmflow.set_write_context(%(depth)s::integer, %(actor)s);
 
 -- name: cancel_execution

@@ -16,7 +16,7 @@ order of their names. Changing weights moves only the entities at the ranges' ed
 Without an entity (a manual or event run about nothing), the execution's id is the key.
 
 The same function is in SQL (``crmflow.split_path(key, names, weights)``,
-sql/views.sql), for reports and for checking the distribution over many keys.
+sql/install/views.sql), for reports and for checking the distribution over many keys.
 
 A pure database step with no effect but its record: it runs inline in the matcher's
 transaction and in the executor's waves.

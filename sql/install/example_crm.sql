@@ -1,8 +1,6 @@
 -- The example CRM used by `crmflow seed`, `crmflow demo` and the tests (docs/design.md).
 -- Created in the CRM schema (public by default) when missing; the engine itself works
 -- on any table with a primary key.
-
--- name: install
 DO $$
 BEGIN
     CREATE TYPE churn_risk_level AS ENUM ('low', 'medium', 'high', 'critical');
@@ -187,16 +185,3 @@ BEGIN
     END LOOP;
 END
 $$;
-
--- name: seed_users
--- Example users for the pre-configured workflows (deal owners, CSMs for the churn
--- playbook, managers to notify), added by `crmflow seed` only while the users table is
--- empty: a CRM's own users stay as they are. (engine/seed.py takes an advisory lock
--- first, so two seeds at once add them once.)
-INSERT INTO users (name, email, role)
-SELECT u.name, u.email, u.role
-  FROM ROWS FROM (jsonb_to_recordset(%(users)s::jsonb) AS (name text, email text, role text))
-       WITH ORDINALITY AS u(name, email, role, n)
- WHERE NOT EXISTS (SELECT 1 FROM users)
- ORDER BY u.n
-RETURNING id, name, email, role;

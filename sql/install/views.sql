@@ -1,8 +1,6 @@
 -- Reporting views: public surface for BI tools (docs/reporting.md documents every
 -- column). Re-created by `crmflow migrate` (DROP + CREATE, so a column change lands).
 -- Days are UTC days; durations are in seconds.
-
--- name: install
 DROP VIEW IF EXISTS crmflow.execution_report, crmflow.sla_report, crmflow.failures,
     crmflow.outbox_lag, crmflow.step_report;
 DROP VIEW IF EXISTS crmflow.enrollments;
