@@ -108,13 +108,6 @@ SELECT pg_advisory_xact_lock(1935896436, %(id)s::integer);
 -- minutes (the rescore puts its keys back for a later round).
 SELECT pg_try_advisory_xact_lock(1935896436, %(id)s::integer) AS locked;
 
--- name: first_levels
--- The entities the run's scoring statement, in this transaction, gave their first level
--- (no score before): its history rows without a previous level, found by their
--- scored_at, the transaction's now() (score_history_time_idx).
-SELECT count(*) AS n FROM crmflow.score_history
- WHERE scored_at = now() AND scorecard_id = %(id)s AND previous_level IS NULL;
-
 -- name: scorecard_ran
 UPDATE crmflow.scorecards SET last_run_at = now() WHERE id = %(id)s;
 

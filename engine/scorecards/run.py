@@ -92,17 +92,10 @@ async def score(
                 raise ScorecardBusy(card.definition.name)
         row = await (await conn.execute(statement, params)).fetchone()
         assert row is not None
-        # An entity's first level is a level change too (a field_updated workflow on the
-        # level column sees it); the statement counts changes from a previous level only.
-        # Every first level has a history row: none, no statement.
-        first = 0
-        if int(row["history_rows"]):
-            got = await (await conn.execute(_q("first_levels"), {"id": card.id})).fetchone()
-            first = int(got["n"]) if got else 0
         await conn.execute(_q("scorecard_ran"), {"id": card.id})
     result.scored = int(row["scored"])
     result.history_rows = int(row["history_rows"])
-    result.level_changes = int(row["level_changes"]) + first
+    result.level_changes = int(row["level_changes"])
     updated, skipped = await write_keys(conn, card, list(row["to_write"]))
     result.updated, result.skipped_locked = updated, skipped
     result.seconds = time.perf_counter() - started

@@ -249,7 +249,9 @@ def compile_scoring(card: LoadedScorecard, keyed: bool) -> sql.Composed:
     """The scoring statement: scores, ``crmflow.score_history`` rows where the score or
     level changed, ``crmflow.score_latest`` upserted. Returns the counts and
     ``to_write``, the keys of the entities whose columns differ from what they should
-    hold (:func:`compile_write_chunk` writes them)."""
+    hold (:func:`compile_write_chunk` writes them). ``level_changes`` counts an entity's
+    first level too (no previous level, NULL: its level column's first write is a change
+    a field_updated workflow sees); a level is never NULL (the lowest band's otherwise)."""
     ctes, _ = scored_ctes(card, keyed)
     ctes.append(_joined_cte(card))
     ctes += _stored_ctes(card)
@@ -261,8 +263,8 @@ def compile_scoring(card: LoadedScorecard, keyed: bool) -> sql.Composed:
                 " SELECT (SELECT count(*) FROM j) AS scored, (SELECT count(*) FROM hist) AS "
                 "history_rows, (SELECT coalesce(jsonb_agg(j.entity_key), '[]'::jsonb) FROM j "
                 "WHERE j.differs) AS to_write, "
-                "(SELECT count(*) FROM j WHERE j.p_level IS NOT NULL "
-                "AND j.p_level <> j.level) AS level_changes, (SELECT count(*) FROM gone) AS gone"
+                "(SELECT count(*) FROM j WHERE j.p_level IS DISTINCT FROM j.level) AS "
+                "level_changes, (SELECT count(*) FROM gone) AS gone"
             ),
         ]
     )
