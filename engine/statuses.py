@@ -1,7 +1,7 @@
 """The statuses crmflow keeps in its tables: one ``StrEnum`` per column with a CHECK list.
 
 Each enum holds exactly the values its column's CHECK constraint allows, in the
-constraint's order (``tests/test_statuses.py`` reads the constraints of a migrated
+constraint's order (``tests/project/test_statuses.py`` reads the constraints of a migrated
 database and compares). Members are ``str``: they compare equal to the stored text and
 psycopg sends their value (``ExecutionStatus.FAILED == "failed"``).
 

@@ -25,7 +25,7 @@ below (on or off, the execution's ids, enrollment, steps, external calls) are a 
 short functions each that share the private helpers ``_execution``, ``_root_context``
 and ``_attributes``. Split into modules, each would read the others' private state,
 and the boundary the engine relies on (no other module imports OpenTelemetry, off
-imports none of it: ``tests/test_tracing.py``) would run through several files.
+imports none of it: ``tests/report/test_tracing.py``) would run through several files.
 """
 
 from __future__ import annotations

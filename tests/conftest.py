@@ -142,7 +142,7 @@ def settings(db_url: str) -> Settings:
         heartbeat_interval=0.5,
         stalled_worker_timeout=3.0,
         http_allowed_hosts=["127.0.0.1", "localhost"],
-        # Most tests exercise the step runner, one job per execution; tests/test_inline.py
+        # Most tests exercise the step runner, one job per execution; tests/match/test_inline.py
         # turns the matcher's inline steps (the production default) back on.
         inline_steps=False,
     )

@@ -22,8 +22,7 @@ from engine.executor.runner import Runner
 from engine.matcher import Matcher
 from engine.model import DefinitionError
 from engine.windows import DAYS
-from tests.helpers import apply, fetch, install_test_crm, value, wait_executions_settled
-from tests.test_dashboard import (
+from tests.api.test_dashboard import (
     CHROMIUM,
     Dashboard,
     browser,  # noqa: F401 (a fixture)
@@ -33,6 +32,7 @@ from tests.test_dashboard import (
     sql_rows,
     start_api,
 )
+from tests.helpers import apply, fetch, install_test_crm, value, wait_executions_settled
 
 
 def ab_workflow(paths: dict[str, int], **extra: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import pytest
 from engine import workflows
 from tests.chaos.helpers import Figures, Process, report, start_worker
 from tests.helpers import apply, value, wait_until
-from tests.test_host_deadlocks import (
+from tests.match.test_host_deadlocks import (
     DEAL_AMOUNT,
     LEAD_SCORE,
     check_every_execution_ran_once,

@@ -1,0 +1,1 @@
+"""The benchmark (bench/): its cases and verdicts."""

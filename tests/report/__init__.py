@@ -1,0 +1,2 @@
+"""Reporting and operating (views, engine/executions.py, retention.py, tracing.py, metrics and
+alerts)."""
