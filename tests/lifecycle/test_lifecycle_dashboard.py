@@ -18,7 +18,7 @@ from tests.api.test_dashboard import (  # noqa: F401 (fixtures)
     wait_for,
 )
 from tests.helpers import apply
-from tests.test_lifecycle import nurture
+from tests.lifecycle.test_lifecycle import nurture
 
 
 def test_enrollments_filter_and_goal_conversions(page: Any, dashboard: Dashboard) -> None:  # noqa: F811

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -33,6 +32,7 @@ from tests.api.test_dashboard import (
     start_api,
 )
 from tests.helpers import apply, fetch, install_test_crm, value, wait_executions_settled
+from tests.paths import REPO
 
 
 def ab_workflow(paths: dict[str, int], **extra: Any) -> dict[str, Any]:
@@ -345,7 +345,7 @@ async def test_goal_conversions_per_path(
 
 
 def docs_example(start: str) -> dict[str, Any]:
-    text = (Path(__file__).resolve().parent.parent / "docs" / "workflows.md").read_text()
+    text = (REPO / "docs" / "workflows.md").read_text()
     begin = text.index(start)
     block = text[text.index("```json\n", begin) + 8 :]
     parsed: dict[str, Any] = json.loads(block[: block.index("```")])

@@ -21,7 +21,7 @@ from engine.executor.runner import Runner
 from engine.matcher import Matcher
 from engine.worker import Worker
 from tests.helpers import apply, fetch, value, wait_until
-from tests.test_lifecycle import nurture, outcome_of, settled, waiting, waiting_for
+from tests.lifecycle.test_lifecycle import nurture, outcome_of, settled, waiting, waiting_for
 
 
 async def ids_by_workflow(crm: psycopg.AsyncConnection[Any]) -> dict[tuple[str, str], int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -23,6 +22,7 @@ from engine.matcher import Matcher
 from engine.model import DefinitionError
 from engine.windows import DAYS, Window, next_opening
 from tests.helpers import apply, fetch, value
+from tests.paths import REPO
 
 LISBON = ZoneInfo("Europe/Lisbon")
 OFFICE = Window.model_validate(
@@ -457,7 +457,7 @@ async def test_inline_steps_run_in_the_matcher_only_inside_their_window(
 
 
 async def test_the_docs_example_applies(crm: psycopg.AsyncConnection[Any]) -> None:
-    text = (Path(__file__).resolve().parent.parent / "docs" / "workflows.md").read_text()
+    text = (REPO / "docs" / "workflows.md").read_text()
     begin = text.index("### window")
     block = text[text.index("```json\n", begin) + 8 :]
     example = json.loads(block[: block.index("```")])

@@ -15,6 +15,7 @@ from engine import events, workflows
 from engine.model import DefinitionError
 from engine.worker import Worker
 from tests.helpers import apply, fetch, value, wait_until
+from tests.paths import REPO
 
 
 def nurture(**extra: Any) -> dict[str, Any]:
@@ -355,9 +356,8 @@ def doc_example(name: str) -> dict[str, Any]:
     """The example of docs/workflows.md named ``name``, as written there."""
     import json
     import re
-    from pathlib import Path
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "workflows.md").read_text()
+    text = (REPO / "docs" / "workflows.md").read_text()
     for block in re.findall(r"```json\n(.*?)```", text, re.DOTALL):
         if f'"name": "{name}"' in block:
             found: dict[str, Any] = json.loads(block)
