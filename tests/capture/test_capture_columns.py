@@ -1,4 +1,4 @@
-"""Column pruning (crmflow.capture_pruned_columns in sql/capture.sql; docs/design.md,
+"""Column pruning (crmflow.capture_pruned_columns in sql/install/capture.sql; docs/design.md,
 "Capture keeps what can match"): the rows capture stores hold the key and the columns
 the active workflows, derived fields and capture demands read; whole rows for tables
 watched with --all-columns, for entity_updated and entity_deleted workflows and for

@@ -1,5 +1,5 @@
 """Capture keeps only the rows some active workflow could match (engine/prefilter.py,
-crmflow.capture_filter in sql/capture.sql; docs/design.md, "Capture keeps what can match").
+crmflow.capture_filter in sql/install/capture.sql; docs/design.md, "Capture keeps what can match").
 
 A row no active workflow can match leaves no outbox row; a matching one does; the filter
 follows every activation, pause, edit and archive in that transaction; it never drops a

@@ -206,10 +206,9 @@ def test_the_check_finds_a_cycle(tmp_path: Path) -> None:
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
 
-# Left out of the size checks for now: other helpers are splitting these in the same
-# session (2026-12-03). Delete each entry once its split has landed, so the check
-# covers it too; a path ending in "/" leaves out the whole package.
-NOT_CHECKED_YET = ("engine/lifecycle.py",)
+# Left out of the size checks (a path ending in "/" leaves out a whole package): none
+# now; a module that must stay long says why at its top instead.
+NOT_CHECKED_YET: tuple[str, ...] = ()
 
 
 def _checked_files(root: Path, package: str, skip: tuple[str, ...]) -> list[tuple[str, Path]]:
