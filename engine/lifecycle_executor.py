@@ -208,8 +208,15 @@ async def wait_step(
             if await met_now():
                 return MET  # (the common case of a condition met already: no watch written)
             at = ready_at + timedelta(seconds=float(wait.timeout))
-            if await _start_waiting(conn, ex, found, sid, wait.event, row, at, met_now):
+            started = await _start_waiting(conn, ex, found, sid, wait.event, row, at, met_now)
+            if started == MET:
                 return MET
+            # The goal and exit watches were written with the wait's: a change committed
+            # after the check before this step and before they were visible was seen by
+            # no round, so they are looked at once more (one met ends the execution here;
+            # the caller's "waiting" leaves an ended execution as it is).
+            if found.ends and await _ends(runner, conn, ex, entity, found) is not None:
+                return None
             if at > now():
                 return None
         else:
@@ -263,9 +270,9 @@ async def _start_waiting(
     row: dict[str, Any],
     at: datetime,
     met_now: Callable[[], Awaitable[bool]],
-) -> bool:
+) -> str | None:
     """The wait step is scheduled at its timeout ``at`` and watched, in one transaction
-    (a round that sees the watch can wake the step); True if its conditions are met
+    (a round that sees the watch can wake the step); ``met`` if its conditions are met
     once the watch is visible (the step goes on at once, the watch dropped)."""
     async with conn.transaction():
         await conn.execute(
@@ -279,5 +286,5 @@ async def _start_waiting(
     # not count: the wait starts with it, docs/workflows.md.)
     if await met_now():
         await conn.execute(_q("drop_wait_watch"), {"id": ex["id"], "step_id": sid})
-        return True
-    return False
+        return MET
+    return None

@@ -186,10 +186,12 @@ class Worker:
 
     async def _wake_due(self) -> None:
         """Backs up the executor's wake-ups: due work nobody is running (a wake-up lost
-        to a race, a lease that ran out with its worker) gets one within a second."""
+        to a race, a lease that ran out with its worker, a lifecycle hit kept and left
+        behind) gets one within a second."""
         while await self._every(1.0):
             try:
                 async with self.pool.connection() as conn:
+                    await conn.execute(db.query("wake_kept_hits", "executor.sql"), {})
                     await conn.execute(
                         db.query("wake_due", "executor.sql"), {"queue": self.settings.queue_name}
                     )

@@ -189,8 +189,13 @@ DELETE FROM crmflow.execution_queue WHERE execution_id = %(id)s;
 -- name: next_wake
 -- After the careful path ran executions one by one: when each is due again (NULL: out
 -- of the queue), and whether it keeps its entity's order then (it has work now).
+-- An execution with hits a lifecycle round kept (crmflow.watch_hits) is due now: the
+-- round could not take it while this executor held it, and made it due, which the
+-- settle that follows this would otherwise undo.
 SELECT x.id,
        CASE WHEN x.status NOT IN ('pending', 'running', 'waiting') THEN NULL
+            WHEN EXISTS (SELECT 1 FROM crmflow.watch_hits AS h WHERE h.execution_id = x.id)
+                 THEN clock_timestamp()
             WHEN x.not_before > clock_timestamp() THEN x.not_before
             WHEN x.status = 'waiting' THEN coalesce(
                  (SELECT min(s.scheduled_at) FROM crmflow.execution_steps AS s
@@ -209,6 +214,23 @@ SELECT jsonb_build_object({pairs}) AS pk, {row} AS row
   FROM {table} AS t
  WHERE ({t_cols}) IN (SELECT {p_cols} FROM jsonb_populate_recordset(NULL::{table}, %(pks)s) AS p)
  ORDER BY {t_cols} {lock}
+
+-- name: wake_kept_hits
+-- The worker's sweep, before wake_due: executions with hits a lifecycle round kept
+-- (crmflow.watch_hits) are due now. A round that kept a hit and committed after the
+-- executor's last look at it (the executor then put its own timeout over the round's
+-- "due now") would otherwise wait for a round with an event about the same execution,
+-- or for the timeout. Rows a drainer holds are left to it (SKIP LOCKED: never waits).
+WITH due AS (
+    SELECT q.execution_id
+      FROM crmflow.execution_queue AS q
+     WHERE q.execution_id IN (SELECT h.execution_id FROM crmflow.watch_hits AS h)
+       AND q.run_at > clock_timestamp()
+       AND (q.leased_until IS NULL OR q.leased_until < clock_timestamp())
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE crmflow.execution_queue AS q SET run_at = clock_timestamp()
+  FROM due WHERE q.execution_id = due.execution_id;
 
 -- name: wake_due
 -- The worker's sweep (every second): due work that no drainer is running gets a wake-up.

@@ -1,5 +1,6 @@
--- Enrollment lifecycle (engine/lifecycle.py): goals, exit criteria and wait_until steps,
--- evaluated by the matcher on the watched entities' captured changes. See
+-- Enrollment lifecycle (engine/lifecycle.py and its lifecycle_* modules): goals, exit
+-- criteria and wait_until steps, evaluated by the matcher on the watched entities'
+-- captured changes. See
 -- migrations/0023_lifecycle_watches.sql for crmflow.watches.
 
 -- name: watched_versions
@@ -48,7 +49,7 @@ SELECT w.execution_id, w.kind, w.step_id,
 --   wait_until met or its event arrived: the waiting step is due now with its outcome.
 -- Executions and their step rows are locked in key order, {skip_locked} ("SKIP LOCKED"
 -- in the matcher: it never waits for the executor; nothing when the executor settles
--- one execution's kept hits, engine/lifecycle.py settle_kept: it waits for the holder).
+-- one execution's kept hits, engine/lifecycle_executor.py settle_kept: it waits for the holder).
 -- A hit on an execution another transaction holds is not lost with the round's events:
 -- it is kept in crmflow.watch_hits, and the execution is due at once, so the executor
 -- settles it as soon as the holder lets go (or its own next step does, or the next
@@ -210,7 +211,7 @@ SELECT h.* FROM ({branches}) AS h LIMIT 0;
 
 -- name: round_try
 -- The round's hits of some branches on the events %(ids)s, evaluated and counted but
--- not acted on: which version's conditions fail on them (engine/lifecycle.py _narrow)?
+-- not acted on: which version's conditions fail on them (engine/lifecycle_round.py _narrow)?
 WITH batch AS (
     SELECT id, entity_type, pk, op, event_name
       FROM crmflow.outbox

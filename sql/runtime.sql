@@ -160,7 +160,13 @@ RETURNING id;
 -- name: replay_execution
 -- Replay from the failed step: failed steps go back to pending (history of the
 -- earlier run stays in the error until the new attempt), the execution to pending.
-WITH reset AS (
+-- Lifecycle hits kept for the failed run (crmflow.watch_hits) are dropped: they were
+-- about the entity then, and the replay checks the goal and exit before each step.
+WITH dropped_hits AS (
+    DELETE FROM crmflow.watch_hits
+     WHERE execution_id = %(id)s
+       AND EXISTS (SELECT 1 FROM crmflow.executions WHERE id = %(id)s AND status = 'failed')
+), reset AS (
     UPDATE crmflow.execution_steps
        SET status = 'pending', scheduled_at = NULL, finished_at = NULL, attempts = 0,
            error = 'replayed after: ' || coalesce(error, 'failure')

@@ -342,6 +342,26 @@ async def test_a_change_between_the_wait_check_and_its_watch_is_not_missed(
     assert await outcome_of(crm, ex["id"]) == ("met", "on_met")
 
 
+async def test_a_goal_met_between_the_check_and_a_wait_until_watch_is_not_missed(
+    crm: psycopg.AsyncConnection[Any], worker: Worker, db_url: str
+) -> None:
+    """The goal and exit watches written with a wait_until step's: a change meeting the
+    goal after the executor's look and before those watches commit was seen by no round,
+    and only the wait's own condition was looked at again (the goal waited an hour)."""
+    definition = waiting_for({"event": "demo_booked"})
+    definition["goal"] = {"field": "status", "operator": "equals", "value": "customer"}
+    await apply(crm, definition)
+    async with watches_held_back(crm, db_url) as blocked:
+        await crm.execute("INSERT INTO leads (name) VALUES ('Ada')")
+        await blocked()  # the wait is starting; its watches (goal, wait) not visible yet
+        await crm.execute("UPDATE leads SET status = 'customer'")
+        await drained(crm)
+    [ex] = await fetch(crm, "SELECT id FROM crmflow.executions")
+    done = await settled(crm, ex["id"])  # at once, not at the wait's timeout in an hour
+    assert done["status"] == "completed" and done["goal_met_at"] is not None
+    assert await value(crm, "SELECT count(*) FROM tasks") == 0
+
+
 async def test_a_change_between_the_goal_check_and_its_watch_is_not_missed(
     crm: psycopg.AsyncConnection[Any], worker: Worker, db_url: str
 ) -> None:
@@ -355,3 +375,33 @@ async def test_a_change_between_the_goal_check_and_its_watch_is_not_missed(
     done = await settled(crm, ex["id"])  # at once, not when the hour's delay is over
     assert done["status"] == "completed" and done["goal_met_at"] is not None
     assert await value(crm, "SELECT count(*) FROM tasks WHERE title = 'follow up'") == 0
+
+
+async def test_a_kept_hit_left_behind_by_a_settle_is_swept_due(
+    crm: psycopg.AsyncConnection[Any], worker: Worker
+) -> None:
+    """A round that kept a hit and committed after the executor's last look (the executor
+    then set the execution waiting with its own timeout, over the round's "due now"):
+    with no later event no round takes it again; the worker's queue sweep makes an
+    execution with kept hits due, and the executor settles them."""
+    await apply(
+        crm,
+        waiting_for(
+            {"conditions": [{"field": "score", "operator": "greater_or_equal", "value": 50}]}, "1h"
+        ),
+    )
+    await crm.execute("INSERT INTO leads (name, score) VALUES ('Ada', 10)")
+    [ex] = await waiting(crm, 1)
+    assert await value(
+        crm,
+        "SELECT run_at > now() + interval '50 minutes' FROM crmflow.execution_queue"
+        " WHERE execution_id = %s",
+        ex["id"],
+    )
+    await crm.execute(
+        "INSERT INTO crmflow.watch_hits (execution_id, kind, step_id, outcome)"
+        " VALUES (%s, 'wait', 'wait', 'met')",
+        [ex["id"]],
+    )
+    assert await outcome_of(crm, ex["id"]) == ("met", "on_met")
+    assert await value(crm, "SELECT count(*) FROM crmflow.watch_hits") == 0
