@@ -196,6 +196,12 @@ async def rescore_queued(
             results.append(await score(conn, card, keys, wait=False))
         except store.ScorecardNotFound:
             continue  # removed: its queue rows went with it
+        except asyncio.CancelledError:
+            # The worker stopping (it cancels what outlives its grace period): the keys
+            # not rescored yet go back first, through another of the pool's connections
+            # (this one was cut off mid-statement), shielded from the cancellation.
+            await asyncio.shield(_requeue(conn, pool, groups[n:], fresh=True))
+            raise
         except ScorecardBusy:
             _failing[sid] = time.monotonic() + BUSY_BACKOFF
             await _requeue(conn, pool, groups[n : n + 1])
@@ -224,10 +230,11 @@ async def _requeue(
     conn: psycopg.AsyncConnection[Any],
     pool: db.Pool | None,
     groups: list[tuple[int, list[dict[str, Any]]]],
+    fresh: bool = False,
 ) -> None:
     """Put keys a round took back in the queue, best-effort, in a transaction of their
-    own: on ``conn``, or, that connection lost, on one of ``pool``'s. Keys that cannot go
-    back are logged: only the scorecard's next full run rescores them."""
+    own: on ``conn``, or, that connection lost (or ``fresh``), on one of ``pool``'s. Keys
+    that cannot go back are logged: only the scorecard's next full run rescores them."""
 
     async def put_back(c: psycopg.AsyncConnection[Any]) -> None:
         async with c.transaction():
@@ -235,7 +242,7 @@ async def _requeue(
                 await c.execute(_q("requeue_scores"), {"id": sid, "keys": Jsonb(keys)})
 
     try:
-        if not (conn.broken or conn.closed):
+        if not (conn.broken or conn.closed or (fresh and pool is not None)):
             await put_back(conn)
         elif pool is not None:
             async with pool.connection(timeout=REQUEUE_CONNECT_TIMEOUT) as other:

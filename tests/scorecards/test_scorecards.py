@@ -765,7 +765,9 @@ async def _backend_waits_on_a_lock(conn: psycopg.AsyncConnection[Any], pid: int)
     await wait_until(waiting, timeout=10)
 
 
-@pytest.mark.parametrize("failure", ["lock_timeout", "canceled", "connection_lost"])
+@pytest.mark.parametrize(
+    "failure", ["lock_timeout", "canceled", "connection_lost", "task_cancelled"]
+)
 async def test_a_realtime_rescore_failing_on_the_database_keeps_its_keys(
     sc: psycopg.AsyncConnection[Any],
     db_url: str,
@@ -775,7 +777,8 @@ async def test_a_realtime_rescore_failing_on_the_database_keeps_its_keys(
 ) -> None:
     """The keys a round took from the queue go back when the rescore fails with an
     OperationalError (a lock timeout, a statement cancelled as a statement timeout
-    cancels it, the session ended) and are rescored later."""
+    cancels it, the session ended), or when the round's task is cancelled (the worker
+    stopping after its grace period), and are rescored later."""
     await _seed(sc)
     await store.apply(sc, card(realtime=True))
     await run.score(sc, "churn", as_of=AS_OF)
@@ -794,9 +797,21 @@ async def test_a_realtime_rescore_failing_on_the_database_keeps_its_keys(
         else:
             await rescorer.execute("SET lock_timeout = 0")
             # The session lost, the keys go back through another of the pool's connections.
-            args = (rescorer, pool) if failure == "connection_lost" else (rescorer,)
+            args = (
+                (rescorer, pool)
+                if failure in ("connection_lost", "task_cancelled")
+                else (rescorer,)
+            )
             rescoring = asyncio.create_task(run.rescore_queued(*args))
             await _backend_waits_on_a_lock(sc, pid)
+            if failure == "task_cancelled":
+                rescoring.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await rescoring
+                await blocker.rollback()  # (the cut-off statement may still hold the session)
+                await rescorer.close()
+                assert await _queued(sc) == [{"id": 1}]
+                return
             ender = "pg_cancel_backend" if failure == "canceled" else "pg_terminate_backend"
             await sc.execute(f"SELECT {ender}(%s)", [pid])
             if failure == "canceled":
