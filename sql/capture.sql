@@ -45,7 +45,7 @@ DROP FUNCTION IF EXISTS {function}();
 -- name: drop_sequence
 DROP SEQUENCE IF EXISTS {sequence};
 
--- ── Capture demands (migration 0022; engine/prefilter.py set_capture_demand) ──
+-- ── Capture demands (migration 0022; engine/capture_demands.py set_capture_demand) ──
 
 -- name: clear_capture_demand
 DELETE FROM crmflow.capture_demands

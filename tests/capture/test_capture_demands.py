@@ -1,4 +1,4 @@
-"""Capture demands (engine/prefilter.py set_capture_demand / drop_capture_demand,
+"""Capture demands (engine/capture_demands.py set_capture_demand / drop_capture_demand,
 migration 0022): a demanded (entity, operation) keeps every row even with no workflow
 on the table, from the commit of the transaction that set it; dropping it stops that;
 a rolled-back demand changes nothing; bad input names the argument and writes nothing."""
