@@ -41,13 +41,6 @@ class RoundPlan:
     unrecorded: list[int] = field(default_factory=list)  # of broken, not yet marked
 
 
-def _pk_match(entity: EntitySchema) -> sql.Composable:
-    return sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier("n", c), sql.Identifier("p", c))
-        for c in entity.pk_columns
-    )
-
-
 WHAT = {GOAL: "its goal", EXIT: "its exit_when"}
 
 
@@ -87,7 +80,7 @@ def _branches(
     return {
         et: sql.SQL(_q("round_branch")).format(
             table=entities[et].table,
-            pk_match=_pk_match(entities[et]),
+            pk_match=entities[et].pk_match("n", "p"),
             entity_type=sql.Literal(et),
             cases=sql.SQL(" ").join(whens) if whens else sql.SQL("WHEN false THEN false"),
         )
