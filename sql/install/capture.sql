@@ -275,7 +275,7 @@ $filter$;
 -- captured rows whole), is broken, or was saved without a capture filter. Columns whose
 -- names are not plain words are always kept. A column added later is kept until the
 -- next regeneration (the list names the columns left out, not those kept), which the
--- DDL's event trigger or the worker's heal makes (crmflow.capture_columns_stale). Read like
+-- worker's heal makes (crmflow.capture_columns_stale). Read like
 -- crmflow.capture_filter, under the entity's capture lock in READ COMMITTED.
 CREATE OR REPLACE FUNCTION crmflow.capture_pruned_columns(entity text) RETURNS text[]
     LANGUAGE plpgsql STABLE AS $pruned$
@@ -933,9 +933,11 @@ BEGIN
         -- A regeneration that rolled back after using an epoch leaves bodies whose epoch
         -- is not the sequence's: they keep every row (safe, and slow). Made anew here,
         -- when the capture lock is free now (the next round otherwise).
-        -- And a table whose columns changed since its capture was made (the DDL's event
-        -- trigger comes here in the DDL's transaction; without one, the next round).
-        IF crmflow.capture_columns_stale(w.entity_type) IS TRUE THEN
+        -- And a table whose columns changed since its capture was made: by the worker's
+        -- round only, never in the DDL's own transaction (the event trigger's, `wait`),
+        -- where regenerating would hold the DDL's lock on the CRM table, and so the CRM's
+        -- writers, longer. Capture is correct meanwhile, only slower and wider.
+        IF NOT wait AND crmflow.capture_columns_stale(w.entity_type) IS TRUE THEN
             change := 'capture regenerated (the table''s columns changed)';
         ELSIF crmflow.capture_epoch_stale(w.entity_type) THEN
             change := 'capture filter regenerated (its last change was rolled back)';

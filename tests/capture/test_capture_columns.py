@@ -314,8 +314,9 @@ async def test_capture_is_regenerated_when_the_columns_change(
 ) -> None:
     """Issue 15: a column added, renamed or dropped left a wide table on the slow
     subtracting path, and the new column captured, until some workflow changed. The
-    DDL's event trigger regenerates capture in the DDL's transaction; without one (a
-    non-superuser install) the worker's heal does, and says so."""
+    worker's heal regenerates capture for the new columns, and says so; the DDL's event
+    trigger does not (it would hold the DDL's lock on the CRM table longer: in the chaos
+    suite's drift under load the DDLs took so long that the last one did not run)."""
     await wide_table(crm)
 
     async def kept_on_update(assignment: str) -> set[str]:
@@ -324,14 +325,18 @@ async def test_capture_is_regenerated_when_the_columns_change(
         [row] = await fetch(crm, "SELECT new_row FROM crmflow.outbox")
         return set(row["new_row"])
 
+    async def healed() -> list[tuple[str, str]]:
+        rows = await fetch(crm, "SELECT entity_type, change FROM crmflow.heal_capture()")
+        return [(h["entity_type"], h["change"]) for h in rows]
+
+    regenerated = [("wide", "capture regenerated (the table's columns changed)")]
     await crm.execute("ALTER TABLE wides ADD COLUMN fresh text DEFAULT 'f'")
-    assert await kept_on_update("fresh = 'g'") == {"id", "c1"}
+    assert await kept_on_update("fresh = 'g'") == {"id", "c1", "fresh"}  # safe meanwhile
+    assert await healed() == regenerated
+    assert await kept_on_update("fresh = 'h'") == {"id", "c1"}
     await crm.execute("DROP EVENT TRIGGER crmflow_heal_capture")
     await crm.execute("ALTER TABLE wides RENAME COLUMN c2 TO c2_renamed")
-    assert await kept_on_update("c2_renamed = 7") == {"id", "c1", "c2_renamed"}  # safe
-    healed = await fetch(crm, "SELECT entity_type, change FROM crmflow.heal_capture()")
-    assert [(h["entity_type"], h["change"]) for h in healed] == [
-        ("wide", "capture regenerated (the table's columns changed)")
-    ]
+    assert await kept_on_update("c2_renamed = 7") == {"id", "c1", "c2_renamed"}
+    assert await healed() == regenerated
     assert await kept_on_update("c2_renamed = 8") == {"id", "c1"}
-    assert await fetch(crm, "SELECT * FROM crmflow.heal_capture()") == []  # once
+    assert await healed() == []  # once
