@@ -1059,7 +1059,8 @@ def _wanted(key: str, only: set[str] | None) -> bool:
     if key == "P4":  # P4 and P6 come from the same drain
         return bool({"P4", "P6"} & only)
     if key in ("V", "S"):
-        return any(o.startswith(key) for o in only)
+        # "S1", "V3": the group's members (not "SC1", whose id also starts with "S")
+        return any(o.startswith(key) and o[len(key) :].isdigit() for o in only)
     return key in only
 
 
