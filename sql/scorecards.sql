@@ -166,9 +166,10 @@ ON CONFLICT DO NOTHING;
 -- Scorecards with entity writes left pending (rows a CRM writer held locked).
 SELECT DISTINCT scorecard_id FROM crmflow.score_latest WHERE pending;
 
--- name: pending_keys
-SELECT entity_key FROM crmflow.score_latest
- WHERE scorecard_id = %(id)s AND pending ORDER BY entity_key;
+-- name: pending_rows
+-- Their row ids (the entity writes fetch the rows by them: engine/scorecards/entity_writes.py).
+SELECT ctid::text AS row_id FROM crmflow.score_latest
+ WHERE scorecard_id = %(id)s AND pending ORDER BY ctid;
 
 -- name: due_scorecards
 -- Claimed by the caller's transaction (SKIP LOCKED: one worker runs a due scorecard).

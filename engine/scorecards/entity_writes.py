@@ -7,14 +7,24 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from engine.scorecards.sqlparts import LoadedScorecard, comparable, pk_key, typed
+from engine.scorecards.sqlparts import LoadedScorecard, comparable, typed
 
 
-def compile_write_chunk(card: LoadedScorecard) -> sql.Composed:
-    """One chunk of entity writes: the entities whose key objects are in ``%(keys)s``
-    get the values ``crmflow.score_latest`` holds for them, where they differ. Rows a
-    CRM writer holds locked are skipped (SKIP LOCKED: no wait) and marked ``pending``
-    for a later pass; the written ones lose the mark."""
+def compile_write_chunk(card: LoadedScorecard, careful: bool = True) -> sql.Composed:
+    """One chunk of entity writes: the ``crmflow.score_latest`` rows whose row ids
+    (``ctid``) are in ``%(rows)s`` (the scoring statement returns those it wrote) are
+    copied into their entities' columns, where they differ.
+
+    ``careful``: rows a CRM writer holds locked are skipped (SKIP LOCKED: no wait) and
+    marked ``pending`` for a later pass; the written ones lose the mark. Not careful:
+    one UPDATE of them all, which the caller runs under a lock timeout of a few
+    milliseconds and, if any row is locked, rolls back and runs carefully: locking the
+    rows first and then updating them wrote each row twice (a third of the writes' time).
+
+    By row id, not by key: finding 100,000 results by their JSON keys took a third of the
+    writes (a jsonb comparison at every step of the index), a row id is a direct fetch.
+    A row updated since (another run rescored the entity: that run writes it) is no
+    longer visible at its old row id and is left alone."""
     d, entity = card.definition, card.entity
     written = d.write.columns()
     pk = entity.pk_columns
@@ -22,58 +32,78 @@ def compile_write_chunk(card: LoadedScorecard) -> sql.Composed:
     def value(key: str) -> sql.Composable:
         return typed(entity, written[key], sql.SQL("l.{}").format(sql.Identifier(_LATEST[key])))
 
-    sets = sql.SQL(", ").join(
-        sql.SQL("{} = {}").format(sql.Identifier(col), value(key)) for key, col in written.items()
-    )
-    differs = sql.SQL(" OR ").join(
-        sql.SQL("{} IS DISTINCT FROM {}").format(
-            comparable(entity, col, sql.Identifier("n", col)),
-            comparable(entity, col, value(key)),
-        )
-        for key, col in written.items()
-    )
-
-    def cols(alias: str) -> sql.Composable:
-        return sql.SQL(", ").join(sql.Identifier(alias, c) for c in pk)
-
-    def same(a: str, b: str) -> sql.Composable:
-        return sql.SQL(" AND ").join(
-            sql.SQL("{} = {}").format(sql.Identifier(a, c), sql.Identifier(b, c)) for c in pk
-        )
-
-    return sql.Composed(
-        [
-            sql.SQL(
-                "WITH q AS (SELECT {qcols} FROM jsonb_populate_recordset(NULL::{t}, "
-                "CAST(%(keys)s AS jsonb)) AS q), "
-                "k AS (SELECT {ncols} FROM {t} AS n WHERE ({ncols}) IN (SELECT {qcols} FROM q) "
-                "FOR UPDATE OF n SKIP LOCKED), "
-                "w AS (UPDATE {t} AS n SET {sets} FROM k, crmflow.score_latest AS l "
-                "WHERE {nk} AND l.scorecard_id = %(scorecard_id)s AND l.entity_key = {nkey} "
-                "AND ({differs}) RETURNING 1), "
-                "skipped AS (UPDATE crmflow.score_latest AS l SET pending = true FROM q "
-                "WHERE l.scorecard_id = %(scorecard_id)s AND l.entity_key = {qkey} "
-                "AND NOT l.pending AND NOT EXISTS (SELECT 1 FROM k WHERE {qk}) RETURNING 1), "
-                "cleared AS (UPDATE crmflow.score_latest AS l SET pending = false FROM k "
-                "WHERE l.scorecard_id = %(scorecard_id)s AND l.entity_key = {kkey} "
-                "AND l.pending RETURNING 1) "
-                "SELECT (SELECT count(*) FROM q) AS todo, (SELECT count(*) FROM k) AS locked, "
-                "(SELECT count(*) FROM w) AS written, (SELECT count(*) FROM skipped) AS marked, "
-                "(SELECT count(*) FROM cleared) AS cleared"
-            ).format(
-                qcols=cols("q"),
-                ncols=cols("n"),
-                t=entity.table,
-                sets=sets,
-                nk=same("n", "k"),
-                nkey=pk_key(entity, "n"),
-                qkey=pk_key(entity, "q"),
-                kkey=pk_key(entity, "k"),
-                qk=same("k", "q"),
-                differs=differs,
+    parts = {
+        "typed_key": sql.SQL(", ").join(
+            # The entity's key columns, typed, from the JSON key (so that the joins to the
+            # CRM table are on its own primary key).
+            sql.SQL("CAST(l.entity_key ->> {} AS {}) AS {}").format(
+                sql.Literal(c), sql.SQL(entity.columns[c].type_sql), sql.Identifier(f"k{i}")
             )
-        ]
+            for i, c in enumerate(pk)
+        ),
+        "ncols": sql.SQL(", ").join(sql.Identifier("n", c) for c in pk),
+        "t": entity.table,
+        "sets": sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(col), value(key))
+            for key, col in written.items()
+        ),
+        "nl": sql.SQL(" AND ").join(
+            sql.SQL("{} = {}").format(sql.Identifier("n", c), sql.Identifier("l", f"k{i}"))
+            for i, c in enumerate(pk)
+        ),
+        "nk": sql.SQL(" AND ").join(
+            sql.SQL("{} = {}").format(sql.Identifier("n", c), sql.Identifier("k", c)) for c in pk
+        ),
+        "differs": sql.SQL(" OR ").join(
+            sql.SQL("{} IS DISTINCT FROM {}").format(
+                comparable(entity, col, sql.Identifier("n", col)),
+                comparable(entity, col, value(key)),
+            )
+            for key, col in written.items()
+        ),
+    }
+    return sql.Composed(
+        [_ROWS.format(**parts), (_CAREFUL if careful else _AT_ONCE).format(**parts)]
     )
+
+
+# Each row fetched by its id (a TID scan; OFFSET 0 keeps the lookup apart): as a filter,
+# ctid = ANY (the array parameter) was tested against every row of the scorecard, and a
+# join was planned as a hash of all of them.
+_ROWS = sql.SQL(
+    "WITH l AS (SELECT l.*, {typed_key} "
+    "FROM unnest(CAST(%(rows)s AS tid[])) AS r(row_id) CROSS JOIN LATERAL "
+    "(SELECT l.ctid AS row_id, l.* FROM crmflow.score_latest AS l "
+    "WHERE l.ctid = r.row_id OFFSET 0) AS l "
+    "WHERE l.scorecard_id = %(scorecard_id)s), "
+)
+
+_AT_ONCE = sql.SQL(
+    "w AS (UPDATE {t} AS n SET {sets} FROM l WHERE {nl} AND ({differs}) RETURNING 1), "
+    "cleared AS (UPDATE crmflow.score_latest AS p SET pending = false FROM l "
+    "WHERE p.ctid = l.row_id AND l.pending RETURNING 1) "
+    "SELECT (SELECT count(*) FROM w) AS written, 0 AS skipped"
+)
+
+# Only rows that differ are locked (a lock writes the CRM row's header). A pending row is
+# cleared when written, or when its entity no longer differs.
+_CAREFUL = sql.SQL(
+    "k AS (SELECT {ncols} FROM {t} AS n JOIN l ON {nl} WHERE ({differs}) "
+    "FOR UPDATE OF n SKIP LOCKED), "
+    "w AS (UPDATE {t} AS n SET {sets} FROM k, l "
+    "WHERE {nk} AND {nl} AND ({differs}) RETURNING 1), "
+    "skipped AS (UPDATE crmflow.score_latest AS p SET pending = true FROM l "
+    "WHERE p.ctid = l.row_id AND NOT l.pending "
+    "AND NOT EXISTS (SELECT 1 FROM k AS n WHERE {nl}) "
+    "AND EXISTS (SELECT 1 FROM {t} AS n WHERE {nl} AND ({differs})) RETURNING 1), "
+    "cleared AS (UPDATE crmflow.score_latest AS p SET pending = false FROM l "
+    "WHERE p.ctid = l.row_id AND l.pending "
+    "AND (EXISTS (SELECT 1 FROM k AS n WHERE {nl}) "
+    "OR NOT EXISTS (SELECT 1 FROM {t} AS n WHERE {nl} AND ({differs}))) RETURNING 1) "
+    "SELECT (SELECT count(*) FROM w) AS written, "
+    "(SELECT count(*) FROM l WHERE NOT EXISTS (SELECT 1 FROM k AS n WHERE {nl}) "
+    "AND EXISTS (SELECT 1 FROM {t} AS n WHERE {nl} AND ({differs}))) AS skipped"
+)
 
 
 _LATEST = {

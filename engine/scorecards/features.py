@@ -16,7 +16,7 @@ from psycopg import sql
 from engine.scorecards.aggregates import aggregate_ctes
 from engine.scorecards.model import ScorecardDefinition
 from engine.scorecards.row_factors import FactorBuilder
-from engine.scorecards.sqlparts import Compiled, LoadedScorecard, lit, pk_key, with_ctes
+from engine.scorecards.sqlparts import FENCE, Compiled, LoadedScorecard, lit, pk_key, with_ctes
 
 
 def build(card: LoadedScorecard, keyed: bool) -> tuple[list[sql.Composable], list[str], Compiled]:
@@ -58,7 +58,9 @@ def build(card: LoadedScorecard, keyed: bool) -> tuple[list[sql.Composable], lis
         sql.SQL("LEFT JOIN {a} ON {a}.k = e.k0").format(a=sql.Identifier(f"r_{j}"))
         for j in range(len(agg_ctes))
     )
-    ctes.append(sql.SQL("f AS (SELECT {} FROM e {})").format(sql.SQL(", ").join(f_cols), joins))
+    ctes.append(
+        sql.SQL("f AS (SELECT {} FROM e {}{})").format(sql.SQL(", ").join(f_cols), joins, FENCE)
+    )
     b.columns_read |= set(pk)
     compiled = Compiled(ctes, b.columns_read, b.related_columns, b.issues)
     names = [f.id for f in d.factors]

@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 
 # Entity rows written per transaction: a chunk's row locks last one short statement.
 WRITE_CHUNK = 2000
+# How long a chunk's single UPDATE may wait for a lock a CRM writer holds before it is
+# rolled back and the chunk written carefully (skipping the locked rows).
+AT_ONCE_LOCK_TIMEOUT_MS = 5
+# work_mem of a scoring statement (its transaction only).
+SCORING_WORK_MEM = "64MB"
 # Keys rescored per real-time round, and the round's poll interval (seconds).
 REALTIME_BATCH = 5000
 REALTIME_POLL = 0.5  # a fallback: the matcher's NOTIFY wakes the loop at once
@@ -82,6 +87,9 @@ async def score(
     async with conn.transaction():
         # The whole table may take longer than an engine statement's usual bound.
         await conn.execute("SET LOCAL statement_timeout = '10min'")
+        # The related aggregates hash one group per entity: 100,000 accounts' logins
+        # spilled to disk in five batches at the server's default 4 MB.
+        await conn.execute(f"SET LOCAL work_mem = '{SCORING_WORK_MEM}'")
         if wait:
             await conn.execute(_q("lock_scorecard_run"), {"id": card.id})
         else:
@@ -96,36 +104,43 @@ async def score(
     result.scored = int(row["scored"])
     result.history_rows = int(row["history_rows"])
     result.level_changes = int(row["level_changes"])
-    updated, skipped = await write_keys(conn, card, list(row["to_write"]))
+    updated, skipped = await write_rows(conn, card, list(row["to_write"]))
     result.updated, result.skipped_locked = updated, skipped
     result.seconds = time.perf_counter() - started
     return result
 
 
-async def write_keys(
-    conn: psycopg.AsyncConnection[Any], card: LoadedScorecard, keys: list[dict[str, Any]]
+async def write_rows(
+    conn: psycopg.AsyncConnection[Any], card: LoadedScorecard, rows: list[str]
 ) -> tuple[int, int]:
-    """Write the scores of the entities ``keys`` into their columns, a chunk per
-    transaction, with the engine's signed write context (so the writes are captured as
-    crmflow's, depth 1). Rows a CRM writer holds locked are skipped and stay pending.
-    Returns (rows written, rows skipped)."""
-    if not card.definition.write.columns() or not keys:
+    """Copy the ``crmflow.score_latest`` rows ``rows`` (their row ids) into their
+    entities' columns, a chunk per transaction, with the engine's signed write context
+    (so the writes are captured as crmflow's, depth 1). Rows a CRM writer holds locked
+    are skipped and stay pending. Returns (rows written, rows skipped)."""
+    if not card.definition.write.columns() or not rows:
         return 0, 0
-    statement = compile_write_chunk(card)
+    at_once, careful = compile_write_chunk(card, careful=False), compile_write_chunk(card)
     actor = f"crmflow:scorecard:{card.definition.name}"
     written = skipped = 0
-    for start in range(0, len(keys), WRITE_CHUNK):
-        chunk = keys[start : start + WRITE_CHUNK]
-        async with conn.transaction():
-            await conn.execute(
-                db.query("set_write_context", "runtime.sql"), {"depth": "1", "actor": actor}
-            )
-            row = await (
-                await conn.execute(statement, {"scorecard_id": card.id, "keys": Jsonb(chunk)})
-            ).fetchone()
+    for start in range(0, len(rows), WRITE_CHUNK):
+        params = {"scorecard_id": card.id, "rows": rows[start : start + WRITE_CHUNK]}
+        row = None
+        with contextlib.suppress(psycopg.errors.LockNotAvailable):
+            async with conn.transaction():
+                await conn.execute(
+                    db.query("set_write_context", "runtime.sql"), {"depth": "1", "actor": actor}
+                )
+                await conn.execute(f"SET LOCAL lock_timeout = '{AT_ONCE_LOCK_TIMEOUT_MS}ms'")
+                row = await (await conn.execute(at_once, params)).fetchone()
+        if row is None:  # a CRM writer holds one of the rows (or the table): carefully
+            async with conn.transaction():
+                await conn.execute(
+                    db.query("set_write_context", "runtime.sql"), {"depth": "1", "actor": actor}
+                )
+                row = await (await conn.execute(careful, params)).fetchone()
         assert row is not None
         written += int(row["written"])
-        skipped += int(row["todo"]) - int(row["locked"])
+        skipped += int(row["skipped"])
     return written, skipped
 
 
@@ -133,8 +148,8 @@ async def write_pending(
     conn: psycopg.AsyncConnection[Any], card: LoadedScorecard
 ) -> tuple[int, int]:
     """Write the entities left pending (their rows were locked by a writer)."""
-    rows = await (await conn.execute(_q("pending_keys"), {"id": card.id})).fetchall()
-    return await write_keys(conn, card, [r["entity_key"] for r in rows])
+    rows = await (await conn.execute(_q("pending_rows"), {"id": card.id})).fetchall()
+    return await write_rows(conn, card, [r["row_id"] for r in rows])
 
 
 # ───────────────────────────── real time ─────────────────────────────

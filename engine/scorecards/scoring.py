@@ -15,6 +15,7 @@ from psycopg import sql
 from engine.scorecards.features import build, segment_name
 from engine.scorecards.model import TOP_FACTORS, ScorecardDefinition
 from engine.scorecards.sqlparts import (
+    FENCE,
     Compiled,
     LoadedScorecard,
     comparable,
@@ -60,14 +61,19 @@ def scored_ctes(card: LoadedScorecard, keyed: bool) -> tuple[list[sql.Composable
     ]
     intercept = _by_segment(d, lambda s: d.weights_of(s)[0])
     ctes.append(
-        sql.SQL("a AS (SELECT f.*, {seg} AS segment, {intercept} AS b, {contribs} FROM f)").format(
-            seg=segment_name(d), intercept=intercept, contribs=sql.SQL(", ").join(contribs)
+        sql.SQL(
+            "a AS (SELECT f.*, {seg} AS segment, {intercept} AS b, {contribs} FROM f{fence})"
+        ).format(
+            seg=segment_name(d),
+            intercept=intercept,
+            contribs=sql.SQL(", ").join(contribs),
+            fence=FENCE,
         )
     )
     lp = sql.SQL(" + ").join(
         [sql.SQL("a.b"), *(sql.SQL("a.{}").format(sql.Identifier(f"c{i}")) for i in range(n))]
     )
-    ctes.append(sql.SQL("l AS (SELECT a.*, ({}) AS lp FROM a)").format(lp))
+    ctes.append(sql.SQL("l AS (SELECT a.*, ({}) AS lp FROM a{})").format(lp, FENCE))
     score: sql.Composable
     if d.model == "logistic":
         score = sql.SQL("1.0 / (1.0 + exp(least({m}, greatest(-{m}, -l.lp))))").format(
@@ -76,7 +82,9 @@ def scored_ctes(card: LoadedScorecard, keyed: bool) -> tuple[list[sql.Composable
     else:
         score = sql.SQL("l.lp")
     ctes.append(
-        sql.SQL("u AS (SELECT l.*, CAST({} AS double precision) AS score FROM l)").format(score)
+        sql.SQL("u AS (SELECT l.*, CAST({} AS double precision) AS score FROM l{})").format(
+            score, FENCE
+        )
     )
     top, rank_cte = _top_factors(d)
     if rank_cte is not None:
@@ -84,12 +92,13 @@ def scored_ctes(card: LoadedScorecard, keyed: bool) -> tuple[list[sql.Composable
     ctes.append(
         sql.SQL(
             "s AS (SELECT u.*, {level} AS level, {top} AS factors, "
-            "CAST({days} AS double precision) AS days FROM {src} AS u)"
+            "CAST({days} AS double precision) AS days FROM {src} AS u{fence})"
         ).format(
             level=_level(d),
             top=top,
             days=_days(d),
             src=sql.Identifier("rk" if rank_cte is not None else "u"),
+            fence=FENCE,
         )
     )
     return ctes, compiled
@@ -199,7 +208,7 @@ def _ranked_top(d: ScorecardDefinition) -> tuple[sql.Composable, sql.Composable]
         sql.SQL("CAST({} > 0 AS integer)").format(c(i)) for i in range(n)
     )
     ranks.append(sql.SQL("({}) AS positives").format(positives))
-    rank_cte = sql.SQL("rk AS (SELECT u.*, {} FROM u)").format(sql.SQL(", ").join(ranks))
+    rank_cte = sql.SQL("rk AS (SELECT u.*, {} FROM u{})").format(sql.SQL(", ").join(ranks), FENCE)
 
     def element(r: int) -> sql.Composable:
         return sql.SQL("(CASE {} END)").format(
@@ -248,10 +257,11 @@ _SOURCES = {"score": "score", "level": "level", "factors": "factors", "days_to_c
 def compile_scoring(card: LoadedScorecard, keyed: bool) -> sql.Composed:
     """The scoring statement: scores, ``crmflow.score_history`` rows where the score or
     level changed, ``crmflow.score_latest`` upserted. Returns the counts and
-    ``to_write``, the keys of the entities whose columns differ from what they should
-    hold (:func:`compile_write_chunk` writes them). ``level_changes`` counts an entity's
-    first level too (no previous level, NULL: its level column's first write is a change
-    a field_updated workflow sees); a level is never NULL (the lowest band's otherwise)."""
+    ``to_write``, the row ids of the ``crmflow.score_latest`` rows whose entities'
+    columns may differ from them (:func:`compile_write_chunk` writes them where they do).
+    ``level_changes`` counts an entity's first level too (no previous level, NULL: its
+    level column's first write is a change a field_updated workflow sees); a level is
+    never NULL (the lowest band's otherwise)."""
     ctes, _ = scored_ctes(card, keyed)
     ctes.append(_joined_cte(card))
     ctes += _stored_ctes(card)
@@ -261,8 +271,10 @@ def compile_scoring(card: LoadedScorecard, keyed: bool) -> sql.Composed:
             with_ctes(ctes),
             sql.SQL(
                 " SELECT (SELECT count(*) FROM j) AS scored, (SELECT count(*) FROM hist) AS "
-                "history_rows, (SELECT coalesce(jsonb_agg(j.entity_key), '[]'::jsonb) FROM j "
-                "WHERE j.differs) AS to_write, "
+                "history_rows, (SELECT coalesce(array_agg(w.row_id::text), '{}') FROM "
+                "(SELECT row_id FROM fresh UNION ALL SELECT row_id FROM up WHERE differs "
+                "UNION ALL SELECT j.p_row FROM j WHERE j.differs AND NOT j.changed) AS w) "
+                "AS to_write, "
                 "(SELECT count(*) FROM j WHERE j.p_level IS DISTINCT FROM j.level) AS "
                 "level_changes, (SELECT count(*) FROM gone) AS gone"
             ),
@@ -289,8 +301,10 @@ def _joined_cte(card: LoadedScorecard) -> sql.Composable:
     return sql.SQL(
         "j AS MATERIALIZED (SELECT s.entity_key, s.segment, s.score, s.level, s.lp, s.factors, "
         "{cs}, s.days, p.score AS p_score, p.level AS p_level, "
-        "p.version AS p_version, p.segment AS p_segment, p.lp AS p_lp, p.factors AS p_factors, "
-        "p.days_to_event AS p_days, ({differs}) AS differs "
+        "p.ctid AS p_row, ({differs}) AS differs, "
+        "(p.score IS NULL OR (p.version, p.segment, p.score, p.level, p.lp, p.factors, "
+        "p.days_to_event) IS DISTINCT FROM (%(version)s, s.segment, s.score, s.level, s.lp, "
+        "s.factors, s.days)) AS changed "
         "FROM s LEFT JOIN crmflow.score_latest AS p "
         "ON p.scorecard_id = %(scorecard_id)s AND p.entity_key = s.entity_key)"
     ).format(
@@ -315,18 +329,23 @@ def _stored_ctes(card: LoadedScorecard) -> list[sql.Composable]:
             "OR round(j.score * 1000000.0) <> round(j.p_score * 1000000.0) "
             "RETURNING 1)"
         ).format(et=sql.Literal(entity.entity_type), contributions=contributions_of(d, "j")),
+        # A plain INSERT for the entities without a score yet and an UPDATE for the
+        # others, not one INSERT ... ON CONFLICT: the speculative insertion took twice as
+        # long per row (1.9 s against 1.0 s per 100,000 first scores). No other run can
+        # insert meanwhile: runs of a scorecard hold its run lock.
         sql.SQL(
-            "up AS (INSERT INTO crmflow.score_latest AS t (scorecard_id, entity_key, version, "
+            "fresh AS (INSERT INTO crmflow.score_latest (scorecard_id, entity_key, version, "
             "segment, score, level, lp, factors, days_to_event, scored_at) "
             "SELECT %(scorecard_id)s, j.entity_key, %(version)s, j.segment, j.score, j.level, "
-            "j.lp, j.factors, j.days, now() FROM j "
-            "WHERE j.p_score IS NULL OR (j.p_version, j.p_segment, j.p_score, j.p_level, j.p_lp, "
-            "j.p_factors, j.p_days) IS DISTINCT FROM (%(version)s, j.segment, "
-            "j.score, j.level, j.lp, j.factors, j.days) "
-            "ON CONFLICT (scorecard_id, entity_key) DO UPDATE SET version = EXCLUDED.version, "
-            "segment = EXCLUDED.segment, score = EXCLUDED.score, level = EXCLUDED.level, "
-            "lp = EXCLUDED.lp, factors = EXCLUDED.factors, days_to_event = EXCLUDED.days_to_event, "
-            "scored_at = EXCLUDED.scored_at RETURNING 1)"
+            "j.lp, j.factors, j.days, now() FROM j WHERE j.p_score IS NULL "
+            "RETURNING ctid AS row_id)"
+        ),
+        sql.SQL(
+            "up AS (UPDATE crmflow.score_latest AS t SET version = %(version)s, "
+            "segment = j.segment, score = j.score, level = j.level, lp = j.lp, "
+            "factors = j.factors, days_to_event = j.days, scored_at = now() FROM j "
+            "WHERE t.scorecard_id = %(scorecard_id)s AND t.entity_key = j.entity_key "
+            "AND j.p_score IS NOT NULL AND j.changed RETURNING t.ctid AS row_id, j.differs)"
         ),
     ]
 

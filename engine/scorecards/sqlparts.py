@@ -123,6 +123,13 @@ def key_match(entity: EntitySchema, alias: str, key: sql.Composable) -> sql.Comp
     )
 
 
+# Ends the body of a scoring CTE that later ones build on. Without it the planner pulls
+# each step into the next and substitutes its expressions where they are referenced: the
+# score's expression is then evaluated once per band compared, each contribution once
+# per rank computed (measured: the results of 100,000 accounts in 4.2 s, 2.1 s fenced).
+FENCE = sql.SQL(" OFFSET 0")
+
+
 def with_ctes(ctes: list[sql.Composable]) -> sql.Composable:
     return sql.SQL("WITH {}").format(sql.SQL(", ").join(ctes))
 

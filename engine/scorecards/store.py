@@ -177,6 +177,7 @@ async def load_definition(
                     {
                         "as_of": None,
                         "keys": Jsonb([]),
+                        "rows": [],
                         "scorecard_id": 0,
                         "version": 0,
                     },

@@ -391,6 +391,66 @@ async def test_writes_skip_rows_a_writer_holds(
     assert await value(sc, "SELECT count(*) FROM sc_accounts WHERE churn_risk IS NULL") == 0
 
 
+async def test_pending_writes_are_written_once_the_writer_lets_go(
+    sc: psycopg.AsyncConnection[Any], db_url: str
+) -> None:
+    await _seed(sc)
+    await store.apply(sc, card())
+    async with await psycopg.AsyncConnection.connect(db_url) as writer:
+        await writer.execute("UPDATE sc_accounts SET name = 'held' WHERE id = 2")
+        await run.score(sc, "churn", as_of=AS_OF)
+        loaded = await store.load(sc, "churn")
+        # Still held: the pending pass skips it again, and it stays pending.
+        assert await run.write_pending(sc, loaded) == (0, 1)
+        await writer.commit()
+    assert await run.write_pending(sc, loaded) == (1, 0)
+    assert await value(sc, "SELECT count(*) FROM crmflow.score_latest WHERE pending") == 0
+    assert await value(sc, "SELECT count(*) FROM sc_accounts WHERE churn_risk IS NULL") == 0
+    # A pending row whose entity no longer differs (a writer set the same values) is
+    # cleared without a write.
+    await sc.execute(
+        "UPDATE crmflow.score_latest SET pending = true WHERE entity_key = '{\"id\": 1}'"
+    )
+    assert await run.write_pending(sc, loaded) == (0, 0)
+    assert await value(sc, "SELECT count(*) FROM crmflow.score_latest WHERE pending") == 0
+
+
+async def test_writes_by_row_id_leave_rows_rescored_since_alone(
+    sc: psycopg.AsyncConnection[Any],
+) -> None:
+    """The entity writes fetch the results by row id: a result replaced since (another
+    run rescored the entity, and wrote it) is not found at its old id, so an older
+    value never overwrites a newer one."""
+    await _seed(sc)
+    await store.apply(sc, card())
+    loaded = await store.load(sc, "churn")
+    await run.score(sc, "churn", as_of=AS_OF)
+    old = await fetch(
+        sc, "SELECT ctid::text AS row_id, score FROM crmflow.score_latest ORDER BY entity_key"
+    )
+    await sc.execute("UPDATE sc_accounts SET arr = 1 WHERE id = 2")
+    await run.score(sc, "churn", as_of=AS_OF)
+    newer = await value(sc, "SELECT churn_score FROM sc_accounts WHERE id = 2")
+    # The old results' row ids, written again, change nothing (the rescored one is
+    # gone from its id; the others do not differ).
+    await sc.execute("UPDATE sc_accounts SET churn_score = NULL WHERE id = 2")
+    assert await run.write_rows(sc, loaded, [r["row_id"] for r in old]) == (0, 0)
+    assert await value(sc, "SELECT churn_score FROM sc_accounts WHERE id = 2") is None
+    assert newer != old[1]["score"]  # account 2's result did change
+
+
+async def test_a_scorecard_deleted_by_hand_takes_its_scores_with_it(
+    sc: psycopg.AsyncConnection[Any],
+) -> None:
+    await _seed(sc)
+    await store.apply(sc, card())
+    await run.score(sc, "churn", as_of=AS_OF)
+    assert await value(sc, "SELECT count(*) FROM crmflow.score_history") == 3
+    await sc.execute("DELETE FROM crmflow.scorecards WHERE name = 'churn'")
+    assert await value(sc, "SELECT count(*) FROM crmflow.score_latest") == 0
+    assert await value(sc, "SELECT count(*) FROM crmflow.score_history") == 0
+
+
 async def test_realtime_rescore_after_a_signal_insert(
     sc: psycopg.AsyncConnection[Any], worker: Any
 ) -> None:
