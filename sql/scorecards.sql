@@ -149,13 +149,38 @@ SELECT EXISTS (SELECT 1 FROM crmflow.score_sources) AS present;
 
 -- name: take_score_queue
 -- Up to %(limit)s queued keys, oldest first, taken (deleted) in a short transaction of
--- their own; a failed rescore puts them back (requeue_scores).
+-- their own and leased to the round %(round_id)s for %(lease)s seconds; the round ends
+-- the lease when it has rescored them (release_score_lease), and a failed rescore puts
+-- them back (requeue_scores). A key the matcher queues again meanwhile is a new row of
+-- the queue: rescored again, as its entity may have changed after the round read it.
+WITH taken AS (
 DELETE FROM crmflow.score_queue AS q
  USING (SELECT scorecard_id, entity_key FROM crmflow.score_queue
          WHERE NOT (scorecard_id = ANY(%(skip)s::bigint[]))
          ORDER BY queued_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS t
  WHERE q.scorecard_id = t.scorecard_id AND q.entity_key = t.entity_key
-RETURNING q.scorecard_id, q.entity_key;
+RETURNING q.scorecard_id, q.entity_key
+), leased AS (
+INSERT INTO crmflow.score_leases (round_id, scorecard_id, entity_key, lease_until)
+SELECT %(round_id)s, scorecard_id, entity_key, now() + make_interval(secs => %(lease)s)
+  FROM taken
+)
+SELECT scorecard_id, entity_key FROM taken;
+
+-- name: release_score_lease
+-- The round %(round_id)s has rescored (or put back) scorecard %(id)s's keys.
+DELETE FROM crmflow.score_leases WHERE round_id = %(round_id)s AND scorecard_id = %(id)s;
+
+-- name: requeue_expired_leases
+-- Keys whose round's lease ran out (its worker was killed, or it is slower than its
+-- lease: then they are rescored twice) go back to the queue.
+WITH expired AS (
+DELETE FROM crmflow.score_leases WHERE lease_until < now()
+RETURNING scorecard_id, entity_key
+)
+INSERT INTO crmflow.score_queue (scorecard_id, entity_key)
+SELECT DISTINCT scorecard_id, entity_key FROM expired
+ON CONFLICT DO NOTHING;
 
 -- name: requeue_scores
 INSERT INTO crmflow.score_queue (scorecard_id, entity_key)

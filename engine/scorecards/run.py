@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -178,6 +179,10 @@ async def note_events(conn: psycopg.AsyncConnection[Any], ids: list[int], genera
 # dropped) for FAILED_BACKOFF; one whose run lock a full run holds (for minutes on a big
 # CRM) for BUSY_BACKOFF, so that the rounds do not take and put back its keys at once.
 FAILED_BACKOFF = 30.0
+# How long the keys a round took stay leased to it: longer than a round of REALTIME_BATCH
+# keys takes (well under a second at 5,000; a lease that runs out under a slower round
+# only has its keys rescored twice). A killed worker's keys wait this long.
+LEASE_SECONDS = 60.0
 BUSY_BACKOFF = 1.0
 _failing: dict[int, float] = {}
 
@@ -194,10 +199,18 @@ async def rescore_queued(
     now = time.monotonic()
     for sid in [s for s, until in _failing.items() if until <= now]:
         del _failing[sid]
+    round_id = uuid.uuid4()
     async with conn.transaction():
+        await conn.execute(_q("requeue_expired_leases"), {})
         rows = await (
             await conn.execute(
-                _q("take_score_queue"), {"limit": REALTIME_BATCH, "skip": list(_failing)}
+                _q("take_score_queue"),
+                {
+                    "limit": REALTIME_BATCH,
+                    "skip": list(_failing),
+                    "round_id": round_id,
+                    "lease": LEASE_SECONDS,
+                },
             )
         ).fetchall()
     by_card: dict[int, list[dict[str, Any]]] = {}
@@ -209,22 +222,23 @@ async def rescore_queued(
         try:
             card = await store.load_by_id(conn, sid)
             results.append(await score(conn, card, keys, wait=False))
+            await conn.execute(_q("release_score_lease"), {"round_id": round_id, "id": sid})
         except store.ScorecardNotFound:
             continue  # removed: its queue rows went with it
         except asyncio.CancelledError:
             # The worker stopping (it cancels what outlives its grace period): the keys
             # not rescored yet go back first, through another of the pool's connections
             # (this one was cut off mid-statement), shielded from the cancellation.
-            await asyncio.shield(_requeue(conn, pool, groups[n:], fresh=True))
+            await asyncio.shield(_requeue(conn, pool, round_id, groups[n:], fresh=True))
             raise
         except ScorecardBusy:
             _failing[sid] = time.monotonic() + BUSY_BACKOFF
-            await _requeue(conn, pool, groups[n : n + 1])
+            await _requeue(conn, pool, round_id, groups[n : n + 1])
         except Exception as exc:
             # A timeout or a lock timeout (OperationalErrors) leaves the connection usable:
             # a failure like any other. A lost one fails every statement after it.
             if isinstance(exc, psycopg.InterfaceError) or conn.broken or conn.closed:
-                await _requeue(conn, pool, groups[n:])
+                await _requeue(conn, pool, round_id, groups[n:])
                 raise
             log.warning(
                 "real-time rescore of scorecard %s failed (retried in %gs): %s",
@@ -233,7 +247,7 @@ async def rescore_queued(
                 exc,
             )
             _failing[sid] = time.monotonic() + FAILED_BACKOFF
-            await _requeue(conn, pool, groups[n : n + 1])
+            await _requeue(conn, pool, round_id, groups[n : n + 1])
     return results
 
 
@@ -244,17 +258,20 @@ REQUEUE_CONNECT_TIMEOUT = 5.0
 async def _requeue(
     conn: psycopg.AsyncConnection[Any],
     pool: db.Pool | None,
+    round_id: uuid.UUID,
     groups: list[tuple[int, list[dict[str, Any]]]],
     fresh: bool = False,
 ) -> None:
-    """Put keys a round took back in the queue, best-effort, in a transaction of their
-    own: on ``conn``, or, that connection lost (or ``fresh``), on one of ``pool``'s. Keys
-    that cannot go back are logged: only the scorecard's next full run rescores them."""
+    """Put keys a round took back in the queue and end their lease, best-effort, in a
+    transaction of their own: on ``conn``, or, that connection lost (or ``fresh``), on one
+    of ``pool``'s. Keys that cannot go back are logged: they go back when their lease
+    runs out (LEASE_SECONDS)."""
 
     async def put_back(c: psycopg.AsyncConnection[Any]) -> None:
         async with c.transaction():
             for sid, keys in groups:
                 await c.execute(_q("requeue_scores"), {"id": sid, "keys": Jsonb(keys)})
+                await c.execute(_q("release_score_lease"), {"round_id": round_id, "id": sid})
 
     try:
         if not (conn.broken or conn.closed or (fresh and pool is not None)):
@@ -267,7 +284,7 @@ async def _requeue(
     except psycopg.Error as exc:  # PoolTimeout included
         log.error(
             "real-time rescore: %d queued key(s) of scorecard(s) %s could not go back to "
-            "the queue (%s)",
+            "the queue (%s); they go back when their lease runs out",
             sum(len(keys) for _, keys in groups),
             ", ".join(str(sid) for sid, _ in groups),
             exc,

@@ -8,6 +8,7 @@ import asyncio
 import copy
 import json
 import random
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -886,6 +887,57 @@ async def test_a_realtime_rescore_failing_on_the_database_keeps_its_keys(
     run._failing[sid] = 0.0
     [result] = await run.rescore_queued(sc)
     assert result.scored == 1 and await _queued(sc) == []
+    assert await value(sc, "SELECT csm_id FROM sc_accounts WHERE id = 1") == 9
+    assert await _history_of(sc, "churn", 1) == 2
+
+
+_RESCORER = """
+import asyncio, sys
+from engine import db
+from engine.scorecards import run
+
+async def main() -> None:
+    conn = await db.connect(sys.argv[1], autocommit=True)
+    print(conn.info.backend_pid, flush=True)
+    await run.rescore_queued(conn)
+
+asyncio.run(main())
+"""
+
+
+async def test_keys_of_a_worker_killed_mid_round_are_rescored_after_its_lease(
+    sc: psycopg.AsyncConnection[Any], db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed (SIGKILL) while rescoring puts nothing back: the keys it took stay
+    leased to its round, and once the lease is over the next round takes them again."""
+    await _seed(sc)
+    await store.apply(sc, card(realtime=True))
+    await run.score(sc, "churn", as_of=AS_OF)
+    await sc.execute("UPDATE sc_accounts SET csm_id = 9 WHERE id = 1")
+    await _queue(sc, "churn", 1)
+    async with await psycopg.AsyncConnection.connect(db_url) as blocker:
+        await blocker.execute("LOCK TABLE crmflow.score_latest IN EXCLUSIVE MODE")
+        rescorer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _RESCORER, db_url, cwd=REPO, stdout=asyncio.subprocess.PIPE
+        )
+        assert rescorer.stdout is not None
+        pid = int(await asyncio.wait_for(rescorer.stdout.readline(), timeout=30))
+        await _backend_waits_on_a_lock(sc, pid)
+        rescorer.kill()
+        await rescorer.wait()
+        await blocker.rollback()
+
+    async def gone() -> bool:
+        return not await value(sc, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", pid)
+
+    await wait_until(gone, timeout=10)
+    assert await _queued(sc) == []  # taken by the killed round
+    monkeypatch.setattr(run, "_failing", {})
+    assert await run.rescore_queued(sc) == []  # still leased: not taken again yet
+    await sc.execute("UPDATE crmflow.score_leases SET lease_until = now() - interval '1 second'")
+    [result] = await run.rescore_queued(sc)
+    assert result.scored == 1 and await _queued(sc) == []
+    assert await value(sc, "SELECT count(*) FROM crmflow.score_leases") == 0
     assert await value(sc, "SELECT csm_id FROM sc_accounts WHERE id = 1") == 9
     assert await _history_of(sc, "churn", 1) == 2
 
