@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -27,6 +27,9 @@ WRITE_CHUNK = 2000
 # How long a chunk's single UPDATE may wait for a lock a CRM writer holds before it is
 # rolled back and the chunk written carefully (skipping the locked rows).
 AT_ONCE_LOCK_TIMEOUT_MS = 5
+# How long a due scheduled run is claimed by the worker running it: longer than a full
+# run takes (the scoring statement may take up to its 10 min timeout, then the writes).
+SCHEDULE_CLAIM_SECONDS = 1800.0
 # work_mem of a scoring statement (its transaction only).
 SCORING_WORK_MEM = "64MB"
 # Keys rescored per real-time round, and the round's poll interval (seconds).
@@ -292,14 +295,15 @@ async def _requeue(
 
 
 async def run_due(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
-    """The scheduled runs that are due (each claimed by one worker), the whole table."""
-    from croniter import croniter
-
+    """The scheduled runs that are due, the whole table each. A due run is claimed (one
+    worker runs it) for SCHEDULE_CLAIM_SECONDS, and moved to its next time once it has
+    run or failed: a worker killed during it leaves it due again when the claim is over,
+    instead of skipping it until its next time."""
     due: list[dict[str, Any]] = []
     async with conn.transaction():
         for r in await (await conn.execute(_q("due_scorecards"), {})).fetchall():
-            nxt = croniter(r["schedule"], datetime.now(UTC)).get_next(datetime)
-            await conn.execute(_q("set_next_run"), {"id": r["id"], "next_run_at": nxt})
+            claim = datetime.now(UTC) + timedelta(seconds=SCHEDULE_CLAIM_SECONDS)
+            await conn.execute(_q("set_next_run"), {"id": r["id"], "next_run_at": claim})
             due.append(dict(r))
     results = []
     for r in due:
@@ -317,9 +321,19 @@ async def run_due(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
             results.append(result)
         except Exception as exc:
             if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-                raise
+                raise  # the claim running out retries it
+            # A failure of its own (an expression failing on some row): not retried
+            # before its next time, which a failing run would only load the host with.
             log.error("scheduled run of scorecard %s failed: %s", r["name"], exc)
+        await conn.execute(_q("set_next_run"), {"id": r["id"], "next_run_at": _next(r)})
     return results
+
+
+def _next(r: dict[str, Any]) -> datetime:
+    from croniter import croniter
+
+    nxt: datetime = croniter(r["schedule"], datetime.now(UTC)).get_next(datetime)
+    return nxt
 
 
 class _Wakeups:

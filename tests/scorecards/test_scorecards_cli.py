@@ -147,3 +147,93 @@ def test_a_due_schedule_runs_the_whole_table_once(cli_db: str) -> None:
             assert await run.run_due(conn) == []
 
     asyncio.run(go())
+
+
+_SCHEDULER = """
+import asyncio, sys
+from engine import db
+from engine.scorecards import run
+
+async def main() -> None:
+    conn = await db.connect(sys.argv[1], autocommit=True)
+    print(conn.info.backend_pid, flush=True)
+    await run.run_due(conn)
+
+asyncio.run(main())
+"""
+
+
+def test_a_scheduled_run_whose_worker_was_killed_runs_again(cli_db: str) -> None:
+    """The due run is claimed for SCHEDULE_CLAIM_SECONDS, not moved to its next time
+    before it ran: a worker killed during it leaves it due again once the claim is over
+    (before, the run was skipped until its next time, a day or a year later)."""
+    import subprocess
+    import sys
+    import time
+
+    from engine.scorecards import relations, run, store
+    from tests.paths import REPO
+
+    async def setup() -> None:
+        async with await db.connect(cli_db, autocommit=True) as conn:
+            from engine import capture
+
+            await capture.watch(conn, "cli_accounts", entity="cli_account")
+            await relations.add_relation(
+                conn, "cli_logins", "cli_account", "account_id", "at", name="logins"
+            )
+            await store.apply(conn, {**CARD, "schedule": "0 0 1 1 *"})  # yearly
+            await conn.execute(
+                "UPDATE crmflow.scorecards SET next_run_at = now() - interval '1 minute'"
+            )
+
+    async def scalar(query: str) -> Any:
+        async with await db.connect(cli_db, autocommit=True) as conn:
+            row = await (await conn.execute(query)).fetchone()
+            assert row is not None
+            return next(iter(row.values()))
+
+    asyncio.run(setup())
+    import psycopg
+
+    with psycopg.connect(cli_db) as blocker:
+        blocker.execute("LOCK TABLE crmflow.score_latest IN EXCLUSIVE MODE")
+        worker = subprocess.Popen(
+            [sys.executable, "-c", _SCHEDULER, cli_db], cwd=REPO, stdout=subprocess.PIPE
+        )
+        assert worker.stdout is not None
+        pid = int(worker.stdout.readline())
+        deadline = time.monotonic() + 20
+        while (
+            asyncio.run(scalar(f"SELECT wait_event_type FROM pg_stat_activity WHERE pid = {pid}"))
+            != "Lock"
+        ):
+            assert time.monotonic() < deadline, "the scheduled run never reached its lock"
+            time.sleep(0.05)
+        worker.kill()
+        worker.wait()
+        blocker.rollback()
+    while asyncio.run(scalar(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}")):
+        time.sleep(0.05)
+    # Claimed, not moved to next year: due again within the claim.
+    left = asyncio.run(
+        scalar("SELECT extract(epoch FROM next_run_at - now()) FROM crmflow.scorecards")
+    )
+    assert 0 < left <= run.SCHEDULE_CLAIM_SECONDS + 5
+    assert asyncio.run(scalar("SELECT count(*) FROM crmflow.score_latest")) == 0
+
+    async def claim_over_and_due() -> list[Any]:
+        async with await db.connect(cli_db, autocommit=True) as conn:
+            assert await run.run_due(conn) == []  # still claimed
+            await conn.execute(
+                "UPDATE crmflow.scorecards SET next_run_at = now() - interval '1 second'"
+            )
+            return await run.run_due(conn)
+
+    [result] = asyncio.run(claim_over_and_due())
+    assert result.scored == 3
+    # Ran: moved to its next time (next year).
+    left = asyncio.run(
+        scalar("SELECT extract(epoch FROM next_run_at - now()) FROM crmflow.scorecards")
+    )
+    assert left > 86400
