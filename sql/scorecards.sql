@@ -205,3 +205,16 @@ SELECT id, name, schedule, next_run_at FROM crmflow.scorecards
 
 -- name: set_next_run
 UPDATE crmflow.scorecards SET next_run_at = %(next_run_at)s WHERE id = %(id)s;
+
+-- name: held_up_by
+-- The sessions waiting for a lock on a table outside crmflow's schema that session
+-- %(pid)s (a full scoring run) holds: an ALTER TABLE of a CRM table it reads, say, which
+-- every writer of that table then queues behind. engine/scorecards/run.py gives way.
+SELECT count(DISTINCT w.pid) AS waiting,
+       string_agg(DISTINCT w.relation::regclass::text, ', ') AS tables
+  FROM pg_locks AS w
+  JOIN pg_class AS c ON c.oid = w.relation
+ WHERE NOT w.granted AND w.locktype = 'relation'
+   AND c.relnamespace <> 'crmflow'::regnamespace
+   AND %(pid)s = ANY (pg_blocking_pids(w.pid));
+

@@ -177,4 +177,9 @@ async def run_scorecard(conn: Conn, name: Name, body: RunIn | None = None) -> di
                     f"keys[{i}]: the key of {card.entity.entity_type} is {sorted(pk)}",
                     errors=[{"path": f"body.keys[{i}]", "message": f"expected {sorted(pk)}"}],
                 )
-    return (await run.score(conn, card, keys)).as_dict()
+    try:
+        return (await run.score(conn, card, keys)).as_dict()
+    except run.ScoringYielded as exc:
+        raise ApiError(
+            409, f"scorecard {name!r}: {exc} (a schema change of the CRM, say); run it again"
+        ) from None

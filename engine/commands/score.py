@@ -157,7 +157,13 @@ def cmd_score_run(args: argparse.Namespace) -> int:
                 if set(k) != set(pk):
                     raise CliError(f"--key {raw}: the key of {card.entity.entity_type} is {pk}")
                 keys.append(k)
-        result = await runs.score(conn, card, keys)
+        try:
+            result = await runs.score(conn, card, keys)
+        except runs.ScoringYielded as exc:
+            raise CliError(
+                f"scorecard {args.name}: {exc} (a schema change of the CRM, say); "
+                "nothing was written: run it again"
+            ) from None
         if args.json:
             dump_json(result.as_dict())
             return 0

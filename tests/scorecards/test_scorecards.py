@@ -942,6 +942,55 @@ async def test_keys_of_a_worker_killed_mid_round_are_rescored_after_its_lease(
     assert await _history_of(sc, "churn", 1) == 2
 
 
+@pytest.mark.parametrize("how", ["run", "schedule"])
+async def test_a_full_run_gives_way_to_a_schema_change_of_the_crm(
+    sc: psycopg.AsyncConnection[Any], db_url: str, how: str
+) -> None:
+    """A full run reads the CRM's tables for as long as it scores (seconds, minutes on a
+    big CRM); an ALTER TABLE of one of them waits for it, and every CRM writer queues
+    behind the ALTER. The run gives way instead: it is cancelled and raises
+    ScoringYielded (a scheduled run is due again GIVE_WAY_RETRY seconds later), the
+    ALTER and the writers behind it go on at once."""
+    await _seed(sc)
+    await store.apply(sc, card(schedule="0 0 1 1 *"))
+    await sc.execute("UPDATE crmflow.scorecards SET next_run_at = now() - interval '1 second'")
+    async with await psycopg.AsyncConnection.connect(db_url) as blocker:
+        # Holds the run inside its statement (it waits for score_latest), the CRM table
+        # read-locked meanwhile, as a long run does while it computes.
+        await blocker.execute("LOCK TABLE crmflow.score_latest IN EXCLUSIVE MODE")
+        await sc.execute("SET lock_timeout = 0")
+        scoring = asyncio.create_task(
+            run.score(sc, "churn", as_of=AS_OF) if how == "run" else run.run_due(sc)
+        )
+        await _backend_waits_on_a_lock(sc_other := await db.connect(db_url), sc.info.backend_pid)
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as ddl:
+            started = time.monotonic()
+            await asyncio.wait_for(
+                ddl.execute("ALTER TABLE sc_accounts ADD COLUMN given_way int"), timeout=5
+            )
+            waited = time.monotonic() - started
+            await asyncio.wait_for(
+                ddl.execute("UPDATE sc_accounts SET name = 'after' WHERE id = 1"), timeout=5
+            )
+        if how == "run":
+            with pytest.raises(run.ScoringYielded):
+                await scoring
+        else:
+            assert await scoring == []
+            left = await value(
+                sc, "SELECT extract(epoch FROM next_run_at - now()) FROM crmflow.scorecards"
+            )
+            assert 0 < left <= run.GIVE_WAY_RETRY
+        await blocker.rollback()
+    await sc_other.close()
+    await sc.execute("RESET lock_timeout")
+    assert waited < 1.5
+    # Nothing of the run stayed: it is rerun whole later.
+    assert await value(sc, "SELECT count(*) FROM crmflow.score_latest") == 0
+    result = await run.score(sc, "churn", as_of=AS_OF)
+    assert result.scored == 3
+
+
 async def test_level_changes_count_first_levels(sc: psycopg.AsyncConnection[Any]) -> None:
     """An entity's first level (it had no score) counts as a level change, as its first
     write of the level column is a change a field_updated workflow sees."""
