@@ -23,6 +23,7 @@ from engine.scorecards.compile import compile_features
 from engine.scorecards.model import ScorecardError, parse_scorecard
 from tests.helpers import apply, fetch, value, wait_until
 from tests.paths import REPO
+from tests.scorecards import worker_script
 
 AS_OF = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 EXAMPLES = REPO / "examples" / "scorecards"
@@ -376,35 +377,28 @@ async def test_level_change_fires_a_field_updated_workflow(
     )
 
 
+@pytest.mark.parametrize("then", ["rerun", "pending_pass"])
 async def test_writes_skip_rows_a_writer_holds(
-    sc: psycopg.AsyncConnection[Any], db_url: str
+    sc: psycopg.AsyncConnection[Any], db_url: str, then: str
 ) -> None:
+    """Held rows are skipped and marked pending; the next run, or the worker's pending
+    pass once the writer lets go, writes them."""
     await _seed(sc)
     await store.apply(sc, card())
+    loaded = await store.load(sc, "churn")
     async with await psycopg.AsyncConnection.connect(db_url) as writer:
         await writer.execute("UPDATE sc_accounts SET name = 'held' WHERE id = 2")
         result = await run.score(sc, "churn", as_of=AS_OF)  # does not wait for the writer
         assert (result.updated, result.skipped_locked) == (2, 1)
+        if then == "pending_pass":  # still held: skipped again, still pending
+            assert await run.write_pending(sc, loaded) == (0, 1)
         await writer.commit()
     assert await value(sc, "SELECT count(*) FROM crmflow.score_latest WHERE pending") == 1
-    result = await run.score(sc, "churn", as_of=AS_OF)
-    assert (result.updated, result.skipped_locked) == (1, 0)
-    assert await value(sc, "SELECT count(*) FROM sc_accounts WHERE churn_risk IS NULL") == 0
-
-
-async def test_pending_writes_are_written_once_the_writer_lets_go(
-    sc: psycopg.AsyncConnection[Any], db_url: str
-) -> None:
-    await _seed(sc)
-    await store.apply(sc, card())
-    async with await psycopg.AsyncConnection.connect(db_url) as writer:
-        await writer.execute("UPDATE sc_accounts SET name = 'held' WHERE id = 2")
-        await run.score(sc, "churn", as_of=AS_OF)
-        loaded = await store.load(sc, "churn")
-        # Still held: the pending pass skips it again, and it stays pending.
-        assert await run.write_pending(sc, loaded) == (0, 1)
-        await writer.commit()
-    assert await run.write_pending(sc, loaded) == (1, 0)
+    if then == "rerun":
+        result = await run.score(sc, "churn", as_of=AS_OF)
+        assert (result.updated, result.skipped_locked) == (1, 0)
+    else:
+        assert await run.write_pending(sc, loaded) == (1, 0)
     assert await value(sc, "SELECT count(*) FROM crmflow.score_latest WHERE pending") == 0
     assert await value(sc, "SELECT count(*) FROM sc_accounts WHERE churn_risk IS NULL") == 0
     # A pending row whose entity no longer differs (a writer set the same values) is
@@ -891,20 +885,6 @@ async def test_a_realtime_rescore_failing_on_the_database_keeps_its_keys(
     assert await _history_of(sc, "churn", 1) == 2
 
 
-_RESCORER = """
-import asyncio, sys
-from engine import db
-from engine.scorecards import run
-
-async def main() -> None:
-    conn = await db.connect(sys.argv[1], autocommit=True)
-    print(conn.info.backend_pid, flush=True)
-    await run.rescore_queued(conn)
-
-asyncio.run(main())
-"""
-
-
 async def test_keys_of_a_worker_killed_mid_round_are_rescored_after_its_lease(
     sc: psycopg.AsyncConnection[Any], db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -918,7 +898,13 @@ async def test_keys_of_a_worker_killed_mid_round_are_rescored_after_its_lease(
     async with await psycopg.AsyncConnection.connect(db_url) as blocker:
         await blocker.execute("LOCK TABLE crmflow.score_latest IN EXCLUSIVE MODE")
         rescorer = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _RESCORER, db_url, cwd=REPO, stdout=asyncio.subprocess.PIPE
+            sys.executable,
+            "-c",
+            worker_script.SCRIPT,
+            db_url,
+            "rescore_queued",
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
         )
         assert rescorer.stdout is not None
         pid = int(await asyncio.wait_for(rescorer.stdout.readline(), timeout=30))

@@ -149,20 +149,6 @@ def test_a_due_schedule_runs_the_whole_table_once(cli_db: str) -> None:
     asyncio.run(go())
 
 
-_SCHEDULER = """
-import asyncio, sys
-from engine import db
-from engine.scorecards import run
-
-async def main() -> None:
-    conn = await db.connect(sys.argv[1], autocommit=True)
-    print(conn.info.backend_pid, flush=True)
-    await run.run_due(conn)
-
-asyncio.run(main())
-"""
-
-
 def test_a_scheduled_run_whose_worker_was_killed_runs_again(cli_db: str) -> None:
     """The due run is claimed for SCHEDULE_CLAIM_SECONDS, not moved to its next time
     before it ran: a worker killed during it leaves it due again once the claim is over
@@ -173,6 +159,7 @@ def test_a_scheduled_run_whose_worker_was_killed_runs_again(cli_db: str) -> None
 
     from engine.scorecards import relations, run, store
     from tests.paths import REPO
+    from tests.scorecards import worker_script
 
     async def setup() -> None:
         async with await db.connect(cli_db, autocommit=True) as conn:
@@ -199,7 +186,9 @@ def test_a_scheduled_run_whose_worker_was_killed_runs_again(cli_db: str) -> None
     with psycopg.connect(cli_db) as blocker:
         blocker.execute("LOCK TABLE crmflow.score_latest IN EXCLUSIVE MODE")
         worker = subprocess.Popen(
-            [sys.executable, "-c", _SCHEDULER, cli_db], cwd=REPO, stdout=subprocess.PIPE
+            [sys.executable, "-c", worker_script.SCRIPT, cli_db, "run_due"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
         )
         assert worker.stdout is not None
         pid = int(worker.stdout.readline())
