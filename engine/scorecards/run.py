@@ -19,6 +19,8 @@ from psycopg.types.json import Jsonb
 from engine import db
 from engine.scorecards import store
 from engine.scorecards.compile import LoadedScorecard, compile_scoring, compile_write_chunk
+from engine.scorecards.give_way import ScoringYielded as ScoringYielded
+from engine.scorecards.give_way import scoring_statement
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ WRITE_CHUNK = 2000
 # How long a chunk's single UPDATE may wait for a lock a CRM writer holds before it is
 # rolled back and the chunk written carefully (skipping the locked rows).
 AT_ONCE_LOCK_TIMEOUT_MS = 5
+# How soon a scheduled run that gave way to a CRM schema change is run again (seconds).
+GIVE_WAY_RETRY = 60.0
 # How long a due scheduled run is claimed by the worker running it: longer than a full
 # run takes (the scoring statement may take up to its 10 min timeout, then the writes).
 SCHEDULE_CLAIM_SECONDS = 1800.0
@@ -60,43 +64,6 @@ class RunResult:
 
 class ScorecardBusy(Exception):
     """A run that may not wait found the scorecard's run lock taken (a full run)."""
-
-
-class ScoringYielded(Exception):
-    """A full run gave way to a session waiting for one of the CRM's tables it reads (an
-    ALTER TABLE, say, which the CRM's writers queue behind): cancelled, nothing of it
-    kept; it is to be run again later."""
-
-
-# How often a full run checks whether it holds up a session waiting for a CRM table, and
-# how soon a scheduled run that gave way is run again (seconds).
-GIVE_WAY_POLL = 0.1
-GIVE_WAY_RETRY = 60.0
-
-
-async def _give_way(conn: psycopg.AsyncConnection[Any], gave_way: asyncio.Event) -> None:
-    """While ``conn``'s scoring statement runs, check on a connection of its own whether
-    a session waits for a lock on a table outside crmflow's schema that ``conn``'s
-    session holds; if one does, set ``gave_way`` and cancel the statement. The wait for
-    the lock then lasts about GIVE_WAY_POLL. A session waiting for crmflow's own tables
-    (another run) is not given way to."""
-    pid = conn.info.backend_pid
-    conninfo = psycopg.conninfo.make_conninfo(
-        **{o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None}
-    )
-    async with await db.connect(conninfo, autocommit=True) as monitor:
-        while True:
-            row = await (await monitor.execute(_q("held_up_by"), {"pid": pid})).fetchone()
-            if row and row["waiting"]:
-                log.warning(
-                    "scorecard run gave way to %s session(s) waiting for %s (run it again later)",
-                    row["waiting"],
-                    row["tables"],
-                )
-                gave_way.set()
-                await conn.cancel_safe()
-                return
-            await asyncio.sleep(GIVE_WAY_POLL)
 
 
 async def score(
@@ -139,7 +106,7 @@ async def score(
             ).fetchone()
             if not (got and got["locked"]):
                 raise ScorecardBusy(card.definition.name)
-        row = await _scoring_statement(conn, statement, params, full=keys is None)
+        row = await scoring_statement(conn, statement, params, full=keys is None)
         await conn.execute(_q("scorecard_ran"), {"id": card.id})
     result.scored = int(row["scored"])
     result.history_rows = int(row["history_rows"])
@@ -148,32 +115,6 @@ async def score(
     result.updated, result.skipped_locked = updated, skipped
     result.seconds = time.perf_counter() - started
     return result
-
-
-async def _scoring_statement(
-    conn: psycopg.AsyncConnection[Any], statement: Any, params: dict[str, Any], full: bool
-) -> dict[str, Any]:
-    """Run the scoring statement; a full run's gives way to sessions waiting for the CRM
-    tables it reads (:func:`_give_way`), raising ScoringYielded."""
-    row: dict[str, Any] | None
-    if not full:
-        row = await (await conn.execute(statement, params)).fetchone()
-        assert row is not None
-        return dict(row)
-    gave_way = asyncio.Event()
-    watch = asyncio.create_task(_give_way(conn, gave_way))
-    try:
-        row = await (await conn.execute(statement, params)).fetchone()
-    except psycopg.errors.QueryCanceled:
-        if gave_way.is_set():
-            raise ScoringYielded("gave way to a session waiting for a CRM table") from None
-        raise
-    finally:
-        watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError, psycopg.Error):
-            await watch
-    assert row is not None
-    return dict(row)
 
 
 async def write_rows(
