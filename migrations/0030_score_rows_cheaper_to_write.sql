@@ -19,10 +19,3 @@ $$;
 CREATE TRIGGER scorecard_deleted AFTER DELETE ON crmflow.scorecards
     FOR EACH ROW EXECUTE FUNCTION crmflow.scorecard_deleted();
 
--- The history's index by entity becomes a hash index on the key: the btree on
--- (scorecard_id, entity_key, scored_at) compared jsonb keys at every insert (0.74 s per
--- 100,000 history rows, 0.24 s hashed). Its readers look up one entity's or a few
--- entities' rows (the risk page's change and sparklines), which a hash index serves;
--- they filter the scorecard and sort those few rows themselves.
-DROP INDEX IF EXISTS crmflow.score_history_entity_idx;
-CREATE INDEX score_history_entity_idx ON crmflow.score_history USING hash (entity_key);

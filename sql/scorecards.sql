@@ -197,10 +197,12 @@ SELECT ctid::text AS row_id FROM crmflow.score_latest
  WHERE scorecard_id = %(id)s AND pending ORDER BY ctid;
 
 -- name: due_scorecards
--- Claimed by the caller's transaction (SKIP LOCKED: one worker runs a due scorecard).
+-- The next due scorecard, locked by the caller's transaction (SKIP LOCKED: one worker
+-- claims it), which claims it; one at a time, so that a claim starts with its run.
 SELECT id, name, schedule, next_run_at FROM crmflow.scorecards
  WHERE status = 'active' AND schedule IS NOT NULL AND next_run_at <= now()
  ORDER BY next_run_at
+ LIMIT 1
    FOR UPDATE SKIP LOCKED;
 
 -- name: set_next_run
@@ -210,11 +212,19 @@ UPDATE crmflow.scorecards SET next_run_at = %(next_run_at)s WHERE id = %(id)s;
 -- The sessions waiting for a lock on a table outside crmflow's schema that session
 -- %(pid)s (a full scoring run) holds: an ALTER TABLE of a CRM table it reads, say, which
 -- every writer of that table then queues behind. engine/scorecards/run.py gives way.
+-- pg_locks and pg_blocking_pids take the lock manager's locks: they are read only when
+-- some session waits for a lock at all (pg_stat_activity, which takes none), ten
+-- times a second otherwise.
+WITH waiting AS MATERIALIZED (
+SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> %(pid)s
+)
 SELECT count(DISTINCT w.pid) AS waiting,
        string_agg(DISTINCT w.relation::regclass::text, ', ') AS tables
   FROM pg_locks AS w
   JOIN pg_class AS c ON c.oid = w.relation
- WHERE NOT w.granted AND w.locktype = 'relation'
+ WHERE EXISTS (SELECT 1 FROM waiting)
+   AND w.pid IN (SELECT pid FROM waiting)
+   AND NOT w.granted AND w.locktype = 'relation'
    AND c.relnamespace <> 'crmflow'::regnamespace
    AND %(pid)s = ANY (pg_blocking_pids(w.pid));
 

@@ -23,8 +23,10 @@ def compile_write_chunk(card: LoadedScorecard, careful: bool = True) -> sql.Comp
 
     By row id, not by key: finding 100,000 results by their JSON keys took a third of the
     writes (a jsonb comparison at every step of the index), a row id is a direct fetch.
-    A row updated since (another run rescored the entity: that run writes it) is no
-    longer visible at its old row id and is left alone."""
+    A result replaced since (another run rescored the entity: that run wrote it, or found
+    the entity's columns already right) is no longer found at its old row id, even when
+    the replacing run committed after this statement began (``_ROWS``), and is left
+    alone."""
     d, entity = card.definition, card.entity
     written = d.write.columns()
     pk = entity.pk_columns
@@ -69,12 +71,15 @@ def compile_write_chunk(card: LoadedScorecard, careful: bool = True) -> sql.Comp
 
 # Each row fetched by its id (a TID scan; OFFSET 0 keeps the lookup apart): as a filter,
 # ctid = ANY (the array parameter) was tested against every row of the scorecard, and a
-# join was planned as a hash of all of them.
+# join was planned as a hash of all of them. FOR SHARE: a row another run has replaced
+# since this statement's snapshot is seen replaced (its new version no longer has the
+# id) and left alone, instead of its older result being written; SKIP LOCKED: a row
+# another run is replacing right now is left to that run, not waited for.
 _ROWS = sql.SQL(
     "WITH l AS (SELECT l.*, {typed_key} "
     "FROM unnest(CAST(%(rows)s AS tid[])) AS r(row_id) CROSS JOIN LATERAL "
     "(SELECT l.ctid AS row_id, l.* FROM crmflow.score_latest AS l "
-    "WHERE l.ctid = r.row_id OFFSET 0) AS l "
+    "WHERE l.ctid = r.row_id OFFSET 0 FOR SHARE SKIP LOCKED) AS l "
     "WHERE l.scorecard_id = %(scorecard_id)s), "
 )
 

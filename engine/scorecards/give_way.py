@@ -6,7 +6,6 @@ connection watches for such a waiter and cancels the statement (docs/scorecards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -42,7 +41,15 @@ async def _give_way(conn: psycopg.AsyncConnection[Any], gave_way: asyncio.Event)
     conninfo = psycopg.conninfo.make_conninfo(
         **{o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None}
     )
-    async with await db.connect(conninfo, autocommit=True) as monitor:
+    try:
+        monitor = await db.connect(conninfo, autocommit=True)
+    except psycopg.Error as exc:
+        log.warning(
+            "scorecard run: no monitor connection (%s); it will not give way to CRM schema changes",
+            exc,
+        )
+        return
+    async with monitor:
         while True:
             row = await (await monitor.execute(_q("held_up_by"), {"pid": pid})).fetchone()
             if row and row["waiting"]:
@@ -77,7 +84,10 @@ async def scoring_statement(
         raise
     finally:
         watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError, psycopg.Error):
-            await watch
+        # (gather: the watch's own cancellation or error is collected, a cancellation of
+        # this task itself still propagates)
+        for outcome in await asyncio.gather(watch, return_exceptions=True):
+            if isinstance(outcome, Exception) and not isinstance(outcome, psycopg.Error):
+                log.error("scorecard run: the monitor failed: %s", outcome)
     assert row is not None
     return dict(row)

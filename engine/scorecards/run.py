@@ -34,8 +34,9 @@ GIVE_WAY_RETRY = 60.0
 # How long a due scheduled run is claimed by the worker running it: longer than a full
 # run takes (the scoring statement may take up to its 10 min timeout, then the writes).
 SCHEDULE_CLAIM_SECONDS = 1800.0
-# work_mem of a scoring statement (its transaction only).
-SCORING_WORK_MEM = "64MB"
+# work_mem of a full run's scoring statement (its transaction only; per hash or sort
+# node: the memory is the host's too).
+SCORING_WORK_MEM = "32MB"
 # Keys rescored per real-time round, and the round's poll interval (seconds).
 REALTIME_BATCH = 5000
 REALTIME_POLL = 0.5  # a fallback: the matcher's NOTIFY wakes the loop at once
@@ -95,9 +96,10 @@ async def score(
     async with conn.transaction():
         # The whole table may take longer than an engine statement's usual bound.
         await conn.execute("SET LOCAL statement_timeout = '10min'")
-        # The related aggregates hash one group per entity: 100,000 accounts' logins
-        # spilled to disk in five batches at the server's default 4 MB.
-        await conn.execute(f"SET LOCAL work_mem = '{SCORING_WORK_MEM}'")
+        if keys is None:
+            # The related aggregates hash one group per entity: 100,000 accounts' logins
+            # spilled to disk in five batches at the server's default 4 MB.
+            await conn.execute(f"SET LOCAL work_mem = '{SCORING_WORK_MEM}'")
         if wait:
             await conn.execute(_q("lock_scorecard_run"), {"id": card.id})
         else:
@@ -298,43 +300,50 @@ async def _requeue(
 
 
 async def run_due(conn: psycopg.AsyncConnection[Any]) -> list[RunResult]:
-    """The scheduled runs that are due, the whole table each. A due run is claimed (one
-    worker runs it) for SCHEDULE_CLAIM_SECONDS, and moved to its next time once it has
-    run or failed: a worker killed during it leaves it due again when the claim is over,
-    instead of skipping it until its next time."""
-    due: list[dict[str, Any]] = []
-    async with conn.transaction():
-        for r in await (await conn.execute(_q("due_scorecards"), {})).fetchall():
+    """The scheduled runs that are due, one after the other, the whole table each. Each
+    is claimed (one worker runs it) for SCHEDULE_CLAIM_SECONDS when it starts, and moved
+    to its next time once it has run or failed: a worker killed during it leaves it due
+    again when the claim is over, instead of skipping it until its next time."""
+    results: list[RunResult] = []
+    while True:
+        async with conn.transaction():
+            r = await (await conn.execute(_q("due_scorecards"), {})).fetchone()
+            if r is None:
+                return results
             claim = datetime.now(UTC) + timedelta(seconds=SCHEDULE_CLAIM_SECONDS)
             await conn.execute(_q("set_next_run"), {"id": r["id"], "next_run_at": claim})
-            due.append(dict(r))
-    results = []
-    for r in due:
-        try:
-            card = await store.load_by_id(conn, int(r["id"]))
-            result = await score(conn, card)
-            log.info(
-                "scorecard %s: scored %d, wrote %d, %d level changes (%.1fs)",
-                r["name"],
-                result.scored,
-                result.updated,
-                result.level_changes,
-                result.seconds,
-            )
+        result = await _run_claimed(conn, dict(r))
+        if result is not None:
             results.append(result)
-        except ScoringYielded:
-            # Gave way to a CRM schema change (logged): again soon, not at its next time.
-            retry = datetime.now(UTC) + timedelta(seconds=GIVE_WAY_RETRY)
-            await conn.execute(_q("set_next_run"), {"id": r["id"], "next_run_at": retry})
-            continue
-        except Exception as exc:
-            if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-                raise  # the claim running out retries it
-            # A failure of its own (an expression failing on some row): not retried
-            # before its next time, which a failing run would only load the host with.
-            log.error("scheduled run of scorecard %s failed: %s", r["name"], exc)
-        await conn.execute(_q("set_next_run"), {"id": r["id"], "next_run_at": _next(r)})
-    return results
+
+
+async def _run_claimed(conn: psycopg.AsyncConnection[Any], r: dict[str, Any]) -> RunResult | None:
+    """Run the claimed scheduled scorecard ``r``, then move it to its next time (or, when
+    it gave way to a CRM schema change, GIVE_WAY_RETRY seconds later)."""
+    result = None
+    next_run = _next(r)
+    try:
+        card = await store.load_by_id(conn, int(r["id"]))
+        result = await score(conn, card)
+        log.info(
+            "scorecard %s: scored %d, wrote %d, %d level changes (%.1fs)",
+            r["name"],
+            result.scored,
+            result.updated,
+            result.level_changes,
+            result.seconds,
+        )
+    except ScoringYielded:  # (logged) again soon, not at its next time
+        next_run = datetime.now(UTC) + timedelta(seconds=GIVE_WAY_RETRY)
+    except Exception as exc:
+        if isinstance(exc, psycopg.InterfaceError) or conn.broken or conn.closed:
+            raise  # the connection lost: the claim running out retries it
+        # A failure of the run's own (an expression failing on a row, its statement
+        # timeout, a lock timeout): not retried before its next time, which a failing
+        # run would only load the host with.
+        log.error("scheduled run of scorecard %s failed: %s", r["name"], exc)
+    await conn.execute(_q("set_next_run"), {"id": r["id"], "next_run_at": next_run})
+    return result
 
 
 def _next(r: dict[str, Any]) -> datetime:
@@ -410,7 +419,10 @@ async def _schedule_loop(pool: db.Pool, stop: asyncio.Event) -> None:
             async with db.autocommit(pool) as conn:
                 await run_due(conn)
                 for r in await (await conn.execute(_q("pending_scorecards"), {})).fetchall():
-                    card = await store.load_by_id(conn, int(r["scorecard_id"]))
+                    try:
+                        card = await store.load_by_id(conn, int(r["scorecard_id"]))
+                    except store.ScorecardNotFound:
+                        continue  # deleted by hand (its rows go with it): the others go on
                     await write_pending(conn, card)
         except (psycopg.Error, store.ScorecardNotFound) as exc:
             log.warning("scorecard schedules: %s", exc)

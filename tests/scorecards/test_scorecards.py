@@ -434,6 +434,31 @@ async def test_writes_by_row_id_leave_rows_rescored_since_alone(
     assert newer != old[1]["score"]  # account 2's result did change
 
 
+async def test_writes_leave_a_result_another_run_is_replacing_to_that_run(
+    sc: psycopg.AsyncConnection[Any], db_url: str
+) -> None:
+    """A result whose row another run is replacing right now (its scoring statement holds
+    the row) is not waited for and not written: that run writes its newer result."""
+    await _seed(sc)
+    await store.apply(sc, card())
+    loaded = await store.load(sc, "churn")
+    await run.score(sc, "churn", as_of=AS_OF)
+    rows = [
+        r["row_id"]
+        for r in await fetch(sc, "SELECT ctid::text AS row_id FROM crmflow.score_latest")
+    ]
+    await sc.execute("UPDATE sc_accounts SET churn_score = NULL WHERE id = 2")
+    async with await psycopg.AsyncConnection.connect(db_url) as other_run:
+        await other_run.execute(
+            "UPDATE crmflow.score_latest SET scored_at = now() WHERE entity_key = '{\"id\": 2}'"
+        )
+        assert await asyncio.wait_for(run.write_rows(sc, loaded, rows), timeout=5) == (0, 0)
+        assert await value(sc, "SELECT churn_score FROM sc_accounts WHERE id = 2") is None
+        await other_run.rollback()
+    assert await run.write_rows(sc, loaded, rows) == (1, 0)
+    assert await value(sc, "SELECT churn_score FROM sc_accounts WHERE id = 2") is not None
+
+
 async def test_a_scorecard_deleted_by_hand_takes_its_scores_with_it(
     sc: psycopg.AsyncConnection[Any],
 ) -> None:
