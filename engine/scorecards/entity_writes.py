@@ -90,11 +90,13 @@ _AT_ONCE = sql.SQL(
     "SELECT (SELECT count(*) FROM w) AS written, 0 AS skipped"
 )
 
-# Only rows that differ are locked (a lock writes the CRM row's header). A pending row is
+# Only rows that differ are locked (a lock writes the CRM row's header), FOR NO KEY
+# UPDATE as the UPDATE itself locks them: FOR UPDATE would make the CRM's inserts of rows
+# referencing them wait (their foreign-key checks take KEY SHARE). A pending row is
 # cleared when written, or when its entity no longer differs.
 _CAREFUL = sql.SQL(
     "k AS (SELECT {ncols} FROM {t} AS n JOIN l ON {nl} WHERE ({differs}) "
-    "FOR UPDATE OF n SKIP LOCKED), "
+    "FOR NO KEY UPDATE OF n SKIP LOCKED), "
     "w AS (UPDATE {t} AS n SET {sets} FROM k, l "
     "WHERE {nk} AND {nl} AND ({differs}) RETURNING 1), "
     "skipped AS (UPDATE crmflow.score_latest AS p SET pending = true FROM l "

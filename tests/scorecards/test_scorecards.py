@@ -459,6 +459,36 @@ async def test_writes_leave_a_result_another_run_is_replacing_to_that_run(
     assert await value(sc, "SELECT churn_score FROM sc_accounts WHERE id = 2") is not None
 
 
+async def test_careful_writes_do_not_hold_up_inserts_referencing_the_rows(
+    sc: psycopg.AsyncConnection[Any], db_url: str
+) -> None:
+    """The careful chunk locks the rows it writes as the UPDATE does (FOR NO KEY UPDATE):
+    the CRM's insert of a row referencing one of them (its foreign-key check takes KEY
+    SHARE) goes on meanwhile; FOR UPDATE made it wait for the chunk."""
+    from engine.scorecards.compile import compile_write_chunk
+
+    await _seed(sc)
+    await store.apply(sc, card())
+    loaded = await store.load(sc, "churn")
+    await run.score(sc, "churn", as_of=AS_OF)
+    await sc.execute(
+        "CREATE TABLE sc_notes (id serial PRIMARY KEY, account_id bigint REFERENCES sc_accounts)"
+    )
+    await sc.execute("UPDATE sc_accounts SET churn_score = NULL")
+    rows = [
+        r["row_id"]
+        for r in await fetch(sc, "SELECT ctid::text AS row_id FROM crmflow.score_latest")
+    ]
+    async with sc.transaction():
+        cur = await sc.execute(
+            compile_write_chunk(loaded), {"scorecard_id": loaded.id, "rows": rows}
+        )
+        assert (await cur.fetchone() or {})["written"] == 3
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as crm:
+            await crm.execute("SET lock_timeout = '1s'")
+            await crm.execute("INSERT INTO sc_notes (account_id) VALUES (2)")
+
+
 async def test_a_scorecard_deleted_by_hand_takes_its_scores_with_it(
     sc: psycopg.AsyncConnection[Any],
 ) -> None:
