@@ -392,12 +392,20 @@ async def test_a_kept_hit_left_behind_by_a_settle_is_swept_due(
     )
     await crm.execute("INSERT INTO leads (name, score) VALUES ('Ada', 10)")
     [ex] = await waiting(crm, 1)
-    assert await value(
-        crm,
-        "SELECT run_at > now() + interval '50 minutes' FROM crmflow.execution_queue"
-        " WHERE execution_id = %s",
-        ex["id"],
-    )
+
+    async def on_its_timeout() -> bool:
+        return bool(
+            await value(
+                crm,
+                "SELECT run_at > now() + interval '50 minutes' FROM crmflow.execution_queue"
+                " WHERE execution_id = %s",
+                ex["id"],
+            )
+        )
+
+    # (polled: under a loaded full suite the execution was once seen waiting before its
+    # queue row had the wait's timeout)
+    await wait_until(on_its_timeout, timeout=20)
     await crm.execute(
         "INSERT INTO crmflow.watch_hits (execution_id, kind, step_id, outcome)"
         " VALUES (%s, 'wait', 'wait', 'met')",
