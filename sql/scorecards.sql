@@ -191,6 +191,12 @@ ON CONFLICT DO NOTHING;
 -- Scorecards with entity writes left pending (rows a CRM writer held locked).
 SELECT DISTINCT scorecard_id FROM crmflow.score_latest WHERE pending;
 
+-- name: mark_rows_pending
+-- Entity writes that failed (engine/scorecards/run.py, write_rows): their rows by id.
+UPDATE crmflow.score_latest AS l SET pending = true
+  FROM unnest(CAST(%(rows)s AS tid[])) AS r(row_id)
+ WHERE l.ctid = r.row_id AND l.scorecard_id = %(scorecard_id)s AND NOT l.pending;
+
 -- name: pending_rows
 -- Their row ids (the entity writes fetch the rows by them: engine/scorecards/entity_writes.py).
 SELECT ctid::text AS row_id FROM crmflow.score_latest

@@ -1,13 +1,33 @@
 """The entity writes of a scoring run: after the scoring statement stored the results in
 ``crmflow.score_latest``, the entity's own columns (``write:``) are updated from it in
-short chunks (:func:`compile_write_chunk`), so that no CRM row stays locked for long and
-a row a CRM writer holds is skipped and retried, not waited for."""
+short chunks (:func:`compile_write_chunk`, run by :func:`write_rows`), so that no CRM
+row stays locked for long and a row a CRM writer holds is skipped and retried, not
+waited for; rows a failed chunk leaves are marked pending (:func:`write_pending` writes
+pending rows)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from typing import Any
+
+import psycopg
 from psycopg import sql
 
+from engine import db
 from engine.scorecards.sqlparts import LoadedScorecard, comparable, typed
+
+log = logging.getLogger(__name__)
+
+# Entity rows written per transaction: a chunk's row locks last one short statement.
+WRITE_CHUNK = 2000
+# How long a chunk's single UPDATE may wait for a lock a CRM writer holds before it is
+# rolled back and the chunk written carefully (skipping the locked rows).
+AT_ONCE_LOCK_TIMEOUT_MS = 5
+
+
+def _q(name: str) -> str:
+    return db.query(name, "scorecards.sql")
 
 
 def compile_write_chunk(card: LoadedScorecard, careful: bool = True) -> sql.Composed:
@@ -119,3 +139,69 @@ _LATEST = {
     "factors": "factors",
     "days_to_churn": "days_to_event",
 }
+
+
+async def write_rows(
+    conn: psycopg.AsyncConnection[Any], card: LoadedScorecard, rows: list[str]
+) -> tuple[int, int]:
+    """Copy the ``crmflow.score_latest`` rows ``rows`` (their row ids) into their
+    entities' columns, a chunk per transaction, with the engine's signed write context
+    (so the writes are captured as crmflow's, depth 1). Rows a CRM writer holds locked
+    are skipped and stay pending. Returns (rows written, rows skipped)."""
+    if not card.definition.write.columns() or not rows:
+        return 0, 0
+    at_once, careful = compile_write_chunk(card, careful=False), compile_write_chunk(card)
+    actor = f"crmflow:scorecard:{card.definition.name}"
+    written = skipped = 0
+    for start in range(0, len(rows), WRITE_CHUNK):
+        params = {"scorecard_id": card.id, "rows": rows[start : start + WRITE_CHUNK]}
+        row = None
+        with contextlib.suppress(psycopg.errors.LockNotAvailable):
+            async with conn.transaction():
+                await conn.execute(
+                    db.query("set_write_context", "runtime.sql"), {"depth": "1", "actor": actor}
+                )
+                await conn.execute(f"SET LOCAL lock_timeout = '{AT_ONCE_LOCK_TIMEOUT_MS}ms'")
+                row = await (await conn.execute(at_once, params)).fetchone()
+        if row is None:  # a CRM writer holds one of the rows (or the table): carefully
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        db.query("set_write_context", "runtime.sql"),
+                        {"depth": "1", "actor": actor},
+                    )
+                    row = await (await conn.execute(careful, params)).fetchone()
+            except psycopg.Error:
+                await _mark_pending(conn, card, rows[start:])
+                raise
+        assert row is not None
+        written += int(row["written"])
+        skipped += int(row["skipped"])
+    return written, skipped
+
+
+async def _mark_pending(
+    conn: psycopg.AsyncConnection[Any], card: LoadedScorecard, rows: list[str]
+) -> None:
+    """The rows a failed chunk and the chunks after it were to write, marked pending (the
+    worker's pending pass writes them, every SCHEDULE_POLL seconds), best-effort: on a
+    lost connection the next run finds them."""
+    try:
+        async with conn.transaction():
+            await conn.execute(_q("mark_rows_pending"), {"scorecard_id": card.id, "rows": rows})
+    except psycopg.Error as exc:
+        log.error(
+            "scorecard %s: %d entity write(s) failed and could not be marked pending (%s); "
+            "its next run writes them",
+            card.definition.name,
+            len(rows),
+            exc,
+        )
+
+
+async def write_pending(
+    conn: psycopg.AsyncConnection[Any], card: LoadedScorecard
+) -> tuple[int, int]:
+    """Write the entities left pending (their rows were locked by a writer)."""
+    rows = await (await conn.execute(_q("pending_rows"), {"id": card.id})).fetchall()
+    return await write_rows(conn, card, [r["row_id"] for r in rows])

@@ -18,17 +18,14 @@ from psycopg.types.json import Jsonb
 
 from engine import db
 from engine.scorecards import store
-from engine.scorecards.compile import LoadedScorecard, compile_scoring, compile_write_chunk
+from engine.scorecards.compile import LoadedScorecard, compile_scoring
+from engine.scorecards.entity_writes import write_pending as write_pending
+from engine.scorecards.entity_writes import write_rows as write_rows
 from engine.scorecards.give_way import ScoringYielded as ScoringYielded
 from engine.scorecards.give_way import scoring_statement
 
 log = logging.getLogger(__name__)
 
-# Entity rows written per transaction: a chunk's row locks last one short statement.
-WRITE_CHUNK = 2000
-# How long a chunk's single UPDATE may wait for a lock a CRM writer holds before it is
-# rolled back and the chunk written carefully (skipping the locked rows).
-AT_ONCE_LOCK_TIMEOUT_MS = 5
 # How soon a scheduled run that gave way to a CRM schema change is run again (seconds).
 GIVE_WAY_RETRY = 60.0
 # How long a due scheduled run is claimed by the worker running it: longer than a full
@@ -117,48 +114,6 @@ async def score(
     result.updated, result.skipped_locked = updated, skipped
     result.seconds = time.perf_counter() - started
     return result
-
-
-async def write_rows(
-    conn: psycopg.AsyncConnection[Any], card: LoadedScorecard, rows: list[str]
-) -> tuple[int, int]:
-    """Copy the ``crmflow.score_latest`` rows ``rows`` (their row ids) into their
-    entities' columns, a chunk per transaction, with the engine's signed write context
-    (so the writes are captured as crmflow's, depth 1). Rows a CRM writer holds locked
-    are skipped and stay pending. Returns (rows written, rows skipped)."""
-    if not card.definition.write.columns() or not rows:
-        return 0, 0
-    at_once, careful = compile_write_chunk(card, careful=False), compile_write_chunk(card)
-    actor = f"crmflow:scorecard:{card.definition.name}"
-    written = skipped = 0
-    for start in range(0, len(rows), WRITE_CHUNK):
-        params = {"scorecard_id": card.id, "rows": rows[start : start + WRITE_CHUNK]}
-        row = None
-        with contextlib.suppress(psycopg.errors.LockNotAvailable):
-            async with conn.transaction():
-                await conn.execute(
-                    db.query("set_write_context", "runtime.sql"), {"depth": "1", "actor": actor}
-                )
-                await conn.execute(f"SET LOCAL lock_timeout = '{AT_ONCE_LOCK_TIMEOUT_MS}ms'")
-                row = await (await conn.execute(at_once, params)).fetchone()
-        if row is None:  # a CRM writer holds one of the rows (or the table): carefully
-            async with conn.transaction():
-                await conn.execute(
-                    db.query("set_write_context", "runtime.sql"), {"depth": "1", "actor": actor}
-                )
-                row = await (await conn.execute(careful, params)).fetchone()
-        assert row is not None
-        written += int(row["written"])
-        skipped += int(row["skipped"])
-    return written, skipped
-
-
-async def write_pending(
-    conn: psycopg.AsyncConnection[Any], card: LoadedScorecard
-) -> tuple[int, int]:
-    """Write the entities left pending (their rows were locked by a writer)."""
-    rows = await (await conn.execute(_q("pending_rows"), {"id": card.id})).fetchall()
-    return await write_rows(conn, card, [r["row_id"] for r in rows])
 
 
 # ───────────────────────────── real time ─────────────────────────────

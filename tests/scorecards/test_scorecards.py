@@ -489,6 +489,28 @@ async def test_careful_writes_do_not_hold_up_inserts_referencing_the_rows(
             await crm.execute("INSERT INTO sc_notes (account_id) VALUES (2)")
 
 
+async def test_writes_that_fail_leave_their_rows_pending(
+    sc: psycopg.AsyncConnection[Any], db_url: str
+) -> None:
+    """A chunk that cannot be written at all (the CRM table locked against writes past
+    the lock timeout) raises, and the rows not written yet are marked pending: the worker's
+    pending pass writes them, not only the next run (a day later for a daily batch)."""
+    await _seed(sc)
+    await store.apply(sc, card())
+    loaded = await store.load(sc, "churn")
+    async with await psycopg.AsyncConnection.connect(db_url) as ddl:
+        # SHARE: reads go on (the scoring statement), writes wait.
+        await ddl.execute("LOCK TABLE sc_accounts IN SHARE MODE")
+        await sc.execute("SET lock_timeout = '200ms'")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            await run.score(sc, loaded, as_of=AS_OF)
+        await sc.execute("RESET lock_timeout")
+        await ddl.rollback()
+    assert await value(sc, "SELECT count(*) FROM crmflow.score_latest WHERE pending") == 3
+    assert await run.write_pending(sc, loaded) == (3, 0)
+    assert await value(sc, "SELECT count(*) FROM sc_accounts WHERE churn_risk IS NULL") == 0
+
+
 async def test_a_scorecard_deleted_by_hand_takes_its_scores_with_it(
     sc: psycopg.AsyncConnection[Any],
 ) -> None:
