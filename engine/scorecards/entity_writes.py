@@ -152,25 +152,25 @@ async def write_rows(
         return 0, 0
     at_once, careful = compile_write_chunk(card, careful=False), compile_write_chunk(card)
     actor = f"crmflow:scorecard:{card.definition.name}"
+
+    async def chunk(statement: sql.Composed, params: dict[str, Any], fast: bool) -> Any:
+        async with conn.transaction():
+            await conn.execute(
+                db.query("set_write_context", "runtime.sql"), {"depth": "1", "actor": actor}
+            )
+            if fast:
+                await conn.execute(f"SET LOCAL lock_timeout = '{AT_ONCE_LOCK_TIMEOUT_MS}ms'")
+            return await (await conn.execute(statement, params)).fetchone()
+
     written = skipped = 0
     for start in range(0, len(rows), WRITE_CHUNK):
         params = {"scorecard_id": card.id, "rows": rows[start : start + WRITE_CHUNK]}
         row = None
         with contextlib.suppress(psycopg.errors.LockNotAvailable):
-            async with conn.transaction():
-                await conn.execute(
-                    db.query("set_write_context", "runtime.sql"), {"depth": "1", "actor": actor}
-                )
-                await conn.execute(f"SET LOCAL lock_timeout = '{AT_ONCE_LOCK_TIMEOUT_MS}ms'")
-                row = await (await conn.execute(at_once, params)).fetchone()
+            row = await chunk(at_once, params, fast=True)
         if row is None:  # a CRM writer holds one of the rows (or the table): carefully
             try:
-                async with conn.transaction():
-                    await conn.execute(
-                        db.query("set_write_context", "runtime.sql"),
-                        {"depth": "1", "actor": actor},
-                    )
-                    row = await (await conn.execute(careful, params)).fetchone()
+                row = await chunk(careful, params, fast=False)
             except psycopg.Error:
                 await _mark_pending(conn, card, rows[start:])
                 raise
@@ -184,7 +184,7 @@ async def _mark_pending(
     conn: psycopg.AsyncConnection[Any], card: LoadedScorecard, rows: list[str]
 ) -> None:
     """The rows a failed chunk and the chunks after it were to write, marked pending (the
-    worker's pending pass writes them, every SCHEDULE_POLL seconds), best-effort: on a
+    worker's pending pass writes them, every 10 s), best-effort: on a
     lost connection the next run finds them."""
     try:
         async with conn.transaction():
